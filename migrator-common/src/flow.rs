@@ -1,0 +1,150 @@
+//! The flow table: which four-tuples the data plane tracks and what it does
+//! with their packets.
+
+/// Address family tag stored in [`FlowKey::family`].
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// One TCP connection as seen from this host. "Local" is the side on the
+/// host where the program runs, whatever the packet's direction: ingress
+/// packets are keyed (dst, src), egress packets (src, dst).
+///
+/// IPv4 addresses occupy the first four bytes of the 16-byte fields, the
+/// rest is zero. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn v4(local: [u8; 4], local_port: u16, remote: [u8; 4], remote_port: u16) -> Self {
+        let mut local_addr = [0u8; 16];
+        let mut remote_addr = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            local_addr[i] = local[i];
+            remote_addr[i] = remote[i];
+            i += 1;
+        }
+        Self {
+            local_addr,
+            remote_addr,
+            local_port,
+            remote_port,
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+        }
+    }
+
+    pub const fn v6(local: [u8; 16], local_port: u16, remote: [u8; 16], remote_port: u16) -> Self {
+        Self {
+            local_addr: local,
+            remote_addr: remote,
+            local_port,
+            remote_port,
+            family: FAMILY_IPV6,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// What the data plane does with a tracked flow's packets.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowMode {
+    /// Count only; every packet passes.
+    Observe = 0,
+    /// Drop every packet in both directions: nothing of the flow reaches or
+    /// leaves the local stack (no ACK, no RST, no window update).
+    Freeze = 1,
+}
+
+impl FlowMode {
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Observe),
+            1 => Some(Self::Freeze),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Observe => "observe",
+            Self::Freeze => "freeze",
+        }
+    }
+}
+
+/// Value of the flow table, written by userspace only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowPolicy {
+    /// A [`FlowMode`] as u32 (enums are not safe to read from map memory).
+    pub mode: u32,
+    pub _pad: u32,
+    /// CLOCK_BOOTTIME nanoseconds after which a frozen flow passes again
+    /// even if userspace never releases it (fail-open). 0: no deadline.
+    pub deadline_ns: u64,
+}
+
+impl FlowPolicy {
+    pub const fn observe() -> Self {
+        Self {
+            mode: FlowMode::Observe as u32,
+            _pad: 0,
+            deadline_ns: 0,
+        }
+    }
+
+    pub const fn freeze(deadline_ns: u64) -> Self {
+        Self {
+            mode: FlowMode::Freeze as u32,
+            _pad: 0,
+            deadline_ns,
+        }
+    }
+
+    /// The mode in force at `now_ns`: a frozen flow whose deadline has
+    /// passed behaves as observed. Unknown modes fail open too.
+    pub const fn effective_mode(&self, now_ns: u64) -> FlowMode {
+        match FlowMode::from_u32(self.mode) {
+            Some(FlowMode::Freeze) if self.deadline_ns != 0 && now_ns >= self.deadline_ns => {
+                FlowMode::Observe
+            }
+            Some(mode) => mode,
+            None => FlowMode::Observe,
+        }
+    }
+}
+
+/// Per-flow counters, written by the kernel program. Userspace creates the
+/// entry (zeroed) when it starts tracking a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowStats {
+    /// Segments (GSO super-packets count as their segment count).
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Segments dropped by the lock, both directions.
+    pub dropped: u64,
+    /// Peer segments whose sequence range ended at or before the highest
+    /// end already seen.
+    pub peer_retransmits: u64,
+    /// CLOCK_BOOTTIME ns of the first and latest peer retransmit, 0 if none.
+    pub first_peer_retransmit_ns: u64,
+    pub last_peer_retransmit_ns: u64,
+    /// CLOCK_BOOTTIME ns of the latest packet in either direction.
+    pub last_packet_ns: u64,
+    /// Highest peer sequence end seen (valid when `peer_seq_valid` != 0).
+    pub peer_seq_end: u32,
+    pub peer_seq_valid: u32,
+}

@@ -1,0 +1,16 @@
+//! Types and pure logic shared by the eBPF data plane and userspace.
+//!
+//! Every map type here is `#[repr(C)]` and padding-free: BPF hash maps
+//! compare every key byte, and stray padding would make equal keys differ.
+//! Sequence-space arithmetic lives in [`seq`] as pure functions so it is
+//! unit-tested on the host and called unchanged by the kernel program.
+#![no_std]
+
+pub mod flow;
+pub mod paths;
+pub mod seq;
+
+#[cfg(feature = "user")]
+mod user;
+
+pub use flow::{FlowKey, FlowMode, FlowPolicy, FlowStats};

@@ -1,0 +1,11 @@
+//! Userspace-only glue: lets the shared types live in aya maps.
+
+use crate::{FlowKey, FlowPolicy, FlowStats};
+
+// SAFETY: all three are #[repr(C)], Copy, padding-free (explicit pad
+// fields), and every bit pattern is a valid value.
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowPolicy {}
+// SAFETY: as above.
+unsafe impl aya::Pod for FlowStats {}

@@ -1,0 +1,136 @@
+//! Header parsing with `ctx.load`, so non-linear skbs and GRO/GSO
+//! super-packets parse the same as small linear ones.
+
+use aya_ebpf::programs::TcContext;
+use migrator_common::{
+    FlowKey,
+    flow::{FAMILY_IPV4, FAMILY_IPV6},
+};
+
+#[derive(Clone, Copy)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+
+/// The parts of a TCP segment the data plane needs.
+pub struct TcpSegment {
+    pub key: FlowKey,
+    pub seq: u32,
+    pub payload_len: u32,
+    pub syn: bool,
+    pub fin: bool,
+    /// skb length (all segments of a GSO packet).
+    pub wire_len: u32,
+    /// Segments this skb stands for (GSO/GRO aggregates count each).
+    pub segments: u32,
+}
+
+impl TcpSegment {
+    /// `Ok(None)` for anything that is not a first-fragment TCP segment over
+    /// Ethernet + IPv4/IPv6 without extension headers: such packets are not
+    /// ours and pass untouched.
+    #[inline(always)]
+    pub fn parse(ctx: &TcContext, direction: Direction) -> Result<Option<Self>, ()> {
+        let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+        let wire_len = ctx.len();
+        let (src, dst, family, l4, ip_payload_end) = match ethertype {
+            ETH_P_IP => {
+                let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
+                let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+                if ver_ihl >> 4 != 4 || ihl < 20 {
+                    return Ok(None);
+                }
+                let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?);
+                if frag & 0x1fff != 0 {
+                    return Ok(None); // later fragment: no TCP header
+                }
+                if ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| ())? != IPPROTO_TCP {
+                    return Ok(None);
+                }
+                let total = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).map_err(|_| ())?) as u32;
+                let src: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
+                let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
+                let mut s = [0u8; 16];
+                let mut d = [0u8; 16];
+                s[..4].copy_from_slice(&src);
+                d[..4].copy_from_slice(&dst);
+                // tot_len 0 is BIG TCP: fall back to the skb length.
+                let end = if total == 0 {
+                    wire_len
+                } else {
+                    ETH_HLEN as u32 + total
+                };
+                (s, d, FAMILY_IPV4, ETH_HLEN + ihl, end)
+            }
+            ETH_P_IPV6 => {
+                if ctx.load::<u8>(ETH_HLEN + 6).map_err(|_| ())? != IPPROTO_TCP {
+                    return Ok(None); // extension headers and non-TCP pass
+                }
+                let payload = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).map_err(|_| ())?) as u32;
+                let src: [u8; 16] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
+                let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
+                let end = if payload == 0 {
+                    wire_len
+                } else {
+                    (ETH_HLEN + IPV6_HLEN) as u32 + payload
+                };
+                (src, dst, FAMILY_IPV6, ETH_HLEN + IPV6_HLEN, end)
+            }
+            _ => return Ok(None),
+        };
+
+        let sport = u16::from_be(ctx.load::<u16>(l4).map_err(|_| ())?);
+        let dport = u16::from_be(ctx.load::<u16>(l4 + 2).map_err(|_| ())?);
+        let seq = u32::from_be(ctx.load::<u32>(l4 + 4).map_err(|_| ())?);
+        let doff = ((ctx.load::<u8>(l4 + 12).map_err(|_| ())? >> 4) as u32) * 4;
+        let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
+        // Ethernet padding of tiny frames is still in the skb at TC ingress,
+        // so the IP length, not the skb length, bounds the payload.
+        let end = if ip_payload_end < wire_len {
+            ip_payload_end
+        } else {
+            wire_len
+        };
+        let payload_len = end.saturating_sub(l4 as u32 + doff);
+
+        let key = match direction {
+            Direction::Ingress => FlowKey {
+                local_addr: dst,
+                remote_addr: src,
+                local_port: dport,
+                remote_port: sport,
+                family,
+                _pad: [0; 3],
+            },
+            Direction::Egress => FlowKey {
+                local_addr: src,
+                remote_addr: dst,
+                local_port: sport,
+                remote_port: dport,
+                family,
+                _pad: [0; 3],
+            },
+        };
+        // SAFETY: reading a plain field of the context the kernel passed us.
+        let gso_segs = unsafe { (*ctx.skb.skb).gso_segs };
+        Ok(Some(Self {
+            key,
+            seq,
+            payload_len,
+            syn: flags & TCP_SYN != 0,
+            fin: flags & TCP_FIN != 0,
+            wire_len,
+            segments: if gso_segs > 1 { gso_segs } else { 1 },
+        }))
+    }
+}

@@ -1,0 +1,295 @@
+//! `migrator doctor`: one line per precondition of a migration, each with
+//! OK / WARN / FAIL and, for anything not OK, the fix.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{
+    criu,
+    dataplane::Dataplane,
+    system::{self, KernelVersion},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// False when at least one check failed: a migration cannot work here.
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Human form: aligned columns, fixes indented under failures.
+    pub fn render(&self) -> String {
+        let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for check in &self.checks {
+            let status = match check.status {
+                Status::Ok => "OK  ",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+            };
+            out.push_str(&format!(
+                "{status}  {:<width$}  {}\n",
+                check.name, check.detail
+            ));
+            if let Some(fix) = &check.fix {
+                out.push_str(&format!("      {:<width$}  fix: {fix}\n", ""));
+            }
+        }
+        out.push_str(if self.ok {
+            "migration preconditions hold on this host\n"
+        } else {
+            "migration cannot work on this host until the FAIL lines are fixed\n"
+        });
+        out
+    }
+}
+
+/// Run every check. `criu_flag` is `--criu PATH`, if given.
+pub fn run(criu_flag: Option<&Path>) -> Report {
+    let mut checks = vec![privileges()];
+    checks.extend(kernel());
+    checks.push(btf());
+    checks.push(bpffs());
+    checks.push(ebpf_load());
+    checks.extend(criu_checks(criu_flag));
+    checks.push(tcp_retries2());
+    let ok = checks.iter().all(|c| c.status != Status::Fail);
+    Report { ok, checks }
+}
+
+fn privileges() -> Check {
+    const NAME: &str = "privileges";
+    let caps = match system::effective_capabilities() {
+        Ok(caps) => caps,
+        Err(err) => {
+            return Check::fail(
+                NAME,
+                format!("cannot read capabilities: {err}"),
+                "run as root",
+            );
+        }
+    };
+    let needed = [
+        (system::CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (system::CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (system::CAP_BPF, "CAP_BPF"),
+    ];
+    let missing: Vec<_> = needed
+        .iter()
+        .filter(|(cap, _)| !system::has_capability(caps, *cap))
+        .map(|(_, name)| *name)
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if missing.is_empty() {
+        Check::ok(
+            NAME,
+            format!("euid {euid}, CAP_NET_ADMIN CAP_SYS_ADMIN CAP_BPF effective"),
+        )
+    } else {
+        Check::fail(
+            NAME,
+            format!("euid {euid}, missing {}", missing.join(" ")),
+            "run migrator as root (CRIU needs full root to dump and restore)",
+        )
+    }
+}
+
+fn kernel() -> Vec<Check> {
+    const NAME: &str = "kernel";
+    let (release, version) = match KernelVersion::running() {
+        Ok(found) => found,
+        Err(err) => {
+            return vec![Check::fail(
+                NAME,
+                format!("cannot read the kernel release: {err}"),
+                "check /proc is mounted",
+            )];
+        }
+    };
+    let Some(version) = version else {
+        return vec![Check::fail(
+            NAME,
+            format!("unparseable release {release:?}"),
+            "report this release string",
+        )];
+    };
+    let minimum = KernelVersion {
+        major: 5,
+        minor: 8,
+        patch: 0,
+    };
+    let kernel = if version >= minimum {
+        Check::ok(NAME, release)
+    } else {
+        Check::fail(
+            NAME,
+            format!("{release} is older than {minimum}"),
+            "upgrade to a kernel >= 5.8 (>= 6.6 for TCX)",
+        )
+    };
+    let attach = if version >= KernelVersion::TCX {
+        Check::ok("tc attach", "TCX links (kernel >= 6.6)")
+    } else {
+        Check::warn(
+            "tc attach",
+            format!("{version} has no TCX: falling back to clsact + cls_bpf"),
+            "works as is; a kernel >= 6.6 gives TCX links that cannot be lost to `tc qdisc del`",
+        )
+    };
+    vec![kernel, attach]
+}
+
+fn btf() -> Check {
+    const NAME: &str = "btf";
+    const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+    if Path::new(VMLINUX).exists() {
+        Check::ok(NAME, VMLINUX)
+    } else {
+        Check::fail(
+            NAME,
+            format!("{VMLINUX} missing"),
+            "use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+        )
+    }
+}
+
+fn bpffs() -> Check {
+    const NAME: &str = "bpffs";
+    match system::bpffs_mounted() {
+        Ok(true) => Check::ok(NAME, format!("mounted at {}", system::BPFFS)),
+        Ok(false) => match system::mount_bpffs() {
+            Ok(()) => Check::ok(
+                NAME,
+                format!("was not mounted; mounted it at {}", system::BPFFS),
+            ),
+            Err(err) => Check::fail(
+                NAME,
+                format!(
+                    "not mounted at {} and mounting failed: {err}",
+                    system::BPFFS
+                ),
+                format!("mount -t bpf bpf {}", system::BPFFS),
+            ),
+        },
+        Err(err) => Check::fail(
+            NAME,
+            format!("cannot read /proc/self/mounts: {err}"),
+            "check /proc is mounted",
+        ),
+    }
+}
+
+fn ebpf_load() -> Check {
+    const NAME: &str = "ebpf programs";
+    match Dataplane::load() {
+        Ok(_) => Check::ok(NAME, "ingress and egress classifiers pass the verifier"),
+        Err(err) => Check::fail(
+            NAME,
+            err.to_string(),
+            "run as root on a kernel with BPF and BTF",
+        ),
+    }
+}
+
+fn criu_checks(flag: Option<&Path>) -> Vec<Check> {
+    let binary = match criu::locate(flag) {
+        Ok(binary) => binary,
+        Err(err) => return vec![Check::fail("criu", err.to_string(), err.fix())],
+    };
+    let mut checks = vec![Check::ok(
+        "criu",
+        format!("{} (from {})", binary.path.display(), binary.source),
+    )];
+    match binary.supported_version() {
+        Ok(version) => checks.push(Check::ok(
+            "criu version",
+            format!("{version} (>= {})", criu::MIN_VERSION),
+        )),
+        Err(err) => {
+            checks.push(Check::fail("criu version", err.to_string(), err.fix()));
+            return checks;
+        }
+    }
+    checks.push(match binary.check() {
+        Ok(verdict) => Check::ok("criu check", verdict),
+        Err(err) => Check::fail("criu check", err.to_string(), err.fix()),
+    });
+    checks
+}
+
+fn tcp_retries2() -> Check {
+    const NAME: &str = "tcp_retries2";
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_retries2";
+    match system::read_sysctl_u32(Path::new(SYSCTL)) {
+        Ok(retries) => {
+            let give_up_ms = system::retransmit_give_up_ms(retries);
+            let detail = format!(
+                "{retries}: a Linux peer with this setting gives up after ~{:.0} s of unanswered retransmits; freeze windows must stay far below",
+                give_up_ms as f64 / 1000.0
+            );
+            if give_up_ms < 60_000 {
+                Check::warn(
+                    NAME,
+                    detail,
+                    "raise net.ipv4.tcp_retries2 on the peers (default 15) or keep freezes very short",
+                )
+            } else {
+                Check::ok(NAME, detail)
+            }
+        }
+        Err(err) => Check::warn(
+            NAME,
+            format!("cannot read {SYSCTL}: {err}"),
+            "check /proc/sys is mounted",
+        ),
+    }
+}

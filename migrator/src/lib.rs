@@ -1,0 +1,12 @@
+//! migrator moves a running Linux process with live TCP connections to
+//! another host. This library holds every subsystem; the `migrator` binary
+//! is a thin clap front end over it.
+//!
+//! - [`dataplane`]: the eBPF TC programs (network lock, counters) and their maps.
+//! - [`criu`]: finding and checking CRIU.
+//! - [`doctor`]: the preflight report.
+
+pub mod criu;
+pub mod dataplane;
+pub mod doctor;
+pub mod system;

@@ -1,0 +1,170 @@
+//! Facts about the host: kernel version, privileges, bpffs, TCP timeouts.
+
+use std::{fmt, fs, io, path::Path};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl fmt::Display for KernelVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+impl KernelVersion {
+    /// TCX (BPF links on the TC hook) arrived in 6.6; older kernels use
+    /// clsact + cls_bpf.
+    pub const TCX: Self = Self {
+        major: 6,
+        minor: 6,
+        patch: 0,
+    };
+
+    /// Parse a release string such as "6.18.44-fc-v669".
+    pub fn parse(release: &str) -> Option<Self> {
+        let mut numbers = release
+            .split(['.', '-', '+'])
+            .map(|part| part.parse::<u32>());
+        let major = numbers.next()?.ok()?;
+        let minor = numbers.next()?.ok()?;
+        let patch = numbers.next().and_then(Result::ok).unwrap_or(0);
+        Some(Self {
+            major,
+            minor,
+            patch,
+        })
+    }
+
+    pub fn running() -> io::Result<(String, Option<Self>)> {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .to_owned();
+        let version = Self::parse(&release);
+        Ok((release, version))
+    }
+}
+
+/// Capabilities the data plane and CRIU need.
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_BPF: u32 = 39;
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// This process's effective capability set.
+pub fn effective_capabilities() -> io::Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
+}
+
+pub const fn has_capability(set: u64, cap: u32) -> bool {
+    set & (1u64 << cap) != 0
+}
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Whether a bpf filesystem is mounted at /sys/fs/bpf.
+pub fn bpffs_mounted() -> io::Result<bool> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    Ok(mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, target, fstype) = (fields.next(), fields.next(), fields.next());
+        target == Some(BPFFS) && fstype == Some("bpf")
+    }))
+}
+
+/// Mount bpffs at /sys/fs/bpf (pinning needs it).
+pub fn mount_bpffs() -> io::Result<()> {
+    fs::create_dir_all(BPFFS)?;
+    let target = c"/sys/fs/bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+pub fn read_sysctl_u32(path: &Path) -> io::Result<u32> {
+    fs::read_to_string(path)?.trim().parse().map_err(|err| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {err}", path.display()),
+        )
+    })
+}
+
+/// How long a Linux sender keeps retransmitting an unanswered segment
+/// before it gives up, for a given `tcp_retries2`, assuming the minimum
+/// RTO (200 ms) doubling up to TCP_RTO_MAX (120 s). Mirrors the kernel's
+/// `tcp_model_timeout`.
+pub fn retransmit_give_up_ms(retries2: u32) -> u64 {
+    const RTO_MIN_MS: u64 = 200;
+    const RTO_MAX_MS: u64 = 120_000;
+    // ilog2(RTO_MAX / RTO_MIN): the last doubling before the cap.
+    let linear_backoff_thresh = (RTO_MAX_MS / RTO_MIN_MS).ilog2();
+    if retries2 <= linear_backoff_thresh {
+        ((2u64 << retries2) - 1) * RTO_MIN_MS
+    } else {
+        ((2u64 << linear_backoff_thresh) - 1) * RTO_MIN_MS
+            + u64::from(retries2 - linear_backoff_thresh) * RTO_MAX_MS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(
+            KernelVersion::parse("6.18.44-fc-v669"),
+            Some(KernelVersion {
+                major: 6,
+                minor: 18,
+                patch: 44
+            })
+        );
+        assert_eq!(
+            KernelVersion::parse("6.6-rc1"),
+            Some(KernelVersion {
+                major: 6,
+                minor: 6,
+                patch: 0
+            })
+        );
+        assert_eq!(KernelVersion::parse("garbage"), None);
+        assert!(KernelVersion::parse("6.1.0").is_some_and(|v| v < KernelVersion::TCX));
+    }
+
+    #[test]
+    fn give_up_time_matches_the_kernel_model() {
+        // Default tcp_retries2=15: ~924.6 s (the "about 15 minutes").
+        assert_eq!(retransmit_give_up_ms(15), 924_600);
+        // Below the threshold it is the plain doubling sum.
+        assert_eq!(retransmit_give_up_ms(3), 3_000); // 0.2+0.4+0.8+1.6
+        assert_eq!(retransmit_give_up_ms(9), 204_600);
+    }
+
+    #[test]
+    fn capability_bits() {
+        assert!(has_capability(1 << CAP_BPF, CAP_BPF));
+        assert!(!has_capability(1 << CAP_BPF, CAP_NET_ADMIN));
+    }
+}

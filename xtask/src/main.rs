@@ -1,0 +1,108 @@
+//! Project tasks: `cargo xtask setup | build | run | test`.
+//!
+//! Every task that needs prerequisites runs `setup` first, so the two
+//! README commands work on a fresh machine.
+
+mod cmd;
+mod criu_prefix;
+mod setup;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "migrator's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite that is missing (idempotent): nightly +
+    /// rust-src, LLVM dev package and bpf-linker matching the nightly's
+    /// LLVM, cargo-nextest, CRIU >= 4.2, and the Debian tools the tests use.
+    Setup,
+    /// Set up, then build the workspace (the eBPF object is built and
+    /// embedded by migrator's build.rs).
+    Build,
+    /// Set up, build, and run the lab demo (for now: `migrator doctor`).
+    Run,
+    /// Set up, build, check formatting and lints, and run every test,
+    /// including the privileged ones (root, kernel, network namespaces).
+    Test {
+        /// Only tests whose name contains this (nextest filter).
+        filter: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build(&root)
+        }
+        Task::Run => {
+            setup::run()?;
+            build(&root)?;
+            cmd::section("migrator doctor");
+            cmd::run(cmd::new(root.join("target/debug/migrator")).arg("doctor"))
+        }
+        Task::Test { filter } => {
+            setup::run()?;
+            build(&root)?;
+            test(&root, filter.as_deref())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
+}
+
+fn build(root: &std::path::Path) -> Result<()> {
+    cmd::section("build");
+    cmd::run(cmd::cargo(root).args(["build", "--all-targets"]))
+}
+
+fn test(root: &std::path::Path, filter: Option<&str>) -> Result<()> {
+    cmd::section("format");
+    cmd::run(cmd::cargo(root).args(["fmt", "--all", "--check"]))?;
+    cmd::section("clippy (host crates)");
+    cmd::run(cmd::cargo(root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    cmd::section("clippy (eBPF crate, bpfel-unknown-none)");
+    cmd::run(cmd::cargo(root).args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "migrator-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    cmd::section("tests");
+    let mut nextest = cmd::cargo(root);
+    // Privileged tests share the kernel's global state (bpffs, TC hooks on
+    // interfaces they create); each uses its own names, so they may run
+    // in parallel, but never more than the two cores hold comfortably.
+    nextest.args(["nextest", "run", "--no-fail-fast", "--test-threads", "2"]);
+    if let Some(filter) = filter {
+        nextest.arg(filter);
+    }
+    cmd::run(&mut nextest)
+}
