@@ -43,7 +43,7 @@ pub fn migrator_egress(ctx: TcContext) -> i32 {
 
 /// Verdicts: no opinion (pass to the next program / the stack) or drop.
 const NO_OPINION: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 
 #[inline(always)]
 fn classify(ctx: &TcContext, direction: Direction) -> i32 {
@@ -60,14 +60,14 @@ fn try_classify(ctx: &TcContext, direction: Direction) -> Result<i32, ()> {
         return Ok(NO_OPINION);
     };
     // SAFETY: the map value is only read; userspace replaces it whole.
-    let Some(policy) = (unsafe { FLOWS.get(&segment.key) }) else {
+    let Some(policy) = (unsafe { FLOWS.get(segment.key) }) else {
         return Ok(NO_OPINION);
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let mode = policy.effective_mode(now);
     let drop = matches!(mode, FlowMode::Freeze);
 
-    if let Some(stats) = STATS.get_ptr_mut(&segment.key) {
+    if let Some(stats) = STATS.get_ptr_mut(segment.key) {
         // SAFETY: the pointer comes from a successful lookup and stays valid
         // for this program run. Counter races between CPUs lose at worst an
         // increment; the counters are diagnostics, not accounting.

@@ -127,6 +127,19 @@ pub fn retransmit_give_up_ms(retries2: u32) -> u64 {
     }
 }
 
+/// CLOCK_BOOTTIME in nanoseconds: the clock the data plane's deadlines and
+/// timestamps use (`bpf_ktime_get_boot_ns`).
+pub fn boottime_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into; CLOCK_BOOTTIME
+    // always exists on Linux, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,1 +1,55 @@
+//! Helpers for the privileged integration tests: crafted frames for
+//! BPF_PROG_TEST_RUN and a loud root check.
+//!
+//! Tests that need root do not skip without it: they fail and say why, so
+//! a CI run without privileges can never look green.
 
+// Test helpers panic on broken fixtures: that is a test failure, not a bug path.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+pub mod frames;
+
+/// Fail the test with a clear message unless running as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, TC, network namespaces); run it with `cargo xtask test` as root"
+    );
+}
+
+/// The `migrator` binary of this build (`cargo xtask test` builds it
+/// before the tests run).
+pub fn migrator_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/migrator
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .join("migrator");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build`, or run the tests via `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory removed on drop, pass or fail.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("migrator-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch directory");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

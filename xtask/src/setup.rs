@@ -15,9 +15,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",  // tests turn offloads on and off on veth pairs
 ];
 
+/// One setup step: installs what it finds missing, returns what it did.
+type Step = fn(&mut Apt) -> Result<String>;
+
 pub fn run() -> Result<()> {
     cmd::section("setup");
-    let steps: [(&str, fn(&mut Apt) -> Result<String>); 6] = [
+    let steps: [(&str, Step); 6] = [
         ("nightly toolchain + rust-src", nightly),
         ("Debian packages", debian_packages),
         ("LLVM matching the nightly", llvm),
