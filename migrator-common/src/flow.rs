@@ -63,6 +63,9 @@ pub enum FlowMode {
     /// Drop every packet in both directions: nothing of the flow reaches or
     /// leaves the local stack (no ACK, no RST, no window update).
     Freeze = 1,
+    /// Like freeze, but incoming packets are also copied, with their arrival
+    /// time, to the held-packet ring so they can be delivered later.
+    Hold = 2,
 }
 
 impl FlowMode {
@@ -70,6 +73,7 @@ impl FlowMode {
         match raw {
             0 => Some(Self::Observe),
             1 => Some(Self::Freeze),
+            2 => Some(Self::Hold),
             _ => None,
         }
     }
@@ -78,7 +82,13 @@ impl FlowMode {
         match self {
             Self::Observe => "observe",
             Self::Freeze => "freeze",
+            Self::Hold => "hold",
         }
+    }
+
+    /// Whether packets in this mode are kept from the stack.
+    pub const fn blocks(self) -> bool {
+        matches!(self, Self::Freeze | Self::Hold)
     }
 }
 
@@ -111,11 +121,21 @@ impl FlowPolicy {
         }
     }
 
+    pub const fn hold(deadline_ns: u64) -> Self {
+        Self {
+            mode: FlowMode::Hold as u32,
+            _pad: 0,
+            deadline_ns,
+        }
+    }
+
     /// The mode in force at `now_ns`: a frozen flow whose deadline has
     /// passed behaves as observed. Unknown modes fail open too.
     pub const fn effective_mode(&self, now_ns: u64) -> FlowMode {
         match FlowMode::from_u32(self.mode) {
-            Some(FlowMode::Freeze) if self.deadline_ns != 0 && now_ns >= self.deadline_ns => {
+            Some(FlowMode::Freeze | FlowMode::Hold)
+                if self.deadline_ns != 0 && now_ns >= self.deadline_ns =>
+            {
                 FlowMode::Observe
             }
             Some(mode) => mode,
@@ -134,11 +154,22 @@ pub struct FlowStats {
     pub packets_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
-    /// Segments dropped by the lock, both directions.
+    /// Segments dropped by the lock, both directions (held ones included).
     pub dropped: u64,
+    /// Incoming packets copied to the held-packet ring.
+    pub held: u64,
+    /// Packets that should have been held but were only dropped (ring full
+    /// or larger than [`crate::HELD_CAPTURE_MAX`]); the peer resends them.
+    pub hold_failed: u64,
+    /// RST segments the lock kept from leaving or arriving.
+    pub rst_blocked: u64,
     /// Peer segments whose sequence range ended at or before the highest
     /// end already seen.
     pub peer_retransmits: u64,
+    /// Peer keepalives (seq one below the highest end, at most one byte).
+    pub peer_keepalives: u64,
+    /// The same shape while our advertised window was zero.
+    pub peer_window_probes: u64,
     /// CLOCK_BOOTTIME ns of the first and latest peer retransmit, 0 if none.
     pub first_peer_retransmit_ns: u64,
     pub last_peer_retransmit_ns: u64,
@@ -147,4 +178,39 @@ pub struct FlowStats {
     /// Highest peer sequence end seen (valid when `peer_seq_valid` != 0).
     pub peer_seq_end: u32,
     pub peer_seq_valid: u32,
+    /// 1 when the latest window we advertised was zero.
+    pub local_window_zero: u32,
+    pub _pad: u32,
+}
+
+/// A service-IP rule: all TCP to/from a local address, optionally only one
+/// local port (0: every port). Catches SYNs of new connections and flows
+/// nobody listed while the process is frozen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+impl ServiceKey {
+    pub const fn new(addr: [u8; 16], family: u8, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            family,
+            _pad: 0,
+        }
+    }
+
+    /// The rule key for a flow's local end: with the port, or the wildcard.
+    pub const fn for_flow(key: &FlowKey, with_port: bool) -> Self {
+        Self::new(
+            key.local_addr,
+            key.family,
+            if with_port { key.local_port } else { 0 },
+        )
+    }
 }

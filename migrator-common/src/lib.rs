@@ -6,6 +6,7 @@
 //! unit-tested on the host and called unchanged by the kernel program.
 #![no_std]
 
+pub mod event;
 pub mod flow;
 pub mod paths;
 pub mod seq;
@@ -13,4 +14,7 @@ pub mod seq;
 #[cfg(feature = "user")]
 mod user;
 
-pub use flow::{FlowKey, FlowMode, FlowPolicy, FlowStats};
+pub use event::{
+    EVENT_DROP, EVENT_HOLD, EVENT_PEER_RETRANSMIT, Event, HELD_CAPTURE_MAX, HeldPacket,
+};
+pub use flow::{FlowKey, FlowMode, FlowPolicy, FlowStats, ServiceKey};

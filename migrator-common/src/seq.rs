@@ -30,6 +30,10 @@ pub enum PeerSegment {
     /// Ends at or before the highest end seen: everything in it was sent
     /// before.
     Retransmit,
+    /// Sits one below the highest end with at most one byte: a keepalive,
+    /// or a zero-window probe when our advertised window is zero. Not a
+    /// retransmit, whatever its length.
+    Probe,
 }
 
 /// Classify a peer segment. `highest_end` is `None` until the first segment
@@ -43,6 +47,14 @@ pub const fn classify_peer_segment(
     fin: bool,
 ) -> PeerSegment {
     let len = segment_len(payload_len, syn, fin);
+    if let Some(highest) = highest_end
+        && !syn
+        && !fin
+        && payload_len <= 1
+        && seq == highest.wrapping_sub(1)
+    {
+        return PeerSegment::Probe;
+    }
     if len == 0 {
         return PeerSegment::Empty;
     }
@@ -82,10 +94,34 @@ mod tests {
             classify_peer_segment(Some(1100), 1100, 0, false, false),
             PeerSegment::Empty
         );
-        // A zero-length keepalive sits one below the highest end: still empty.
+        // Before any data, nothing is a probe.
+        assert_eq!(
+            classify_peer_segment(None, 1099, 0, false, false),
+            PeerSegment::Empty
+        );
+    }
+
+    #[test]
+    fn keepalives_and_window_probes_are_probes_not_retransmits() {
+        // Zero-length, one below the highest end (Linux keepalive / probe).
         assert_eq!(
             classify_peer_segment(Some(1100), 1099, 0, false, false),
-            PeerSegment::Empty
+            PeerSegment::Probe
+        );
+        // One garbage byte at the same place (BSD-style keepalive).
+        assert_eq!(
+            classify_peer_segment(Some(1100), 1099, 1, false, false),
+            PeerSegment::Probe
+        );
+        // Across wraparound.
+        assert_eq!(
+            classify_peer_segment(Some(0), u32::MAX, 0, false, false),
+            PeerSegment::Probe
+        );
+        // Two bytes ending at the highest end are a real retransmit.
+        assert_eq!(
+            classify_peer_segment(Some(1100), 1098, 2, false, false),
+            PeerSegment::Retransmit
         );
     }
 

@@ -1,6 +1,6 @@
 //! Userspace-only glue: lets the shared types live in aya maps.
 
-use crate::{FlowKey, FlowPolicy, FlowStats};
+use crate::{FlowKey, FlowPolicy, FlowStats, ServiceKey};
 
 // SAFETY: all three are #[repr(C)], Copy, padding-free (explicit pad
 // fields), and every bit pattern is a valid value.
@@ -9,3 +9,5 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowPolicy {}
 // SAFETY: as above.
 unsafe impl aya::Pod for FlowStats {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ServiceKey {}

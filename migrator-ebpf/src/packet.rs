@@ -21,6 +21,7 @@ const IPV6_HLEN: usize = 40;
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 
 /// The parts of a TCP segment the data plane needs.
 pub struct TcpSegment {
@@ -29,6 +30,9 @@ pub struct TcpSegment {
     pub payload_len: u32,
     pub syn: bool,
     pub fin: bool,
+    pub rst: bool,
+    /// Raw (unscaled) window field.
+    pub window: u16,
     /// skb length (all segments of a GSO packet).
     pub wire_len: u32,
     /// Segments this skb stands for (GSO/GRO aggregates count each).
@@ -94,6 +98,7 @@ impl TcpSegment {
         let seq = u32::from_be(ctx.load::<u32>(l4 + 4).map_err(|_| ())?);
         let doff = ((ctx.load::<u8>(l4 + 12).map_err(|_| ())? >> 4) as u32) * 4;
         let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
+        let window = u16::from_be(ctx.load::<u16>(l4 + 14).map_err(|_| ())?);
         // Ethernet padding of tiny frames is still in the skb at TC ingress,
         // so the IP length, not the skb length, bounds the payload.
         let end = if ip_payload_end < wire_len {
@@ -129,6 +134,8 @@ impl TcpSegment {
             payload_len,
             syn: flags & TCP_SYN != 0,
             fin: flags & TCP_FIN != 0,
+            rst: flags & TCP_RST != 0,
+            window,
             wire_len,
             segments: if gso_segs > 1 { gso_segs } else { 1 },
         }))

@@ -101,6 +101,15 @@ pub fn mount_bpffs() -> io::Result<()> {
     }
 }
 
+/// Mount bpffs unless it is there already.
+pub fn ensure_bpffs() -> io::Result<()> {
+    if bpffs_mounted()? {
+        Ok(())
+    } else {
+        mount_bpffs()
+    }
+}
+
 pub fn read_sysctl_u32(path: &Path) -> io::Result<u32> {
     fs::read_to_string(path)?.trim().parse().map_err(|err| {
         io::Error::new(

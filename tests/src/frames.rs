@@ -31,6 +31,7 @@ pub struct Segment {
     pub seq: u32,
     pub ack: u32,
     pub flags: u8,
+    pub window: u16,
     pub payload: Vec<u8>,
 }
 
@@ -44,6 +45,7 @@ impl Segment {
             seq: 1000,
             ack: 1,
             flags: TcpFlags::ACK,
+            window: 65_535,
             payload: Vec::new(),
         }
     }
@@ -75,7 +77,7 @@ impl Segment {
             tcp.set_acknowledgement(self.ack);
             tcp.set_data_offset(5);
             tcp.set_flags(self.flags);
-            tcp.set_window(65_535);
+            tcp.set_window(self.window);
             tcp.set_payload(&self.payload);
             let checksum = match (self.src, self.dst) {
                 (IpAddr::V4(s), IpAddr::V4(d)) => tcp::ipv4_checksum(&tcp.to_immutable(), &s, &d),

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use migrator::{
-    dataplane::{Dataplane, Direction},
+    dataplane::{Dataplane, Direction, FlowTable, spec::ServiceSpec},
     system::boottime_ns,
 };
 use migrator_common::{FlowKey, FlowPolicy};
@@ -49,14 +49,17 @@ fn verdict(dataplane: &mut Dataplane, direction: Direction, frame: &[u8]) -> u32
     result.return_value
 }
 
-fn loaded() -> Dataplane {
+/// The data plane with private maps, and its flow table.
+fn loaded() -> (Dataplane, FlowTable) {
     require_root();
-    Dataplane::load().expect("load the embedded eBPF object into the kernel")
+    let mut dp = Dataplane::load().expect("load the embedded eBPF object into the kernel");
+    let table = dp.take_table().expect("maps");
+    (dp, table)
 }
 
 #[test]
 fn untracked_and_non_tcp_traffic_passes_with_no_opinion() {
-    let mut dp = loaded();
+    let (mut dp, mut table) = loaded();
     assert_eq!(
         verdict(
             &mut dp,
@@ -70,15 +73,15 @@ fn untracked_and_non_tcp_traffic_passes_with_no_opinion() {
         NO_OPINION
     );
     // Same endpoints over UDP: not ours even when the TCP flow is frozen.
-    dp.track(local_key(), FlowPolicy::freeze(0)).unwrap();
+    table.set_flow(local_key(), FlowPolicy::freeze(0)).unwrap();
     let udp = udp_v4(PEER, PEER_PORT, LOCAL, LOCAL_PORT);
     assert_eq!(verdict(&mut dp, Direction::Ingress, &udp), NO_OPINION);
 }
 
 #[test]
 fn frozen_flow_is_dropped_both_ways_and_counted() {
-    let mut dp = loaded();
-    dp.track(local_key(), FlowPolicy::freeze(0)).unwrap();
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::freeze(0)).unwrap();
     assert_eq!(
         verdict(
             &mut dp,
@@ -100,7 +103,10 @@ fn frozen_flow_is_dropped_both_ways_and_counted() {
         ),
         DROP
     );
-    let stats = dp.flow_stats(&local_key()).unwrap().expect("stats entry");
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
     assert_eq!(stats.dropped, 3);
     assert_eq!(stats.packets_in, 1);
     assert_eq!(stats.packets_out, 2);
@@ -119,11 +125,14 @@ fn frozen_flow_is_dropped_both_ways_and_counted() {
 
 #[test]
 fn observed_flow_passes_and_counts_bytes() {
-    let mut dp = loaded();
-    dp.track(local_key(), FlowPolicy::observe()).unwrap();
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::observe()).unwrap();
     let frame = from_peer().payload(100).frame();
     assert_eq!(verdict(&mut dp, Direction::Ingress, &frame), NO_OPINION);
-    let stats = dp.flow_stats(&local_key()).unwrap().expect("stats entry");
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
     assert_eq!(stats.packets_in, 1);
     assert_eq!(stats.bytes_in, frame.len() as u64);
     assert_eq!(stats.dropped, 0);
@@ -132,8 +141,8 @@ fn observed_flow_passes_and_counts_bytes() {
 
 #[test]
 fn peer_retransmits_are_counted_across_sequence_wraparound() {
-    let mut dp = loaded();
-    dp.track(local_key(), FlowPolicy::freeze(0)).unwrap();
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::freeze(0)).unwrap();
     let start = u32::MAX - 49; // the first segment wraps past zero
     let first = from_peer().seq(start).payload(100).frame();
     verdict(&mut dp, Direction::Ingress, &first);
@@ -151,7 +160,10 @@ fn peer_retransmits_are_counted_across_sequence_wraparound() {
     // Our own segments never count as peer retransmits.
     verdict(&mut dp, Direction::Egress, &to_peer().payload(10).frame());
     verdict(&mut dp, Direction::Egress, &to_peer().payload(10).frame());
-    let stats = dp.flow_stats(&local_key()).unwrap().expect("stats entry");
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
     assert_eq!(stats.peer_retransmits, 2);
     assert!(stats.first_peer_retransmit_ns > 0);
     assert!(stats.last_peer_retransmit_ns >= stats.first_peer_retransmit_ns);
@@ -160,15 +172,19 @@ fn peer_retransmits_are_counted_across_sequence_wraparound() {
 
 #[test]
 fn freeze_fails_open_after_its_deadline() {
-    let mut dp = loaded();
+    let (mut dp, mut table) = loaded();
     let past = boottime_ns() - 1;
-    dp.track(local_key(), FlowPolicy::freeze(past)).unwrap();
+    table
+        .set_flow(local_key(), FlowPolicy::freeze(past))
+        .unwrap();
     assert_eq!(
         verdict(&mut dp, Direction::Ingress, &from_peer().frame()),
         NO_OPINION
     );
     let future = boottime_ns() + 60_000_000_000;
-    dp.track(local_key(), FlowPolicy::freeze(future)).unwrap();
+    table
+        .set_flow(local_key(), FlowPolicy::freeze(future))
+        .unwrap();
     assert_eq!(
         verdict(&mut dp, Direction::Ingress, &from_peer().frame()),
         DROP
@@ -177,7 +193,7 @@ fn freeze_fails_open_after_its_deadline() {
 
 #[test]
 fn ipv6_flow_is_frozen() {
-    let mut dp = loaded();
+    let (mut dp, mut table) = loaded();
     let local: Ipv6Addr = "2001:db8::10".parse().unwrap();
     let peer: Ipv6Addr = "2001:db8::20".parse().unwrap();
     let key = FlowKey::v6(local.octets(), LOCAL_PORT, peer.octets(), PEER_PORT);
@@ -187,7 +203,7 @@ fn ipv6_flow_is_frozen() {
         verdict(&mut dp, Direction::Ingress, &ingress.frame()),
         NO_OPINION
     );
-    dp.track(key, FlowPolicy::freeze(0)).unwrap();
+    table.set_flow(key, FlowPolicy::freeze(0)).unwrap();
     assert_eq!(verdict(&mut dp, Direction::Ingress, &ingress.frame()), DROP);
     let egress = Segment::new(IpAddr::V6(local), LOCAL_PORT, IpAddr::V6(peer), PEER_PORT);
     assert_eq!(verdict(&mut dp, Direction::Egress, &egress.frame()), DROP);
@@ -196,4 +212,152 @@ fn ipv6_flow_is_frozen() {
         verdict(&mut dp, Direction::Ingress, &from_peer().frame()),
         NO_OPINION
     );
+}
+
+#[test]
+fn held_packets_keep_their_bytes_and_order() {
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::hold(0)).unwrap();
+    let first = from_peer().seq(1000).payload(100).frame();
+    let second = from_peer().seq(1100).payload(1400).frame();
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &first), DROP);
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &second), DROP);
+    // Our own packets are dropped, never held: the restored socket resends.
+    assert_eq!(
+        verdict(&mut dp, Direction::Egress, &to_peer().payload(10).frame()),
+        DROP
+    );
+    let held = table.drain_held();
+    assert_eq!(held.len(), 2);
+    assert_eq!(held[0].frame, first);
+    assert_eq!(held[1].frame, second);
+    assert!(held.iter().all(|p| p.key == local_key()));
+    assert!(held[0].timestamp_ns <= held[1].timestamp_ns);
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    assert_eq!((stats.held, stats.hold_failed, stats.dropped), (2, 0, 3));
+    assert!(table.drain_held().is_empty(), "draining empties the ring");
+}
+
+#[test]
+fn oversized_packets_in_hold_mode_are_dropped_and_counted_as_not_held() {
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::hold(0)).unwrap();
+    let big = from_peer().payload(3000).frame(); // a GRO aggregate's size
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &big), DROP);
+    assert!(table.drain_held().is_empty());
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    assert_eq!((stats.held, stats.hold_failed), (0, 1));
+}
+
+#[test]
+fn service_rules_catch_new_connections() {
+    let (mut dp, mut table) = loaded();
+    let service: ServiceSpec = format!("{LOCAL}:{LOCAL_PORT}").parse().unwrap();
+    table
+        .set_service(service.key(), FlowPolicy::freeze(0))
+        .unwrap();
+    // A SYN from a peer nobody listed, to the frozen service port.
+    let syn =
+        Segment::new(IpAddr::V4(PEER), 51_000, IpAddr::V4(LOCAL), LOCAL_PORT).flags(Flags::SYN);
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &syn.frame()), DROP);
+    // Another port of the same address is not covered by a port rule ...
+    let other = Segment::new(IpAddr::V4(PEER), 51_000, IpAddr::V4(LOCAL), 22).flags(Flags::SYN);
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &other.frame()),
+        NO_OPINION
+    );
+    // ... but is by a whole-address rule.
+    let whole: ServiceSpec = LOCAL.to_string().parse().unwrap();
+    table
+        .set_service(whole.key(), FlowPolicy::freeze(0))
+        .unwrap();
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &other.frame()), DROP);
+    let services = table.services().unwrap();
+    let port_rule = services.iter().find(|s| s.key == service.key()).unwrap();
+    assert_eq!(port_rule.stats.dropped, 1);
+    // Releasing removes the rule.
+    assert!(table.release_service(&whole.key()).unwrap());
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &other.frame()),
+        NO_OPINION
+    );
+}
+
+#[test]
+fn resets_are_blocked_and_counted() {
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::freeze(0)).unwrap();
+    verdict(
+        &mut dp,
+        Direction::Egress,
+        &to_peer().flags(Flags::RST | Flags::ACK).frame(),
+    );
+    verdict(
+        &mut dp,
+        Direction::Ingress,
+        &from_peer().flags(Flags::RST).frame(),
+    );
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    assert_eq!(stats.rst_blocked, 2);
+}
+
+#[test]
+fn keepalives_and_zero_window_probes_are_not_retransmits() {
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::observe()).unwrap();
+    verdict(
+        &mut dp,
+        Direction::Ingress,
+        &from_peer().seq(1000).payload(100).frame(),
+    );
+    // Keepalive: one below the highest end, zero or one byte.
+    verdict(&mut dp, Direction::Ingress, &from_peer().seq(1099).frame());
+    verdict(
+        &mut dp,
+        Direction::Ingress,
+        &from_peer().seq(1099).payload(1).frame(),
+    );
+    // We advertise a zero window; the same shape is now a window probe.
+    let mut zero_window = to_peer();
+    zero_window.window = 0;
+    verdict(&mut dp, Direction::Egress, &zero_window.frame());
+    verdict(&mut dp, Direction::Ingress, &from_peer().seq(1099).frame());
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    assert_eq!(stats.peer_keepalives, 2);
+    assert_eq!(stats.peer_window_probes, 1);
+    assert_eq!(stats.peer_retransmits, 0);
+}
+
+#[test]
+fn releasing_a_flow_returns_it_to_observe_with_counters_kept() {
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::freeze(0)).unwrap();
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &from_peer().frame()),
+        DROP
+    );
+    assert!(table.release_flow(&local_key()).unwrap());
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &from_peer().frame()),
+        NO_OPINION
+    );
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    assert_eq!((stats.dropped, stats.packets_in), (1, 2));
+    let unknown = FlowKey::v4(LOCAL.octets(), 1, PEER.octets(), 2);
+    assert!(!table.release_flow(&unknown).unwrap());
 }

@@ -1,12 +1,27 @@
 //! The eBPF data plane: the TC classifiers built from `migrator-ebpf`,
-//! embedded in this binary, and typed access to their maps.
+//! embedded in this binary, their attachment to interfaces, and the flow
+//! table they share through pinned maps.
+//!
+//! Pin layout under the root (default `/sys/fs/bpf/migrator/netns-<inode>`,
+//! one per network namespace so lab "hosts" sharing one bpffs stay apart):
+//! `maps/<NAME>` for every map, `links/<iface>.<direction>` for TCX links,
+//! `links/<iface>.netlink` recording clsact filters on older kernels.
+
+mod attach;
+pub mod spec;
+pub mod table;
+
+use std::path::{Path, PathBuf};
 
 use aya::{
-    Ebpf, EbpfError,
-    maps::{HashMap, MapData, MapError},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::MapError,
     programs::{ProgramError, SchedClassifier},
 };
-use migrator_common::{FlowKey, FlowPolicy, FlowStats};
+use migrator_common::paths::BPF_PIN_ROOT;
+
+pub use attach::{AttachMode, Attachment, attached_interfaces, detach};
+pub use table::{FlowEntry, FlowTable, HeldPacketOwned, ServiceEntry};
 
 /// The eBPF object built by `build.rs` (aya-build) from `migrator-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -14,8 +29,6 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub const INGRESS_PROGRAM: &str = "migrator_ingress";
 pub const EGRESS_PROGRAM: &str = "migrator_egress";
-pub const FLOWS_MAP: &str = "FLOWS";
-pub const STATS_MAP: &str = "STATS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -43,6 +56,30 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "no data plane is attached in this network namespace ({path} cannot be opened: {source}); run `migrator attach --iface IF` or `migrator freeze`, which attaches"
+    )]
+    NotAttached {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("interface `{0}` does not exist in this network namespace (see `ip link`)")]
+    NoSuchInterface(String),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching to `{iface}` ({direction}): {source}")]
+    Attach {
+        iface: String,
+        direction: &'static str,
+        #[source]
+        source: ProgramError,
+    },
 }
 
 /// Which side of an interface a classifier sits on.
@@ -53,24 +90,72 @@ pub enum Direction {
 }
 
 impl Direction {
+    pub const BOTH: [Self; 2] = [Self::Ingress, Self::Egress];
+
     pub const fn program_name(self) -> &'static str {
         match self {
             Self::Ingress => INGRESS_PROGRAM,
             Self::Egress => EGRESS_PROGRAM,
         }
     }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+/// The pin root for this thread's network namespace.
+pub fn default_pin_root() -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|meta| meta.ino())
+        .unwrap_or(0);
+    Path::new(BPF_PIN_ROOT).join(format!("netns-{netns}"))
 }
 
 /// The loaded data plane: both classifiers verified and loaded into the
-/// kernel, maps created.
+/// kernel, maps created (or reused from pins).
 pub struct Dataplane {
     ebpf: Ebpf,
+    pin_root: Option<PathBuf>,
 }
 
 impl Dataplane {
-    /// Load the embedded object and both classifiers into the kernel.
+    /// Load with private maps (tests, doctor): nothing is pinned.
     pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        Self::from_ebpf(Ebpf::load(EBPF_OBJECT)?, None)
+    }
+
+    /// Load with maps pinned under `pin_root/maps`, reusing maps already
+    /// pinned there so every process works on the same flow table.
+    pub fn load_pinned(pin_root: &Path) -> Result<Self, DataplaneError> {
+        crate::system::ensure_bpffs().map_err(|source| DataplaneError::Io {
+            action: "mounting bpffs at",
+            path: PathBuf::from(crate::system::BPFFS),
+            source,
+        })?;
+        let maps_dir = pin_root.join("maps");
+        std::fs::create_dir_all(&maps_dir).map_err(|source| DataplaneError::Io {
+            action: "creating",
+            path: maps_dir.clone(),
+            source,
+        })?;
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&'static str, PathBuf)> = table::ALL_MAPS
+            .iter()
+            .map(|name| (*name, maps_dir.join(name)))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(EBPF_OBJECT)?;
+        Self::from_ebpf(ebpf, Some(pin_root.to_owned()))
+    }
+
+    fn from_ebpf(mut ebpf: Ebpf, pin_root: Option<PathBuf>) -> Result<Self, DataplaneError> {
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -81,7 +166,7 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, pin_root })
     }
 
     pub fn classifier(
@@ -96,49 +181,13 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })
     }
 
-    pub fn flows(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowPolicy>, DataplaneError> {
-        self.map(FLOWS_MAP)
+    /// Take the maps out as a [`FlowTable`] (the programs keep using them).
+    pub fn take_table(&mut self) -> Result<FlowTable, DataplaneError> {
+        let ebpf = &mut self.ebpf;
+        FlowTable::from_maps(|name| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name)))
     }
 
-    pub fn stats(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowStats>, DataplaneError> {
-        self.map(STATS_MAP)
-    }
-
-    fn map<V: aya::Pod>(
-        &mut self,
-        name: &'static str,
-    ) -> Result<HashMap<&mut MapData, FlowKey, V>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })
-    }
-
-    /// Start tracking `key` with `policy`, counters zeroed.
-    pub fn track(&mut self, key: FlowKey, policy: FlowPolicy) -> Result<(), DataplaneError> {
-        self.stats()?
-            .insert(key, FlowStats::default(), 0)
-            .map_err(|source| DataplaneError::Map {
-                name: STATS_MAP,
-                source,
-            })?;
-        self.flows()?
-            .insert(key, policy, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: FLOWS_MAP,
-                source,
-            })
-    }
-
-    pub fn flow_stats(&mut self, key: &FlowKey) -> Result<Option<FlowStats>, DataplaneError> {
-        match self.stats()?.get(key, 0) {
-            Ok(stats) => Ok(Some(stats)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DataplaneError::Map {
-                name: STATS_MAP,
-                source,
-            }),
-        }
+    pub fn pin_root(&self) -> Option<&Path> {
+        self.pin_root.as_deref()
     }
 }

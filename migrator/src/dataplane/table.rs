@@ -1,0 +1,287 @@
+//! The flow table and service rules as userspace sees them: freeze, hold,
+//! release, observe, and read counters. Works on the maps of a freshly
+//! loaded data plane or on the pinned maps of one attached earlier.
+
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError, RingBuf};
+use migrator_common::{FlowKey, FlowMode, FlowPolicy, FlowStats, HeldPacket, ServiceKey};
+
+use super::DataplaneError;
+
+pub const FLOWS_MAP: &str = "FLOWS";
+pub const STATS_MAP: &str = "STATS";
+pub const SERVICES_MAP: &str = "SERVICES";
+pub const SERVICE_STATS_MAP: &str = "SERVICE_STATS";
+pub const EVENTS_MAP: &str = "EVENTS";
+pub const HELD_MAP: &str = "HELD";
+pub const ALL_MAPS: [&str; 6] = [
+    FLOWS_MAP,
+    STATS_MAP,
+    SERVICES_MAP,
+    SERVICE_STATS_MAP,
+    EVENTS_MAP,
+    HELD_MAP,
+];
+
+/// One tracked flow as read back from the kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowEntry {
+    pub key: FlowKey,
+    pub policy: FlowPolicy,
+    pub stats: FlowStats,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceEntry {
+    pub key: ServiceKey,
+    pub policy: FlowPolicy,
+    pub stats: FlowStats,
+}
+
+pub struct FlowTable {
+    flows: HashMap<MapData, FlowKey, FlowPolicy>,
+    stats: HashMap<MapData, FlowKey, FlowStats>,
+    services: HashMap<MapData, ServiceKey, FlowPolicy>,
+    service_stats: HashMap<MapData, ServiceKey, FlowStats>,
+    held: RingBuf<MapData>,
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl FlowTable {
+    /// Build from maps taken out of a loaded object, by name.
+    pub(super) fn from_maps(
+        mut take: impl FnMut(&'static str) -> Result<Map, DataplaneError>,
+    ) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            flows: HashMap::try_from(take(FLOWS_MAP)?).map_err(map_error(FLOWS_MAP))?,
+            stats: HashMap::try_from(take(STATS_MAP)?).map_err(map_error(STATS_MAP))?,
+            services: HashMap::try_from(take(SERVICES_MAP)?).map_err(map_error(SERVICES_MAP))?,
+            service_stats: HashMap::try_from(take(SERVICE_STATS_MAP)?)
+                .map_err(map_error(SERVICE_STATS_MAP))?,
+            held: RingBuf::try_from(take(HELD_MAP)?).map_err(map_error(HELD_MAP))?,
+        })
+    }
+
+    /// Open the maps pinned in `maps_dir` by an earlier attach.
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
+        Self::from_maps(|name| {
+            let path = maps_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| DataplaneError::NotAttached {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(match name {
+                EVENTS_MAP | HELD_MAP => Map::RingBuf(data),
+                _ => Map::HashMap(data),
+            })
+        })
+    }
+
+    /// Track `key` with `policy`. Counters start at zero for a new flow and
+    /// are kept for a flow already tracked (a freeze after observing).
+    pub fn set_flow(&mut self, key: FlowKey, policy: FlowPolicy) -> Result<(), DataplaneError> {
+        match self.stats.get(&key, 0) {
+            Ok(_) => {}
+            Err(MapError::KeyNotFound) => self
+                .stats
+                .insert(key, FlowStats::default(), 0)
+                .map_err(map_error(STATS_MAP))?,
+            Err(source) => {
+                return Err(DataplaneError::Map {
+                    name: STATS_MAP,
+                    source,
+                });
+            }
+        }
+        self.flows
+            .insert(key, policy, 0)
+            .map_err(map_error(FLOWS_MAP))
+    }
+
+    /// Set many flows in one go (each its own map update; the table never
+    /// holds a half-written entry).
+    pub fn set_flows(
+        &mut self,
+        keys: &[FlowKey],
+        policy: FlowPolicy,
+    ) -> Result<(), DataplaneError> {
+        keys.iter().try_for_each(|key| self.set_flow(*key, policy))
+    }
+
+    /// Stop blocking `key`: it goes back to observe, counters kept.
+    /// Returns false if the flow was not tracked.
+    pub fn release_flow(&mut self, key: &FlowKey) -> Result<bool, DataplaneError> {
+        match self.flows.get(key, 0) {
+            Ok(_) => {
+                self.flows
+                    .insert(*key, FlowPolicy::observe(), 0)
+                    .map_err(map_error(FLOWS_MAP))?;
+                Ok(true)
+            }
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(DataplaneError::Map {
+                name: FLOWS_MAP,
+                source,
+            }),
+        }
+    }
+
+    /// Forget a flow entirely (policy and counters).
+    pub fn forget_flow(&mut self, key: &FlowKey) -> Result<(), DataplaneError> {
+        for result in [self.flows.remove(key), self.stats.remove(key)] {
+            match result {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        name: FLOWS_MAP,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_service(
+        &mut self,
+        key: ServiceKey,
+        policy: FlowPolicy,
+    ) -> Result<(), DataplaneError> {
+        match self.service_stats.get(&key, 0) {
+            Ok(_) => {}
+            Err(MapError::KeyNotFound) => self
+                .service_stats
+                .insert(key, FlowStats::default(), 0)
+                .map_err(map_error(SERVICE_STATS_MAP))?,
+            Err(source) => {
+                return Err(DataplaneError::Map {
+                    name: SERVICE_STATS_MAP,
+                    source,
+                });
+            }
+        }
+        self.services
+            .insert(key, policy, 0)
+            .map_err(map_error(SERVICES_MAP))
+    }
+
+    /// Remove a service rule (its counters go with it). False if absent.
+    pub fn release_service(&mut self, key: &ServiceKey) -> Result<bool, DataplaneError> {
+        let removed = match self.services.remove(key) {
+            Ok(()) => true,
+            Err(MapError::KeyNotFound) => false,
+            Err(source) => {
+                return Err(DataplaneError::Map {
+                    name: SERVICES_MAP,
+                    source,
+                });
+            }
+        };
+        match self.service_stats.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(removed),
+            Err(source) => Err(DataplaneError::Map {
+                name: SERVICE_STATS_MAP,
+                source,
+            }),
+        }
+    }
+
+    /// Every blocking flow back to observe, every service rule removed.
+    /// Returns (flows released, rules removed).
+    pub fn release_all(&mut self) -> Result<(usize, usize), DataplaneError> {
+        let blocking: Vec<FlowKey> = self
+            .flows()?
+            .into_iter()
+            .filter(|entry| FlowMode::from_u32(entry.policy.mode).is_some_and(FlowMode::blocks))
+            .map(|entry| entry.key)
+            .collect();
+        for key in &blocking {
+            self.release_flow(key)?;
+        }
+        let services: Vec<ServiceKey> = self
+            .services()?
+            .into_iter()
+            .map(|entry| entry.key)
+            .collect();
+        for key in &services {
+            self.release_service(key)?;
+        }
+        Ok((blocking.len(), services.len()))
+    }
+
+    pub fn flow_stats(&self, key: &FlowKey) -> Result<Option<FlowStats>, DataplaneError> {
+        match self.stats.get(key, 0) {
+            Ok(stats) => Ok(Some(stats)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DataplaneError::Map {
+                name: STATS_MAP,
+                source,
+            }),
+        }
+    }
+
+    pub fn flows(&self) -> Result<Vec<FlowEntry>, DataplaneError> {
+        let mut entries = Vec::new();
+        for item in self.flows.iter() {
+            let (key, policy) = item.map_err(map_error(FLOWS_MAP))?;
+            let stats = self.flow_stats(&key)?.unwrap_or_default();
+            entries.push(FlowEntry { key, policy, stats });
+        }
+        Ok(entries)
+    }
+
+    pub fn services(&self) -> Result<Vec<ServiceEntry>, DataplaneError> {
+        let mut entries = Vec::new();
+        for item in self.services.iter() {
+            let (key, policy) = item.map_err(map_error(SERVICES_MAP))?;
+            let stats = match self.service_stats.get(&key, 0) {
+                Ok(stats) => stats,
+                Err(MapError::KeyNotFound) => FlowStats::default(),
+                Err(source) => {
+                    return Err(DataplaneError::Map {
+                        name: SERVICE_STATS_MAP,
+                        source,
+                    });
+                }
+            };
+            entries.push(ServiceEntry { key, policy, stats });
+        }
+        Ok(entries)
+    }
+
+    /// Take every held packet out of the kernel, oldest first. The ring is
+    /// shared by all CPUs' writers; records from different CPUs can land
+    /// out of order, so they are sorted by arrival time.
+    pub fn drain_held(&mut self) -> Vec<HeldPacketOwned> {
+        let mut packets = Vec::new();
+        while let Some(item) = self.held.next() {
+            if item.len() < size_of::<HeldPacket>() {
+                continue; // not a record of ours
+            }
+            // SAFETY: the kernel wrote a whole HeldPacket (repr(C), any bit
+            // pattern valid); read_unaligned copes with the ring's alignment.
+            let record: HeldPacket = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let len = (record.len as usize).min(record.data.len());
+            packets.push(HeldPacketOwned {
+                timestamp_ns: record.timestamp_ns,
+                key: record.key,
+                frame: record.data[..len].to_vec(),
+            });
+        }
+        packets.sort_by_key(|packet| packet.timestamp_ns);
+        packets
+    }
+}
+
+/// A held packet in userspace: its flow, arrival time and original bytes
+/// (the whole Ethernet frame).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldPacketOwned {
+    pub timestamp_ns: u64,
+    pub key: FlowKey,
+    pub frame: Vec<u8>,
+}
