@@ -1,8 +1,18 @@
 //! The `migrator` command line: a thin front end over the library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use migrator::{
+    dataplane::{
+        self, AttachMode, Dataplane, FlowTable,
+        spec::{FlowSpec, ServiceSpec, parse_duration},
+        status::Snapshot,
+    },
+    system,
+};
+use migrator_common::FlowPolicy;
 
 /// Move a running Linux process with live TCP connections to another host.
 ///
@@ -36,6 +46,80 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Attach the data plane (ingress and egress) to an interface.
+    ///
+    /// The programs stay attached after this command exits (TCX links
+    /// pinned under /sys/fs/bpf/migrator/netns-<inode>/); every migrator
+    /// command in this network namespace shares their flow table.
+    Attach {
+        #[command(flatten)]
+        iface: IfaceArg,
+        /// tcx (kernel >= 6.6), clsact (any kernel), or auto.
+        #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+        mode: AttachMode,
+    },
+    /// Detach the data plane from an interface; with no interface left,
+    /// the pinned maps are removed too.
+    Detach {
+        #[command(flatten)]
+        iface: IfaceArg,
+    },
+    /// Lock flows and service IPs: their packets are dropped both ways
+    /// (or, with --hold, incoming ones are kept for later delivery).
+    ///
+    /// Attaches to the interface if needed and returns at once; the lock
+    /// stays until `release` or until the deadline passes, after which the
+    /// kernel lets traffic through again on its own (fail-open), even if
+    /// no migrator process is left.
+    Freeze {
+        #[command(flatten)]
+        iface: IfaceArg,
+        #[command(flatten)]
+        targets: Targets,
+        /// Keep incoming packets of the locked flows for later delivery
+        /// instead of only dropping them.
+        #[arg(long)]
+        hold: bool,
+        /// Fail-open deadline: after this the lock lifts by itself.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        deadline: Duration,
+    },
+    /// Lift the lock from flows, service IPs, or everything. Flows go back
+    /// to being observed (counters kept); service rules are removed.
+    Release {
+        #[command(flatten)]
+        iface: IfaceArg,
+        #[command(flatten)]
+        targets: Targets,
+        /// Release every flow and service rule.
+        #[arg(long, conflicts_with_all = ["flows", "services"])]
+        all: bool,
+    },
+    /// Show tracked flows and service rules with their counters.
+    Status {
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct IfaceArg {
+    /// Network interface (in this network namespace).
+    #[arg(long = "iface", value_name = "IF")]
+    name: String,
+}
+
+#[derive(Args)]
+struct Targets {
+    /// A TCP connection: LOCAL_IP:PORT=REMOTE_IP:PORT, IPv6 as
+    /// [2001:db8::2]:5000=[2001:db8::1]:7000. Repeatable.
+    #[arg(long = "flow", value_name = "LOCAL=REMOTE")]
+    flows: Vec<FlowSpec>,
+    /// All TCP to/from a local IP, or only one port: IP, IP:PORT,
+    /// [IPv6]:PORT. Catches new connections too. Repeatable.
+    #[arg(long = "ip", value_name = "IP[:PORT]")]
+    services: Vec<ServiceSpec>,
 }
 
 fn main() -> ExitCode {
@@ -56,7 +140,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Data plane commands change kernel state: refuse early and clearly
+/// without the privileges, before anything is touched.
+fn require_privileges() -> anyhow::Result<()> {
+    let caps = system::effective_capabilities().context("reading this process's capabilities")?;
+    let needed = [
+        system::CAP_BPF,
+        system::CAP_NET_ADMIN,
+        system::CAP_SYS_ADMIN,
+    ];
+    if !needed.iter().all(|cap| system::has_capability(caps, *cap)) {
+        bail!("this command needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run it as root");
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let root = dataplane::default_pin_root();
     match cli.command {
         Command::Doctor { criu, json } => {
             let report = migrator::doctor::run(criu.as_deref());
@@ -65,11 +165,126 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", report.render());
             }
-            Ok(if report.ok {
+            return Ok(if report.ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
-            })
+            });
+        }
+        Command::Attach { iface, mode } => {
+            require_privileges()?;
+            let mut dp = Dataplane::load_pinned(&root)?;
+            let (how, new) = dp.attach(&iface.name, mode)?;
+            if new {
+                eprintln!("attached to {} ({how:?})", iface.name);
+            } else {
+                eprintln!("{} was already attached ({how:?})", iface.name);
+            }
+        }
+        Command::Detach { iface } => {
+            require_privileges()?;
+            if dataplane::detach(&root, &iface.name)? {
+                eprintln!("detached from {}", iface.name);
+            } else {
+                bail!(
+                    "{} is not attached in this network namespace (see `migrator status`)",
+                    iface.name
+                );
+            }
+        }
+        Command::Freeze {
+            iface,
+            targets,
+            hold,
+            deadline,
+        } => {
+            require_privileges()?;
+            if targets.flows.is_empty() && targets.services.is_empty() {
+                bail!("nothing to freeze: give --flow LOCAL=REMOTE and/or --ip IP[:PORT]");
+            }
+            let mut dp = Dataplane::load_pinned(&root)?;
+            let (_, new) = dp.attach(&iface.name, AttachMode::Auto)?;
+            if new {
+                eprintln!("attached to {}", iface.name);
+            }
+            let mut table = FlowTable::open_pinned(&root.join("maps"))?;
+            let deadline_ns = system::boottime_ns() + deadline.as_nanos() as u64;
+            let policy = if hold {
+                FlowPolicy::hold(deadline_ns)
+            } else {
+                FlowPolicy::freeze(deadline_ns)
+            };
+            let keys: Vec<_> = targets.flows.iter().map(FlowSpec::key).collect();
+            table.set_flows(&keys, policy)?;
+            for service in &targets.services {
+                table.set_service(service.key(), policy)?;
+            }
+            eprintln!(
+                "{} {} flow(s) and {} service rule(s); fails open in {:.1}s unless released",
+                if hold { "holding" } else { "froze" },
+                keys.len(),
+                targets.services.len(),
+                deadline.as_secs_f64()
+            );
+        }
+        Command::Release {
+            iface,
+            targets,
+            all,
+        } => {
+            require_privileges()?;
+            if dataplane::attached_interfaces(&root)
+                .iter()
+                .all(|name| *name != iface.name)
+            {
+                bail!(
+                    "{} is not attached in this network namespace (see `migrator status`)",
+                    iface.name
+                );
+            }
+            let mut table = FlowTable::open_pinned(&root.join("maps"))?;
+            if all {
+                let (flows, services) = table.release_all()?;
+                eprintln!("released {flows} flow(s) and {services} service rule(s)");
+            } else {
+                if targets.flows.is_empty() && targets.services.is_empty() {
+                    bail!("nothing to release: give --flow, --ip or --all");
+                }
+                let mut unknown = Vec::new();
+                for flow in &targets.flows {
+                    if !table.release_flow(&flow.key())? {
+                        unknown.push(flow.to_string());
+                    }
+                }
+                for service in &targets.services {
+                    if !table.release_service(&service.key())? {
+                        unknown.push(service.to_string());
+                    }
+                }
+                let released = targets.flows.len() + targets.services.len() - unknown.len();
+                eprintln!("released {released}");
+                if !unknown.is_empty() {
+                    bail!("not tracked, nothing done for: {}", unknown.join(", "));
+                }
+            }
+        }
+        Command::Status { json } => {
+            require_privileges()?;
+            let snapshot = match FlowTable::open_pinned(&root.join("maps")) {
+                Ok(table) => Snapshot::read(&root, &table)?,
+                Err(dataplane::DataplaneError::NotAttached { .. }) => Snapshot {
+                    interfaces: Vec::new(),
+                    flows: Vec::new(),
+                    services: Vec::new(),
+                },
+                Err(err) => return Err(err.into()),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", snapshot.render());
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

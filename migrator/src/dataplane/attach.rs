@@ -17,9 +17,10 @@ use aya::programs::{
 use super::{Dataplane, DataplaneError, Direction};
 use crate::system::KernelVersion;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AttachMode {
     /// TCX on kernels >= 6.6, clsact otherwise.
+    #[default]
     Auto,
     /// TCX links (kernel >= 6.6).
     Tcx,
@@ -38,12 +39,18 @@ fn links_dir(root: &Path) -> PathBuf {
     root.join("links")
 }
 
+/// bpffs refuses names with dots; interface names cannot hold ':', so a
+/// VLAN's `eth0.100` is pinned as `eth0:100`.
+fn pin_name(iface: &str) -> String {
+    iface.replace('.', ":")
+}
+
 fn tcx_pin(root: &Path, iface: &str, direction: Direction) -> PathBuf {
-    links_dir(root).join(format!("{iface}.{}", direction.name()))
+    links_dir(root).join(format!("{}@{}", pin_name(iface), direction.name()))
 }
 
 fn clsact_record(root: &Path, iface: &str) -> PathBuf {
-    links_dir(root).join(format!("{iface}.netlink"))
+    links_dir(root).join(format!("{}@netlink", pin_name(iface)))
 }
 
 const fn attach_type(direction: Direction) -> TcAttachType {
@@ -92,8 +99,8 @@ pub fn attached_interfaces(root: &Path) -> Vec<String> {
         .flatten()
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let (iface, kind) = name.rsplit_once('.')?;
-            matches!(kind, "ingress" | "netlink").then(|| iface.to_owned())
+            let (iface, kind) = name.rsplit_once('@')?;
+            matches!(kind, "ingress" | "netlink").then(|| iface.replace(':', "."))
         })
         .collect();
     names.sort();
@@ -113,6 +120,8 @@ impl Dataplane {
             "pinned maps: load with Dataplane::load_pinned",
         ))?;
         if !interface_exists(iface) {
+            // Loading pinned the maps; with nothing attached they go again.
+            undo_partial_attach(&root, iface);
             return Err(DataplaneError::NoSuchInterface(iface.to_owned()));
         }
         if let Some(existing) = attachment(&root, iface) {
@@ -128,13 +137,17 @@ impl Dataplane {
                 .and_then(|(_, version)| version)
                 .is_some_and(|version| version >= KernelVersion::TCX),
         };
-        if use_tcx {
-            self.attach_tcx(&root, iface)?;
-            Ok((Attachment::Tcx, true))
+        let (result, how) = if use_tcx {
+            (self.attach_tcx(&root, iface), Attachment::Tcx)
         } else {
-            self.attach_clsact(&root, iface)?;
-            Ok((Attachment::Clsact, true))
+            (self.attach_clsact(&root, iface), Attachment::Clsact)
+        };
+        if let Err(err) = result {
+            // Leave nothing half-attached behind.
+            undo_partial_attach(&root, iface);
+            return Err(err);
         }
+        Ok((how, true))
     }
 
     fn attach_tcx(&mut self, root: &Path, iface: &str) -> Result<(), DataplaneError> {
@@ -273,6 +286,22 @@ pub fn detach(root: &Path, iface: &str) -> Result<bool, DataplaneError> {
         remove_pins(root)?;
     }
     Ok(detached)
+}
+
+fn undo_partial_attach(root: &Path, iface: &str) {
+    for direction in Direction::BOTH {
+        let pin = tcx_pin(root, iface, direction);
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
+            let _ = link.unpin();
+        }
+    }
+    let record = clsact_record(root, iface);
+    if record.exists() {
+        let _ = detach(root, iface);
+    }
+    if attached_interfaces(root).is_empty() {
+        let _ = remove_pins(root);
+    }
 }
 
 /// Remove the pinned maps and the (then empty) pin directories.

@@ -4,11 +4,12 @@
 //!
 //! Pin layout under the root (default `/sys/fs/bpf/migrator/netns-<inode>`,
 //! one per network namespace so lab "hosts" sharing one bpffs stay apart):
-//! `maps/<NAME>` for every map, `links/<iface>.<direction>` for TCX links,
-//! `links/<iface>.netlink` recording clsact filters on older kernels.
+//! `maps/<NAME>` for every map, `links/<iface>@<direction>` for TCX links,
+//! `links/<iface>@netlink` recording clsact filters on older kernels.
 
 mod attach;
 pub mod spec;
+pub mod status;
 pub mod table;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,446 @@
+//! The lock on a real TCP connection between two network namespaces: the
+//! peer keeps sending while the local side's flow is frozen, then the
+//! flow is released (or the deadline lifts the lock by itself).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use migrator_tests::{
+    migrator_bin,
+    netns::{Netns, veth},
+    require_root,
+};
+use pnet::packet::{
+    Packet as _,
+    ethernet::{EtherTypes, EthernetPacket},
+    ip::IpNextHeaderProtocols,
+    ipv4::Ipv4Packet,
+    ipv6::Ipv6Packet,
+    tcp::TcpPacket,
+};
+
+const CHUNK: usize = 1000;
+const SEND_EVERY: Duration = Duration::from_millis(10);
+
+/// Byte `i` of the stream: a pattern that exposes loss, duplication and
+/// reordering.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+struct Lab {
+    local: Netns,
+    peer: Netns,
+    local_addr: SocketAddr,
+    peer_ip: std::net::IpAddr,
+}
+
+fn lab(tag: &str, v6: bool) -> Lab {
+    let local = Netns::new(&format!("{tag}-l"));
+    let peer = Netns::new(&format!("{tag}-p"));
+    veth(
+        &local,
+        "lv",
+        &["198.18.7.1/24", "2001:db8:7::1/64"],
+        &peer,
+        "pv",
+        &["198.18.7.2/24", "2001:db8:7::2/64"],
+    );
+    let (local_ip, peer_ip) = if v6 {
+        (
+            "2001:db8:7::1".parse().unwrap(),
+            "2001:db8:7::2".parse().unwrap(),
+        )
+    } else {
+        ("198.18.7.1".parse().unwrap(), "198.18.7.2".parse().unwrap())
+    };
+    Lab {
+        local,
+        peer,
+        local_addr: SocketAddr::new(local_ip, 5000),
+        peer_ip,
+    }
+}
+
+fn migrator(ns: &Netns, args: &[&str]) -> String {
+    let out = ns
+        .command(migrator_bin().to_str().unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrator {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn flow_status(ns: &Netns) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&migrator(ns, &["status", "--json"])).unwrap();
+    status["flows"][0].clone()
+}
+
+/// TCP state from TCP_INFO (1 = ESTABLISHED).
+fn tcp_state(stream: &TcpStream) -> u8 {
+    // SAFETY: tcp_info is plain data; the kernel writes at most `len` bytes.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        );
+        assert_eq!(rc, 0);
+        info.tcpi_state
+    }
+}
+
+/// Counts TCP segments sent by `from` that reach the peer's interface,
+/// split into (any, RST), while `counting` is set.
+struct Capture {
+    seen: Arc<AtomicU64>,
+    resets: Arc<AtomicU64>,
+    counting: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start(peer: &Netns, ifname: &'static str, from: SocketAddr) -> Self {
+        let (seen, resets) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (counting, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (s, r, c, st) = (seen.clone(), resets.clone(), counting.clone(), stop.clone());
+        let path = peer.path();
+        let thread = thread::spawn(move || {
+            let file = std::fs::File::open(path).unwrap();
+            // SAFETY: plain socket syscalls on fds we own; buffers are sized.
+            unsafe {
+                assert_eq!(libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET), 0);
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                );
+                assert!(fd >= 0);
+                let name = std::ffi::CString::new(ifname).unwrap();
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                assert_eq!(
+                    libc::bind(
+                        fd,
+                        (&raw const addr).cast(),
+                        size_of::<libc::sockaddr_ll>() as u32
+                    ),
+                    0
+                );
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
+                let mut buf = vec![0u8; 65_536];
+                while !st.load(Ordering::Relaxed) {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n <= 0 || !c.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    if let Some(rst) = segment_from(&buf[..n as usize], from) {
+                        s.fetch_add(1, Ordering::Relaxed);
+                        if rst {
+                            r.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                libc::close(fd);
+            }
+        });
+        Self {
+            seen,
+            resets,
+            counting,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Some(is_rst) if the frame is a TCP segment from `from`.
+fn segment_from(frame: &[u8], from: SocketAddr) -> Option<bool> {
+    let eth = EthernetPacket::new(frame)?;
+    let (src, tcp_bytes) = match eth.get_ethertype() {
+        EtherTypes::Ipv4 => {
+            let ip = Ipv4Packet::new(eth.payload())?;
+            (ip.get_next_level_protocol() == IpNextHeaderProtocols::Tcp)
+                .then(|| (std::net::IpAddr::V4(ip.get_source()), ip.payload().to_vec()))?
+        }
+        EtherTypes::Ipv6 => {
+            let ip = Ipv6Packet::new(eth.payload())?;
+            (ip.get_next_header() == IpNextHeaderProtocols::Tcp)
+                .then(|| (std::net::IpAddr::V6(ip.get_source()), ip.payload().to_vec()))?
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new(&tcp_bytes)?;
+    (src == from.ip() && tcp.get_source() == from.port()).then(|| tcp.get_flags() & 0x04 != 0)
+}
+
+/// A connection where the peer pushes a chunk every 10 ms and the local
+/// side checks every byte.
+struct Stream {
+    local: TcpStream,
+    peer: TcpStream,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    sender: Option<thread::JoinHandle<()>>,
+    receiver: Option<thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl Stream {
+    fn open(lab: &Lab) -> Self {
+        let bind = lab.local_addr;
+        let listener = lab.local.run(move || TcpListener::bind(bind).unwrap());
+        let target = lab.local_addr;
+        let peer = lab.peer.run(move || TcpStream::connect(target).unwrap());
+        let (local, _) = listener.accept().unwrap();
+        let (stop, sent, received) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let mut writer = peer.try_clone().unwrap();
+        let (stop_w, sent_w) = (stop.clone(), sent.clone());
+        let sender = thread::spawn(move || {
+            let mut offset = 0u64;
+            while !stop_w.load(Ordering::Relaxed) {
+                let chunk: Vec<u8> = (offset..offset + CHUNK as u64).map(pattern).collect();
+                writer.write_all(&chunk).unwrap();
+                offset += CHUNK as u64;
+                sent_w.store(offset, Ordering::Relaxed);
+                thread::sleep(SEND_EVERY);
+            }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut reader = local.try_clone().unwrap();
+        let received_r = received.clone();
+        let receiver = thread::spawn(move || {
+            let mut offset = 0u64;
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(|e| format!("read after {offset} bytes: {e}"))?;
+                if n == 0 {
+                    return Ok(offset);
+                }
+                for (i, byte) in buf[..n].iter().enumerate() {
+                    let at = offset + i as u64;
+                    if *byte != pattern(at) {
+                        return Err(format!("byte {at} is {byte}, expected {}", pattern(at)));
+                    }
+                }
+                offset += n as u64;
+                received_r.store(offset, Ordering::Relaxed);
+            }
+        });
+        Self {
+            local,
+            peer,
+            stop,
+            sent,
+            received,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        }
+    }
+
+    /// Stop the peer, wait for the local side to read to EOF; returns
+    /// (bytes sent, bytes received in order).
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sender.take().unwrap().join().unwrap();
+        let received = self
+            .receiver
+            .take()
+            .unwrap()
+            .join()
+            .unwrap()
+            .expect("stream intact");
+        (self.sent.load(Ordering::Relaxed), received)
+    }
+}
+
+fn freeze_release_keeps_the_connection(tag: &str, v6: bool) {
+    require_root();
+    let lab = lab(tag, v6);
+    let stream = Stream::open(&lab);
+    let peer_addr = stream.peer.local_addr().unwrap();
+    assert_eq!(peer_addr.ip(), lab.peer_ip);
+    let flow = format!("{}={}", lab.local_addr, peer_addr);
+    let capture = Capture::start(&lab.peer, "pv", lab.local_addr);
+    thread::sleep(Duration::from_millis(300));
+
+    migrator(
+        &lab.local,
+        &[
+            "freeze",
+            "--iface",
+            "lv",
+            "--flow",
+            &flow,
+            "--deadline",
+            "30s",
+        ],
+    );
+    capture.counting.store(true, Ordering::Relaxed);
+    let frozen_at = Instant::now();
+    let received_at_freeze = stream.received.load(Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(2_500));
+    capture.counting.store(false, Ordering::Relaxed);
+
+    let during = flow_status(&lab.local);
+    assert_eq!(during["mode"], "freeze");
+    let retransmits = during["counters"]["peer_retransmits"].as_u64().unwrap();
+    // RTO backoff from 200 ms: resends near 0.2, 0.6, 1.4 s into the freeze.
+    assert!(
+        retransmits >= 3,
+        "peer retransmits after 2.5 s frozen: {during}"
+    );
+    assert!(during["counters"]["dropped"].as_u64().unwrap() > retransmits);
+    assert_eq!(
+        capture.seen.load(Ordering::Relaxed),
+        0,
+        "segments (ACKs) from the frozen side reached the peer"
+    );
+    assert_eq!(capture.resets.load(Ordering::Relaxed), 0);
+    // Little or nothing arrived while frozen (at most what was in flight).
+    assert!(stream.received.load(Ordering::Relaxed) - received_at_freeze <= 64 * 1024);
+    assert_eq!(tcp_state(&stream.local), 1, "local side left ESTABLISHED");
+    assert_eq!(tcp_state(&stream.peer), 1, "peer side left ESTABLISHED");
+
+    migrator(&lab.local, &["release", "--iface", "lv", "--flow", &flow]);
+    let dropped_at_release = flow_status(&lab.local)["counters"]["dropped"]
+        .as_u64()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1_500));
+    let after = flow_status(&lab.local);
+    assert_eq!(after["mode"], "observe");
+    assert_eq!(
+        after["counters"]["dropped"].as_u64().unwrap(),
+        dropped_at_release
+    );
+    let (sent, received) = stream.finish();
+    assert_eq!(received, sent, "every byte delivered once, in order");
+    assert!(sent > 0 && frozen_at.elapsed() > Duration::from_secs(3));
+
+    migrator(&lab.local, &["detach", "--iface", "lv"]);
+    assert!(!lab.local.pin_root().exists(), "detach left pins behind");
+}
+
+#[test]
+fn freeze_and_release_ipv4() {
+    freeze_release_keeps_the_connection("f4", false);
+}
+
+#[test]
+fn freeze_and_release_ipv6() {
+    freeze_release_keeps_the_connection("f6", true);
+}
+
+#[test]
+fn lock_fails_open_at_its_deadline_without_userspace() {
+    require_root();
+    let lab = lab("dl", false);
+    let stream = Stream::open(&lab);
+    let flow = format!("{}={}", lab.local_addr, stream.peer.local_addr().unwrap());
+    thread::sleep(Duration::from_millis(200));
+    // The freeze command exits at once: from here on no migrator process
+    // exists, exactly as if it had been killed mid-migration.
+    migrator(
+        &lab.local,
+        &[
+            "freeze",
+            "--iface",
+            "lv",
+            "--flow",
+            &flow,
+            "--deadline",
+            "1s",
+        ],
+    );
+    thread::sleep(Duration::from_millis(500));
+    let before_deadline = stream.received.load(Ordering::Relaxed);
+    // Past the deadline plus the peer's next backed-off retransmit.
+    thread::sleep(Duration::from_millis(3_000));
+    let status = flow_status(&lab.local);
+    assert_eq!(status["mode"], "freeze");
+    assert_eq!(status["effective_mode"], "observe");
+    assert!(
+        stream.received.load(Ordering::Relaxed) > before_deadline + 10 * CHUNK as u64,
+        "traffic did not resume after the deadline"
+    );
+    let (sent, received) = stream.finish();
+    assert_eq!(received, sent);
+}
+
+#[test]
+fn bad_input_changes_nothing() {
+    require_root();
+    let lab = lab("bad", false);
+    let run = |args: &[&str]| lab.local.output(migrator_bin().to_str().unwrap(), args);
+    let out = run(&[
+        "freeze",
+        "--iface",
+        "nope0",
+        "--flow",
+        "198.18.7.1:5000=198.18.7.2:6000",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interface `nope0` does not exist"));
+    let out = run(&["freeze", "--iface", "lv", "--flow", "198.18.7.1:5000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected LOCAL_IP:PORT=REMOTE_IP:PORT"));
+    assert!(
+        !lab.local.pin_root().exists(),
+        "a refused command left pins behind"
+    );
+    let out = run(&["release", "--iface", "lv", "--all"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not attached"));
+}
