@@ -36,6 +36,18 @@ enum Task {
         /// Only tests whose name contains this (nextest filter).
         filter: Option<String>,
     },
+    /// Set up, build in release mode and print benchmark figures (each
+    /// next to a baseline measured in the same run). Not a test.
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// Classifier cost per packet, and time to freeze 10,000 flows.
+    Dataplane,
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +79,21 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             build(&root)?;
             test(&root, filter.as_deref())
+        }
+        Task::Bench { which } => {
+            setup::run()?;
+            let bin = match which {
+                Bench::Dataplane => "bench-dataplane",
+            };
+            cmd::section(bin);
+            cmd::run(cmd::cargo(&root).args([
+                "run",
+                "--release",
+                "--package",
+                "migrator-tests",
+                "--bin",
+                bin,
+            ]))
         }
     }
 }
