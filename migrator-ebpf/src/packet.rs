@@ -47,27 +47,26 @@ impl TcpSegment {
     pub fn parse(ctx: &TcContext, direction: Direction) -> Result<Option<Self>, ()> {
         let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
         let wire_len = ctx.len();
+        // Whole fixed headers in one helper call each: the loads dominate
+        // the cost of the untracked path.
         let (src, dst, family, l4, ip_payload_end) = match ethertype {
             ETH_P_IP => {
-                let ver_ihl: u8 = ctx.load(ETH_HLEN).map_err(|_| ())?;
-                let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-                if ver_ihl >> 4 != 4 || ihl < 20 {
+                let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+                let ihl = ((ip[0] & 0x0f) as usize) * 4;
+                if ip[0] >> 4 != 4 || ihl < 20 {
                     return Ok(None);
                 }
-                let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).map_err(|_| ())?);
-                if frag & 0x1fff != 0 {
+                if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
                     return Ok(None); // later fragment: no TCP header
                 }
-                if ctx.load::<u8>(ETH_HLEN + 9).map_err(|_| ())? != IPPROTO_TCP {
+                if ip[9] != IPPROTO_TCP {
                     return Ok(None);
                 }
-                let total = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2).map_err(|_| ())?) as u32;
-                let src: [u8; 4] = ctx.load(ETH_HLEN + 12).map_err(|_| ())?;
-                let dst: [u8; 4] = ctx.load(ETH_HLEN + 16).map_err(|_| ())?;
+                let total = u16::from_be_bytes([ip[2], ip[3]]) as u32;
                 let mut s = [0u8; 16];
                 let mut d = [0u8; 16];
-                s[..4].copy_from_slice(&src);
-                d[..4].copy_from_slice(&dst);
+                s[..4].copy_from_slice(&ip[12..16]);
+                d[..4].copy_from_slice(&ip[16..20]);
                 // tot_len 0 is BIG TCP: fall back to the skb length.
                 let end = if total == 0 {
                     wire_len
@@ -77,28 +76,32 @@ impl TcpSegment {
                 (s, d, FAMILY_IPV4, ETH_HLEN + ihl, end)
             }
             ETH_P_IPV6 => {
-                if ctx.load::<u8>(ETH_HLEN + 6).map_err(|_| ())? != IPPROTO_TCP {
+                let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+                if ip[6] != IPPROTO_TCP {
                     return Ok(None); // extension headers and non-TCP pass
                 }
-                let payload = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).map_err(|_| ())?) as u32;
-                let src: [u8; 16] = ctx.load(ETH_HLEN + 8).map_err(|_| ())?;
-                let dst: [u8; 16] = ctx.load(ETH_HLEN + 24).map_err(|_| ())?;
+                let payload = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+                let mut s = [0u8; 16];
+                let mut d = [0u8; 16];
+                s.copy_from_slice(&ip[8..24]);
+                d.copy_from_slice(&ip[24..40]);
                 let end = if payload == 0 {
                     wire_len
                 } else {
                     (ETH_HLEN + IPV6_HLEN) as u32 + payload
                 };
-                (src, dst, FAMILY_IPV6, ETH_HLEN + IPV6_HLEN, end)
+                (s, d, FAMILY_IPV6, ETH_HLEN + IPV6_HLEN, end)
             }
             _ => return Ok(None),
         };
 
-        let sport = u16::from_be(ctx.load::<u16>(l4).map_err(|_| ())?);
-        let dport = u16::from_be(ctx.load::<u16>(l4 + 2).map_err(|_| ())?);
-        let seq = u32::from_be(ctx.load::<u32>(l4 + 4).map_err(|_| ())?);
-        let doff = ((ctx.load::<u8>(l4 + 12).map_err(|_| ())? >> 4) as u32) * 4;
-        let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
-        let window = u16::from_be(ctx.load::<u16>(l4 + 14).map_err(|_| ())?);
+        let tcp: [u8; 16] = ctx.load(l4).map_err(|_| ())?;
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let doff = ((tcp[12] >> 4) as u32) * 4;
+        let flags = tcp[13];
+        let window = u16::from_be_bytes([tcp[14], tcp[15]]);
         // Ethernet padding of tiny frames is still in the skb at TC ingress,
         // so the IP length, not the skb length, bounds the payload.
         let end = if ip_payload_end < wire_len {
