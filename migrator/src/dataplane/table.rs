@@ -84,19 +84,7 @@ impl FlowTable {
     /// Track `key` with `policy`. Counters start at zero for a new flow and
     /// are kept for a flow already tracked (a freeze after observing).
     pub fn set_flow(&mut self, key: FlowKey, policy: FlowPolicy) -> Result<(), DataplaneError> {
-        match self.stats.get(&key, 0) {
-            Ok(_) => {}
-            Err(MapError::KeyNotFound) => self
-                .stats
-                .insert(key, FlowStats::default(), 0)
-                .map_err(map_error(STATS_MAP))?,
-            Err(source) => {
-                return Err(DataplaneError::Map {
-                    name: STATS_MAP,
-                    source,
-                });
-            }
-        }
+        ensure_counters(&mut self.stats, key, STATS_MAP)?;
         self.flows
             .insert(key, policy, 0)
             .map_err(map_error(FLOWS_MAP))
@@ -151,19 +139,7 @@ impl FlowTable {
         key: ServiceKey,
         policy: FlowPolicy,
     ) -> Result<(), DataplaneError> {
-        match self.service_stats.get(&key, 0) {
-            Ok(_) => {}
-            Err(MapError::KeyNotFound) => self
-                .service_stats
-                .insert(key, FlowStats::default(), 0)
-                .map_err(map_error(SERVICE_STATS_MAP))?,
-            Err(source) => {
-                return Err(DataplaneError::Map {
-                    name: SERVICE_STATS_MAP,
-                    source,
-                });
-            }
-        }
+        ensure_counters(&mut self.service_stats, key, SERVICE_STATS_MAP)?;
         self.services
             .insert(key, policy, 0)
             .map_err(map_error(SERVICES_MAP))
@@ -274,6 +250,22 @@ impl FlowTable {
         }
         packets.sort_by_key(|packet| packet.timestamp_ns);
         packets
+    }
+}
+
+/// Create a zeroed counter entry for `key` unless one exists (counters of
+/// an entry already tracked are kept).
+fn ensure_counters<K: aya::Pod>(
+    stats: &mut HashMap<MapData, K, FlowStats>,
+    key: K,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    match stats.get(&key, 0) {
+        Ok(_) => Ok(()),
+        Err(MapError::KeyNotFound) => stats
+            .insert(key, FlowStats::default(), 0)
+            .map_err(map_error(name)),
+        Err(source) => Err(DataplaneError::Map { name, source }),
     }
 }
 
