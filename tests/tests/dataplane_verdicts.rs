@@ -361,3 +361,43 @@ fn releasing_a_flow_returns_it_to_observe_with_counters_kept() {
     let unknown = FlowKey::v4(LOCAL.octets(), 1, PEER.octets(), 2);
     assert!(!table.release_flow(&unknown).unwrap());
 }
+
+#[test]
+fn ipv4_options_shift_the_tcp_header_and_are_parsed() {
+    let (mut dp, mut table) = loaded();
+    table.set_flow(local_key(), FlowPolicy::freeze(0)).unwrap();
+    let mut frame = from_peer().seq(7000).payload(100).frame();
+    // Four NOP option bytes after the 20-byte IPv4 header: IHL 5 -> 6.
+    frame.splice(34..34, [1u8, 1, 1, 1]);
+    frame[14] = 0x46;
+    let total = u16::from_be_bytes([frame[16], frame[17]]) + 4;
+    frame[16..18].copy_from_slice(&total.to_be_bytes());
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &frame), DROP);
+    verdict(&mut dp, Direction::Ingress, &frame);
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    // The TCP header was found behind the options: seq 7000 + 100 bytes.
+    assert_eq!(stats.peer_seq_end, 7100);
+    assert_eq!(stats.peer_retransmits, 1);
+}
+
+#[test]
+fn ipv6_extension_headers_pass_untouched() {
+    let (mut dp, mut table) = loaded();
+    let local: Ipv6Addr = "2001:db8::10".parse().unwrap();
+    let peer: Ipv6Addr = "2001:db8::20".parse().unwrap();
+    table
+        .set_flow(
+            FlowKey::v6(local.octets(), LOCAL_PORT, peer.octets(), PEER_PORT),
+            FlowPolicy::freeze(0),
+        )
+        .unwrap();
+    let mut frame =
+        Segment::new(IpAddr::V6(peer), PEER_PORT, IpAddr::V6(local), LOCAL_PORT).frame();
+    // A hop-by-hop header (next header 0) in front of TCP: not parsed, so
+    // the packet is not ours and passes.
+    frame[14 + 6] = 0;
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &frame), NO_OPINION);
+}

@@ -306,9 +306,13 @@ impl Stream {
     }
 }
 
-fn freeze_release_keeps_the_connection(tag: &str, v6: bool) {
+fn freeze_release_keeps_the_connection(tag: &str, v6: bool, attach_mode: &str) {
     require_root();
     let lab = lab(tag, v6);
+    migrator(
+        &lab.local,
+        &["attach", "--iface", "lv", "--mode", attach_mode],
+    );
     let stream = Stream::open(&lab);
     let peer_addr = stream.peer.local_addr().unwrap();
     assert_eq!(peer_addr.ip(), lab.peer_ip);
@@ -371,16 +375,29 @@ fn freeze_release_keeps_the_connection(tag: &str, v6: bool) {
 
     migrator(&lab.local, &["detach", "--iface", "lv"]);
     assert!(!lab.local.pin_root().exists(), "detach left pins behind");
+    let filters = lab
+        .local
+        .output("tc", &["filter", "show", "dev", "lv", "ingress"]);
+    assert!(
+        !String::from_utf8_lossy(&filters.stdout).contains("migrator"),
+        "detach left a TC filter behind"
+    );
 }
 
 #[test]
 fn freeze_and_release_ipv4() {
-    freeze_release_keeps_the_connection("f4", false);
+    freeze_release_keeps_the_connection("f4", false, "auto");
+}
+
+/// The fallback for kernels without TCX, forced on this one.
+#[test]
+fn freeze_and_release_ipv4_with_clsact_filters() {
+    freeze_release_keeps_the_connection("fc", false, "clsact");
 }
 
 #[test]
 fn freeze_and_release_ipv6() {
-    freeze_release_keeps_the_connection("f6", true);
+    freeze_release_keeps_the_connection("f6", true, "auto");
 }
 
 #[test]

@@ -198,7 +198,10 @@ impl Dataplane {
                 });
             }
         }
-        let mut record = String::new();
+        // bpffs holds no regular files: each filter is recorded as an empty
+        // directory `<direction>-<priority>-<handle>`, written before the
+        // link is let go so a failure half-way can still be undone.
+        let record = clsact_record(root, iface);
         for direction in Direction::BOTH {
             let program: &mut SchedClassifier = self.classifier(direction)?;
             let err = |source| DataplaneError::Attach {
@@ -216,13 +219,13 @@ impl Dataplane {
             let link: SchedClassifierLink = program.take_link(id).map_err(err)?;
             let priority = link.priority().map_err(err)?;
             let handle = u32::from(link.handle().map_err(err)?);
-            record.push_str(&format!("{} {priority} {handle}\n", direction.name()));
+            let entry = record.join(format!("{}-{priority}-{handle}", direction.name()));
+            fs::create_dir_all(&entry).map_err(io("recording the filter at", &entry))?;
             // The filter must outlive this process: dropping the link would
             // remove it. `detach` rebuilds it from the record.
             std::mem::forget(link);
         }
-        let path = clsact_record(root, iface);
-        fs::write(&path, record).map_err(io("writing", &path))
+        Ok(())
     }
 }
 
@@ -250,9 +253,10 @@ pub fn detach(root: &Path, iface: &str) -> Result<bool, DataplaneError> {
         }
         Some(Attachment::Clsact) => {
             let path = clsact_record(root, iface);
-            let record = fs::read_to_string(&path).map_err(io("reading", &path))?;
-            for line in record.lines() {
-                let mut words = line.split_whitespace();
+            let entries = fs::read_dir(&path).map_err(io("reading", &path))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let mut words = name.split('-');
                 let (Some(direction), Some(priority), Some(handle)) =
                     (words.next(), words.next(), words.next())
                 else {
@@ -277,8 +281,10 @@ pub fn detach(root: &Path, iface: &str) -> Result<bool, DataplaneError> {
                 ) {
                     drop(link); // dropping an NlLink removes the filter
                 }
+                let entry = entry.path();
+                fs::remove_dir(&entry).map_err(io("removing", &entry))?;
             }
-            fs::remove_file(&path).map_err(io("removing", &path))?;
+            fs::remove_dir(&path).map_err(io("removing", &path))?;
             true
         }
     };
