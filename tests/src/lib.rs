@@ -23,12 +23,16 @@ pub fn require_root() {
 /// before the tests run).
 pub fn migrator_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/migrator
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("test executable lives in target/<profile>/deps")
-        .join("migrator");
+    // Tests live in target/<profile>/deps/, bench binaries beside migrator
+    // in target/<profile>/.
+    let dir = exe.parent().expect("executable has a directory");
+    let bin = [
+        dir.join("migrator"),
+        dir.parent().unwrap_or(dir).join("migrator"),
+    ]
+    .into_iter()
+    .find(|candidate| candidate.exists())
+    .unwrap_or_else(|| dir.join("migrator"));
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build`, or run the tests via `cargo xtask test`)",

@@ -1,0 +1,92 @@
+//! Part of `cargo xtask bench dataplane`: TCP throughput over a veth pair
+//! without and with the data plane attached to the receiver's interface
+//! (the bulk flow untracked, the common case), as a ratio measured in one
+//! run. Figures, not a test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use migrator_tests::{
+    migrator_bin,
+    netns::{Netns, veth},
+    require_root,
+};
+
+const SECONDS: f64 = 3.0;
+const ROUNDS: usize = 3;
+
+/// Gbit/s of one bulk TCP transfer from `b` to `a`.
+fn transfer(a: &Netns, b: &Netns) -> f64 {
+    let listener = a.run(|| TcpListener::bind("198.18.8.1:5201").unwrap());
+    let reader = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = conn.read(&mut buf).unwrap();
+            if n == 0 {
+                return total;
+            }
+            total += n as u64;
+        }
+    });
+    let mut sender = b.run(|| TcpStream::connect("198.18.8.1:5201").unwrap());
+    let chunk = vec![0x5au8; 1 << 20];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs_f64(SECONDS) {
+        sender.write_all(&chunk).unwrap();
+    }
+    drop(sender);
+    let bytes = reader.join().unwrap();
+    bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn migrator(ns: &Netns, args: &[&str]) {
+    let out = ns.output(migrator_bin().to_str().unwrap(), args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn main() {
+    require_root();
+    let a = Netns::new("bt-a");
+    let b = Netns::new("bt-b");
+    veth(&a, "ta", &["198.18.8.1/24"], &b, "tb", &["198.18.8.2/24"]);
+    let mut plain = Vec::new();
+    let mut attached = Vec::new();
+    // Alternate, so drift on a noisy machine hits both sides alike.
+    for _ in 0..ROUNDS {
+        plain.push(transfer(&a, &b));
+        migrator(&a, &["attach", "--iface", "ta"]);
+        migrator(
+            &a,
+            &[
+                "freeze",
+                "--iface",
+                "ta",
+                "--flow",
+                "198.18.8.1:9=198.18.8.2:9",
+                "--deadline",
+                "1ms",
+            ],
+        );
+        attached.push(transfer(&a, &b));
+        migrator(&a, &["detach", "--iface", "ta"]);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, w) = (median(&mut plain), median(&mut attached));
+    println!("TCP throughput over veth, {ROUNDS} rounds of {SECONDS} s, median");
+    println!("  without data plane  {p:6.2} Gbit/s");
+    println!("  with data plane     {w:6.2} Gbit/s");
+    println!("  ratio               {:6.3}   target >= 0.95", w / p);
+}
