@@ -83,18 +83,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Task::Bench { which } => {
             setup::run()?;
-            let bin = match which {
-                Bench::Dataplane => "bench-dataplane",
+            // The throughput bench drives the `migrator` binary.
+            cmd::run(cmd::cargo(&root).args(["build", "--release", "--package", "migrator"]))?;
+            let bins: &[&str] = match which {
+                Bench::Dataplane => &["bench-dataplane", "bench-throughput"],
             };
-            cmd::section(bin);
-            cmd::run(cmd::cargo(&root).args([
-                "run",
-                "--release",
-                "--package",
-                "migrator-tests",
-                "--bin",
-                bin,
-            ]))
+            for bin in bins {
+                cmd::section(bin);
+                cmd::run(cmd::cargo(&root).args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "migrator-tests",
+                    "--bin",
+                    bin,
+                ]))?;
+            }
+            Ok(())
         }
     }
 }
