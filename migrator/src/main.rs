@@ -207,7 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if new {
                 eprintln!("attached to {}", iface.name);
             }
-            let mut table = FlowTable::open_pinned(&root.join("maps"))?;
+            let mut table = FlowTable::open_pinned(&root)?;
             let deadline_ns = system::boottime_ns() + deadline.as_nanos() as u64;
             let policy = if hold {
                 FlowPolicy::hold(deadline_ns)
@@ -242,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     iface.name
                 );
             }
-            let mut table = FlowTable::open_pinned(&root.join("maps"))?;
+            let mut table = FlowTable::open_pinned(&root)?;
             if all {
                 let (flows, services) = table.release_all()?;
                 eprintln!("released {flows} flow(s) and {services} service rule(s)");
@@ -270,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => {
             require_privileges()?;
-            let snapshot = match FlowTable::open_pinned(&root.join("maps")) {
+            let snapshot = match FlowTable::open_pinned(&root) {
                 Ok(table) => Snapshot::read(&root, &table)?,
                 Err(dataplane::DataplaneError::NotAttached { .. }) => Snapshot {
                     interfaces: Vec::new(),

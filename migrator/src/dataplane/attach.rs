@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType,
+    LinkOrder, TcAttachType,
     links::{FdLink, PinnedLink},
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
@@ -121,7 +121,7 @@ impl Dataplane {
         ))?;
         if !interface_exists(iface) {
             // Loading pinned the maps; with nothing attached they go again.
-            undo_partial_attach(&root, iface);
+            let _ = detach(&root, iface);
             return Err(DataplaneError::NoSuchInterface(iface.to_owned()));
         }
         if let Some(existing) = attachment(&root, iface) {
@@ -143,29 +143,41 @@ impl Dataplane {
             (self.attach_clsact(&root, iface), Attachment::Clsact)
         };
         if let Err(err) = result {
-            // Leave nothing half-attached behind.
-            undo_partial_attach(&root, iface);
+            // Leave nothing half-attached behind; the attach error is the
+            // one worth reporting.
+            let _ = detach(&root, iface);
             return Err(err);
         }
         Ok((how, true))
     }
 
+    /// Attach one classifier and take ownership of its link (dropping the
+    /// link would detach it).
+    fn attach_direction(
+        &mut self,
+        iface: &str,
+        direction: Direction,
+        options: TcAttachOptions,
+    ) -> Result<SchedClassifierLink, DataplaneError> {
+        let err = |source| DataplaneError::Attach {
+            iface: iface.to_owned(),
+            direction: direction.name(),
+            source,
+        };
+        let program = self.classifier(direction)?;
+        let id = program
+            .attach_with_options(iface, attach_type(direction), options)
+            .map_err(err)?;
+        program.take_link(id).map_err(err)
+    }
+
     fn attach_tcx(&mut self, root: &Path, iface: &str) -> Result<(), DataplaneError> {
         for direction in Direction::BOTH {
-            let program = self.classifier(direction)?;
-            let err = |source| DataplaneError::Attach {
-                iface: iface.to_owned(),
-                direction: direction.name(),
-                source,
-            };
-            let id = program
-                .attach_with_options(
-                    iface,
-                    attach_type(direction),
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(err)?;
-            let link = program.take_link(id).map_err(err)?;
+            let link = self.attach_direction(
+                iface,
+                direction,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )?;
             let fd_link: FdLink =
                 link.try_into()
                     .map_err(
@@ -203,20 +215,16 @@ impl Dataplane {
         // link is let go so a failure half-way can still be undone.
         let record = clsact_record(root, iface);
         for direction in Direction::BOTH {
-            let program: &mut SchedClassifier = self.classifier(direction)?;
+            let link = self.attach_direction(
+                iface,
+                direction,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )?;
             let err = |source| DataplaneError::Attach {
                 iface: iface.to_owned(),
                 direction: direction.name(),
                 source,
             };
-            let id = program
-                .attach_with_options(
-                    iface,
-                    attach_type(direction),
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(err)?;
-            let link: SchedClassifierLink = program.take_link(id).map_err(err)?;
             let priority = link.priority().map_err(err)?;
             let handle = u32::from(link.handle().map_err(err)?);
             let entry = record.join(format!("{}-{priority}-{handle}", direction.name()));
@@ -229,90 +237,72 @@ impl Dataplane {
     }
 }
 
-/// Detach both classifiers from `iface`. When no interface is left, the
-/// pinned maps and the root go too. Returns false if nothing was attached.
+/// Detach both classifiers from `iface`, whatever part of an attachment
+/// exists (so it also undoes one that failed half-way). When no interface
+/// is left, the pinned maps and the root go too. Returns false if nothing
+/// was attached.
 pub fn detach(root: &Path, iface: &str) -> Result<bool, DataplaneError> {
-    let detached = match attachment(root, iface) {
-        None => false,
-        Some(Attachment::Tcx) => {
-            for direction in Direction::BOTH {
-                let pin = tcx_pin(root, iface, direction);
-                if !pin.exists() {
-                    continue;
-                }
-                let link = PinnedLink::from_pin(&pin).map_err(|source| DataplaneError::Io {
-                    action: "opening the pinned link",
-                    path: pin.clone(),
-                    source: std::io::Error::other(source.to_string()),
-                })?;
-                // Unpinned and closed, the link's last reference is gone and
-                // the kernel detaches the program.
-                drop(link.unpin().map_err(io("unpinning", &pin))?);
-            }
-            true
+    let mut detached = false;
+    for direction in Direction::BOTH {
+        let pin = tcx_pin(root, iface, direction);
+        if !pin.exists() {
+            continue;
         }
-        Some(Attachment::Clsact) => {
-            let path = clsact_record(root, iface);
-            let entries = fs::read_dir(&path).map_err(io("reading", &path))?;
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let mut words = name.split('-');
-                let (Some(direction), Some(priority), Some(handle)) =
-                    (words.next(), words.next(), words.next())
-                else {
-                    continue;
-                };
-                let direction = if direction == "ingress" {
-                    Direction::Ingress
-                } else {
-                    Direction::Egress
-                };
-                let (Ok(priority), Ok(handle)) = (priority.parse::<u16>(), handle.parse::<u32>())
-                else {
-                    continue;
-                };
-                // An interface that is gone took its filters with it.
-                if let Ok(link) = SchedClassifierLink::attached(
-                    iface,
-                    attach_type(direction),
-                    priority,
-                    TcHandle::from(handle),
-                    None,
-                ) {
-                    drop(link); // dropping an NlLink removes the filter
-                }
-                let entry = entry.path();
-                fs::remove_dir(&entry).map_err(io("removing", &entry))?;
+        let link = PinnedLink::from_pin(&pin).map_err(|source| DataplaneError::Io {
+            action: "opening the pinned link",
+            path: pin.clone(),
+            source: std::io::Error::other(source.to_string()),
+        })?;
+        // Unpinned and closed, the link's last reference is gone and the
+        // kernel detaches the program.
+        drop(link.unpin().map_err(io("unpinning", &pin))?);
+        detached = true;
+    }
+    let record = clsact_record(root, iface);
+    if record.exists() {
+        let entries = fs::read_dir(&record).map_err(io("reading", &record))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let mut words = name.split('-');
+            let (Some(direction), Some(priority), Some(handle)) =
+                (words.next(), words.next(), words.next())
+            else {
+                continue;
+            };
+            let direction = if direction == "ingress" {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            };
+            let (Ok(priority), Ok(handle)) = (priority.parse::<u16>(), handle.parse::<u32>())
+            else {
+                continue;
+            };
+            // An interface that is gone took its filters with it.
+            if let Ok(link) = SchedClassifierLink::attached(
+                iface,
+                attach_type(direction),
+                priority,
+                TcHandle::from(handle),
+                None,
+            ) {
+                drop(link); // dropping an NlLink removes the filter
             }
-            fs::remove_dir(&path).map_err(io("removing", &path))?;
-            true
+            let entry = entry.path();
+            fs::remove_dir(&entry).map_err(io("removing", &entry))?;
         }
-    };
+        fs::remove_dir(&record).map_err(io("removing", &record))?;
+        detached = true;
+    }
     if attached_interfaces(root).is_empty() {
         remove_pins(root)?;
     }
     Ok(detached)
 }
 
-fn undo_partial_attach(root: &Path, iface: &str) {
-    for direction in Direction::BOTH {
-        let pin = tcx_pin(root, iface, direction);
-        if let Ok(link) = PinnedLink::from_pin(&pin) {
-            let _ = link.unpin();
-        }
-    }
-    let record = clsact_record(root, iface);
-    if record.exists() {
-        let _ = detach(root, iface);
-    }
-    if attached_interfaces(root).is_empty() {
-        let _ = remove_pins(root);
-    }
-}
-
 /// Remove the pinned maps and the (then empty) pin directories.
 fn remove_pins(root: &Path) -> Result<(), DataplaneError> {
-    let maps = root.join("maps");
+    let maps = super::maps_dir(root);
     if let Ok(entries) = fs::read_dir(&maps) {
         for entry in entries.flatten() {
             let path = entry.path();

@@ -117,6 +117,11 @@ pub fn default_pin_root() -> PathBuf {
     Path::new(BPF_PIN_ROOT).join(format!("netns-{netns}"))
 }
 
+/// Where the maps of the data plane pinned under `pin_root` live.
+pub fn maps_dir(pin_root: &Path) -> PathBuf {
+    pin_root.join("maps")
+}
+
 /// The loaded data plane: both classifiers verified and loaded into the
 /// kernel, maps created (or reused from pins).
 pub struct Dataplane {
@@ -138,7 +143,7 @@ impl Dataplane {
             path: PathBuf::from(crate::system::BPFFS),
             source,
         })?;
-        let maps_dir = pin_root.join("maps");
+        let maps_dir = maps_dir(pin_root);
         std::fs::create_dir_all(&maps_dir).map_err(|source| DataplaneError::Io {
             action: "creating",
             path: maps_dir.clone(),
@@ -156,18 +161,18 @@ impl Dataplane {
         Self::from_ebpf(ebpf, Some(pin_root.to_owned()))
     }
 
-    fn from_ebpf(mut ebpf: Ebpf, pin_root: Option<PathBuf>) -> Result<Self, DataplaneError> {
-        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-            program
+    fn from_ebpf(ebpf: Ebpf, pin_root: Option<PathBuf>) -> Result<Self, DataplaneError> {
+        let mut dataplane = Self { ebpf, pin_root };
+        for direction in Direction::BOTH {
+            dataplane
+                .classifier(direction)?
                 .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+                .map_err(|source| DataplaneError::Program {
+                    name: direction.program_name(),
+                    source,
+                })?;
         }
-        Ok(Self { ebpf, pin_root })
+        Ok(dataplane)
     }
 
     pub fn classifier(

@@ -66,8 +66,9 @@ impl FlowTable {
         })
     }
 
-    /// Open the maps pinned in `maps_dir` by an earlier attach.
-    pub fn open_pinned(maps_dir: &Path) -> Result<Self, DataplaneError> {
+    /// Open the maps an earlier attach pinned under `pin_root`.
+    pub fn open_pinned(pin_root: &Path) -> Result<Self, DataplaneError> {
+        let maps_dir = super::maps_dir(pin_root);
         Self::from_maps(|name| {
             let path = maps_dir.join(name);
             let data = MapData::from_pin(&path).map_err(|source| DataplaneError::NotAttached {
