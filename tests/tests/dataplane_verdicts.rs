@@ -401,3 +401,23 @@ fn ipv6_extension_headers_pass_untouched() {
     frame[14 + 6] = 0;
     assert_eq!(verdict(&mut dp, Direction::Ingress, &frame), NO_OPINION);
 }
+
+#[test]
+fn release_all_unblocks_every_flow_and_removes_every_rule() {
+    let (mut dp, mut table) = loaded();
+    let observed = FlowKey::v4(LOCAL.octets(), 1, PEER.octets(), 2);
+    table.set_flow(observed, FlowPolicy::observe()).unwrap();
+    table.set_flow(local_key(), FlowPolicy::hold(0)).unwrap();
+    let service: ServiceSpec = format!("{LOCAL}:22").parse().unwrap();
+    table
+        .set_service(service.key(), FlowPolicy::freeze(0))
+        .unwrap();
+    // Only the blocking flow counts as released; the rule is removed.
+    assert_eq!(table.release_all().unwrap(), (1, 1));
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &from_peer().frame()),
+        NO_OPINION
+    );
+    assert!(table.services().unwrap().is_empty());
+    assert_eq!(table.flows().unwrap().len(), 2, "flows stay tracked");
+}

@@ -22,7 +22,7 @@ use aya::{
 use migrator_common::paths::BPF_PIN_ROOT;
 
 pub use attach::{AttachMode, Attachment, attached_interfaces, detach};
-pub use table::{FlowEntry, FlowTable, HeldPacketOwned, ServiceEntry};
+pub use table::{Entry, FlowEntry, FlowTable, HeldPacketOwned, ServiceEntry};
 
 /// The eBPF object built by `build.rs` (aya-build) from `migrator-ebpf`.
 pub static EBPF_OBJECT: &[u8] =

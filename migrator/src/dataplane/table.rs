@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, MapError, RingBuf};
+use aya::{
+    Pod,
+    maps::{HashMap, Map, MapData, MapError, RingBuf},
+};
 use migrator_common::{FlowKey, FlowMode, FlowPolicy, FlowStats, HeldPacket, ServiceKey};
 
 use super::DataplaneError;
@@ -24,20 +27,16 @@ pub const ALL_MAPS: [&str; 6] = [
     HELD_MAP,
 ];
 
-/// One tracked flow as read back from the kernel.
+/// One tracked flow or service rule as read back from the kernel.
 #[derive(Clone, Copy, Debug)]
-pub struct FlowEntry {
-    pub key: FlowKey,
+pub struct Entry<K> {
+    pub key: K,
     pub policy: FlowPolicy,
     pub stats: FlowStats,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct ServiceEntry {
-    pub key: ServiceKey,
-    pub policy: FlowPolicy,
-    pub stats: FlowStats,
-}
+pub type FlowEntry = Entry<FlowKey>;
+pub type ServiceEntry = Entry<ServiceKey>;
 
 pub struct FlowTable {
     flows: HashMap<MapData, FlowKey, FlowPolicy>,
@@ -104,34 +103,19 @@ impl FlowTable {
     /// Stop blocking `key`: it goes back to observe, counters kept.
     /// Returns false if the flow was not tracked.
     pub fn release_flow(&mut self, key: &FlowKey) -> Result<bool, DataplaneError> {
-        match self.flows.get(key, 0) {
-            Ok(_) => {
-                self.flows
-                    .insert(*key, FlowPolicy::observe(), 0)
-                    .map_err(map_error(FLOWS_MAP))?;
-                Ok(true)
-            }
-            Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(DataplaneError::Map {
-                name: FLOWS_MAP,
-                source,
-            }),
+        if get(&self.flows, key, FLOWS_MAP)?.is_none() {
+            return Ok(false);
         }
+        self.flows
+            .insert(*key, FlowPolicy::observe(), 0)
+            .map_err(map_error(FLOWS_MAP))?;
+        Ok(true)
     }
 
     /// Forget a flow entirely (policy and counters).
     pub fn forget_flow(&mut self, key: &FlowKey) -> Result<(), DataplaneError> {
-        for result in [self.flows.remove(key), self.stats.remove(key)] {
-            match result {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(DataplaneError::Map {
-                        name: FLOWS_MAP,
-                        source,
-                    });
-                }
-            }
-        }
+        remove(&mut self.flows, key, FLOWS_MAP)?;
+        remove(&mut self.stats, key, STATS_MAP)?;
         Ok(())
     }
 
@@ -148,42 +132,29 @@ impl FlowTable {
 
     /// Remove a service rule (its counters go with it). False if absent.
     pub fn release_service(&mut self, key: &ServiceKey) -> Result<bool, DataplaneError> {
-        let removed = match self.services.remove(key) {
-            Ok(()) => true,
-            Err(MapError::KeyNotFound) => false,
-            Err(source) => {
-                return Err(DataplaneError::Map {
-                    name: SERVICES_MAP,
-                    source,
-                });
-            }
-        };
-        match self.service_stats.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(removed),
-            Err(source) => Err(DataplaneError::Map {
-                name: SERVICE_STATS_MAP,
-                source,
-            }),
-        }
+        let removed = remove(&mut self.services, key, SERVICES_MAP)?;
+        remove(&mut self.service_stats, key, SERVICE_STATS_MAP)?;
+        Ok(removed)
     }
 
     /// Every blocking flow back to observe, every service rule removed.
     /// Returns (flows released, rules removed).
     pub fn release_all(&mut self) -> Result<(usize, usize), DataplaneError> {
-        let blocking: Vec<FlowKey> = self
-            .flows()?
-            .into_iter()
-            .filter(|entry| FlowMode::from_u32(entry.policy.mode).is_some_and(FlowMode::blocks))
-            .map(|entry| entry.key)
-            .collect();
+        let mut blocking = Vec::new();
+        for item in self.flows.iter() {
+            let (key, policy) = item.map_err(map_error(FLOWS_MAP))?;
+            if FlowMode::from_u32(policy.mode).is_some_and(FlowMode::blocks) {
+                blocking.push(key);
+            }
+        }
         for key in &blocking {
             self.release_flow(key)?;
         }
-        let services: Vec<ServiceKey> = self
-            .services()?
-            .into_iter()
-            .map(|entry| entry.key)
-            .collect();
+        let services = self
+            .services
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_error(SERVICES_MAP))?;
         for key in &services {
             self.release_service(key)?;
         }
@@ -191,43 +162,20 @@ impl FlowTable {
     }
 
     pub fn flow_stats(&self, key: &FlowKey) -> Result<Option<FlowStats>, DataplaneError> {
-        match self.stats.get(key, 0) {
-            Ok(stats) => Ok(Some(stats)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DataplaneError::Map {
-                name: STATS_MAP,
-                source,
-            }),
-        }
+        get(&self.stats, key, STATS_MAP)
     }
 
     pub fn flows(&self) -> Result<Vec<FlowEntry>, DataplaneError> {
-        let mut entries = Vec::new();
-        for item in self.flows.iter() {
-            let (key, policy) = item.map_err(map_error(FLOWS_MAP))?;
-            let stats = self.flow_stats(&key)?.unwrap_or_default();
-            entries.push(FlowEntry { key, policy, stats });
-        }
-        Ok(entries)
+        entries(&self.flows, &self.stats, FLOWS_MAP, STATS_MAP)
     }
 
     pub fn services(&self) -> Result<Vec<ServiceEntry>, DataplaneError> {
-        let mut entries = Vec::new();
-        for item in self.services.iter() {
-            let (key, policy) = item.map_err(map_error(SERVICES_MAP))?;
-            let stats = match self.service_stats.get(&key, 0) {
-                Ok(stats) => stats,
-                Err(MapError::KeyNotFound) => FlowStats::default(),
-                Err(source) => {
-                    return Err(DataplaneError::Map {
-                        name: SERVICE_STATS_MAP,
-                        source,
-                    });
-                }
-            };
-            entries.push(ServiceEntry { key, policy, stats });
-        }
-        Ok(entries)
+        entries(
+            &self.services,
+            &self.service_stats,
+            SERVICES_MAP,
+            SERVICE_STATS_MAP,
+        )
     }
 
     /// Take every held packet out of the kernel, oldest first. The ring is
@@ -254,20 +202,61 @@ impl FlowTable {
     }
 }
 
+/// A map lookup where a missing key is an answer, not an error.
+fn get<K: Pod, V: Pod>(
+    map: &HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<Option<V>, DataplaneError> {
+    match map.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
+}
+
+/// Remove `key`; false if it was not there.
+fn remove<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<bool, DataplaneError> {
+    match map.remove(key) {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
+}
+
 /// Create a zeroed counter entry for `key` unless one exists (counters of
 /// an entry already tracked are kept).
-fn ensure_counters<K: aya::Pod>(
+fn ensure_counters<K: Pod>(
     stats: &mut HashMap<MapData, K, FlowStats>,
     key: K,
     name: &'static str,
 ) -> Result<(), DataplaneError> {
-    match stats.get(&key, 0) {
-        Ok(_) => Ok(()),
-        Err(MapError::KeyNotFound) => stats
+    if get(stats, &key, name)?.is_none() {
+        stats
             .insert(key, FlowStats::default(), 0)
-            .map_err(map_error(name)),
-        Err(source) => Err(DataplaneError::Map { name, source }),
+            .map_err(map_error(name))?;
     }
+    Ok(())
+}
+
+/// Every rule of a table with its counters (zero if none were made).
+fn entries<K: Pod>(
+    rules: &HashMap<MapData, K, FlowPolicy>,
+    stats: &HashMap<MapData, K, FlowStats>,
+    rules_name: &'static str,
+    stats_name: &'static str,
+) -> Result<Vec<Entry<K>>, DataplaneError> {
+    let mut entries = Vec::new();
+    for item in rules.iter() {
+        let (key, policy) = item.map_err(map_error(rules_name))?;
+        let stats = get(stats, &key, stats_name)?.unwrap_or_default();
+        entries.push(Entry { key, policy, stats });
+    }
+    Ok(entries)
 }
 
 /// A held packet in userspace: its flow, arrival time and original bytes
