@@ -37,10 +37,9 @@ pub struct Counters {
     pub last_packet_ago_ms: Option<u64>,
 }
 
+/// What the lock does to one flow or service rule, and its counters.
 #[derive(Debug, Serialize)]
-pub struct FlowStatus {
-    pub local: String,
-    pub remote: String,
+pub struct LockState {
     /// observe | freeze | hold, as set.
     pub mode: &'static str,
     /// What the kernel does now: a freeze past its deadline has failed open.
@@ -51,12 +50,18 @@ pub struct FlowStatus {
 }
 
 #[derive(Debug, Serialize)]
+pub struct FlowStatus {
+    pub local: String,
+    pub remote: String,
+    #[serde(flatten)]
+    pub state: LockState,
+}
+
+#[derive(Debug, Serialize)]
 pub struct ServiceStatus {
     pub service: String,
-    pub mode: &'static str,
-    pub effective_mode: &'static str,
-    pub deadline_in_ms: Option<u64>,
-    pub counters: Counters,
+    #[serde(flatten)]
+    pub state: LockState,
 }
 
 fn ago_ms(now: u64, then: u64) -> Option<u64> {
@@ -81,12 +86,26 @@ fn counters(stats: &FlowStats, now: u64) -> Counters {
     }
 }
 
-fn modes(policy: &FlowPolicy, now: u64) -> (&'static str, &'static str, Option<u64>) {
-    let set = FlowMode::from_u32(policy.mode).map_or("unknown", FlowMode::name);
-    let effective = policy.effective_mode(now);
-    let deadline = (policy.deadline_ns != 0 && effective.blocks())
-        .then(|| policy.deadline_ns.saturating_sub(now) / 1_000_000);
-    (set, effective.name(), deadline)
+impl LockState {
+    fn new(policy: &FlowPolicy, stats: &FlowStats, now: u64) -> Self {
+        let effective = policy.effective_mode(now);
+        Self {
+            mode: FlowMode::from_u32(policy.mode).map_or("unknown", FlowMode::name),
+            effective_mode: effective.name(),
+            deadline_in_ms: (policy.deadline_ns != 0 && effective.blocks())
+                .then(|| policy.deadline_ns.saturating_sub(now) / 1_000_000),
+            counters: counters(stats, now),
+        }
+    }
+
+    /// The MODE column: the mode, time left, or that it failed open.
+    fn mode_text(&self) -> String {
+        match (self.mode == self.effective_mode, self.deadline_in_ms) {
+            (true, Some(ms)) => format!("{} ({:.1}s left)", self.mode, ms as f64 / 1000.0),
+            (true, None) => self.mode.to_owned(),
+            (false, _) => format!("{}->{} (deadline passed)", self.mode, self.effective_mode),
+        }
+    }
 }
 
 impl Snapshot {
@@ -97,14 +116,10 @@ impl Snapshot {
             .iter()
             .map(|entry| {
                 let spec = FlowSpec::from_key(&entry.key);
-                let (mode, effective_mode, deadline_in_ms) = modes(&entry.policy, now);
                 FlowStatus {
                     local: spec.local.to_string(),
                     remote: spec.remote.to_string(),
-                    mode,
-                    effective_mode,
-                    deadline_in_ms,
-                    counters: counters(&entry.stats, now),
+                    state: LockState::new(&entry.policy, &entry.stats, now),
                 }
             })
             .collect();
@@ -112,15 +127,9 @@ impl Snapshot {
         let mut services: Vec<ServiceStatus> = table
             .services()?
             .iter()
-            .map(|entry| {
-                let (mode, effective_mode, deadline_in_ms) = modes(&entry.policy, now);
-                ServiceStatus {
-                    service: ServiceSpec::from_key(&entry.key).to_string(),
-                    mode,
-                    effective_mode,
-                    deadline_in_ms,
-                    counters: counters(&entry.stats, now),
-                }
+            .map(|entry| ServiceStatus {
+                service: ServiceSpec::from_key(&entry.key).to_string(),
+                state: LockState::new(&entry.policy, &entry.stats, now),
             })
             .collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
@@ -143,14 +152,6 @@ impl Snapshot {
                 self.interfaces.join(", ")
             }
         );
-        let mode_text = |mode: &str, effective: &str, deadline: Option<u64>| match (
-            mode == effective,
-            deadline,
-        ) {
-            (true, Some(ms)) => format!("{mode} ({:.1}s left)", ms as f64 / 1000.0),
-            (true, None) => mode.to_owned(),
-            (false, _) => format!("{mode}->{effective} (deadline passed)"),
-        };
         if self.flows.is_empty() {
             let _ = writeln!(out, "no flows tracked");
         } else {
@@ -169,13 +170,13 @@ impl Snapshot {
                 "KEEPALIVE"
             );
             for flow in &self.flows {
-                let c = &flow.counters;
+                let c = &flow.state.counters;
                 let _ = writeln!(
                     out,
                     "{:<45} {:<45} {:<22} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>10}",
                     flow.local,
                     flow.remote,
-                    mode_text(flow.mode, flow.effective_mode, flow.deadline_in_ms),
+                    flow.state.mode_text(),
                     c.packets_in,
                     c.packets_out,
                     c.dropped,
@@ -193,12 +194,12 @@ impl Snapshot {
                 "SERVICE", "MODE", "PKT_IN", "PKT_OUT", "DROPPED", "HELD"
             );
             for service in &self.services {
-                let c = &service.counters;
+                let c = &service.state.counters;
                 let _ = writeln!(
                     out,
                     "{:<45} {:<22} {:>8} {:>8} {:>7} {:>6}",
                     service.service,
-                    mode_text(service.mode, service.effective_mode, service.deadline_in_ms),
+                    service.state.mode_text(),
                     c.packets_in,
                     c.packets_out,
                     c.dropped,
