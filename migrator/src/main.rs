@@ -143,14 +143,12 @@ fn main() -> ExitCode {
 /// Data plane commands change kernel state: refuse early and clearly
 /// without the privileges, before anything is touched.
 fn require_privileges() -> anyhow::Result<()> {
-    let caps = system::effective_capabilities().context("reading this process's capabilities")?;
-    let needed = [
-        system::CAP_BPF,
-        system::CAP_NET_ADMIN,
-        system::CAP_SYS_ADMIN,
-    ];
-    if !needed.iter().all(|cap| system::has_capability(caps, *cap)) {
-        bail!("this command needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run it as root");
+    let missing = system::missing_capabilities().context("reading this process's capabilities")?;
+    if !missing.is_empty() {
+        bail!(
+            "this command needs root (missing {}); run it as root",
+            missing.join(", ")
+        );
     }
     Ok(())
 }

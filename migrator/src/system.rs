@@ -52,7 +52,13 @@ impl KernelVersion {
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_BPF: u32 = 39;
-pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// What migrator needs to load BPF, attach to TC and (as root) run CRIU.
+pub const REQUIRED_CAPABILITIES: [(u32, &str); 3] = [
+    (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    (CAP_BPF, "CAP_BPF"),
+];
 
 /// This process's effective capability set.
 pub fn effective_capabilities() -> io::Result<u64> {
@@ -66,6 +72,16 @@ pub fn effective_capabilities() -> io::Result<u64> {
 
 pub const fn has_capability(set: u64, cap: u32) -> bool {
     set & (1u64 << cap) != 0
+}
+
+/// Names of the [`REQUIRED_CAPABILITIES`] this process lacks.
+pub fn missing_capabilities() -> io::Result<Vec<&'static str>> {
+    let caps = effective_capabilities()?;
+    Ok(REQUIRED_CAPABILITIES
+        .iter()
+        .filter(|(cap, _)| !has_capability(caps, *cap))
+        .map(|(_, name)| *name)
+        .collect())
 }
 
 pub const BPFFS: &str = "/sys/fs/bpf";

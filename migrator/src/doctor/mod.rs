@@ -107,8 +107,8 @@ pub fn run(criu_flag: Option<&Path>) -> Report {
 
 fn privileges() -> Check {
     const NAME: &str = "privileges";
-    let caps = match system::effective_capabilities() {
-        Ok(caps) => caps,
+    let missing = match system::missing_capabilities() {
+        Ok(missing) => missing,
         Err(err) => {
             return Check::fail(
                 NAME,
@@ -117,22 +117,17 @@ fn privileges() -> Check {
             );
         }
     };
-    let needed = [
-        (system::CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (system::CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-        (system::CAP_BPF, "CAP_BPF"),
-    ];
-    let missing: Vec<_> = needed
-        .iter()
-        .filter(|(cap, _)| !system::has_capability(caps, *cap))
-        .map(|(_, name)| *name)
-        .collect();
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     if missing.is_empty() {
         Check::ok(
             NAME,
-            format!("euid {euid}, CAP_NET_ADMIN CAP_SYS_ADMIN CAP_BPF effective"),
+            format!(
+                "euid {euid}, {} effective",
+                system::REQUIRED_CAPABILITIES
+                    .map(|(_, name)| name)
+                    .join(" ")
+            ),
         )
     } else {
         Check::fail(
