@@ -87,6 +87,22 @@ fn migrator(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Freeze one flow on the local side's interface; returns once locked.
+fn freeze(lab: &Lab, flow: &str, deadline: &str) {
+    migrator(
+        &lab.local,
+        &[
+            "freeze",
+            "--iface",
+            "lv",
+            "--flow",
+            flow,
+            "--deadline",
+            deadline,
+        ],
+    );
+}
+
 fn flow_status(ns: &Netns) -> serde_json::Value {
     let status: serde_json::Value =
         serde_json::from_str(&migrator(ns, &["status", "--json"])).unwrap();
@@ -320,18 +336,7 @@ fn freeze_release_keeps_the_connection(tag: &str, v6: bool, attach_mode: &str) {
     let capture = Capture::start(&lab.peer, "pv", lab.local_addr);
     thread::sleep(Duration::from_millis(300));
 
-    migrator(
-        &lab.local,
-        &[
-            "freeze",
-            "--iface",
-            "lv",
-            "--flow",
-            &flow,
-            "--deadline",
-            "30s",
-        ],
-    );
+    freeze(&lab, &flow, "30s");
     capture.counting.store(true, Ordering::Relaxed);
     let frozen_at = Instant::now();
     let received_at_freeze = stream.received.load(Ordering::Relaxed);
@@ -409,18 +414,7 @@ fn lock_fails_open_at_its_deadline_without_userspace() {
     thread::sleep(Duration::from_millis(200));
     // The freeze command exits at once: from here on no migrator process
     // exists, exactly as if it had been killed mid-migration.
-    migrator(
-        &lab.local,
-        &[
-            "freeze",
-            "--iface",
-            "lv",
-            "--flow",
-            &flow,
-            "--deadline",
-            "1s",
-        ],
-    );
+    freeze(&lab, &flow, "1s");
     thread::sleep(Duration::from_millis(500));
     let before_deadline = stream.received.load(Ordering::Relaxed);
     // Past the deadline plus the peer's next backed-off retransmit.
