@@ -153,6 +153,10 @@ fn require_privileges() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn not_attached(iface: &str) -> anyhow::Error {
+    anyhow::anyhow!("{iface} is not attached in this network namespace (see `migrator status`)")
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = dataplane::default_pin_root();
     match cli.command {
@@ -184,10 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if dataplane::detach(&root, &iface.name)? {
                 eprintln!("detached from {}", iface.name);
             } else {
-                bail!(
-                    "{} is not attached in this network namespace (see `migrator status`)",
-                    iface.name
-                );
+                return Err(not_attached(&iface.name));
             }
         }
         Command::Freeze {
@@ -205,7 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if new {
                 eprintln!("attached to {}", iface.name);
             }
-            let mut table = FlowTable::open_pinned(&root)?;
+            // The maps just loaded are the pinned ones: no need to reopen them.
+            let mut table = dp.take_table()?;
             let deadline_ns = system::boottime_ns() + deadline.as_nanos() as u64;
             let policy = if hold {
                 FlowPolicy::hold(deadline_ns)
@@ -235,10 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .iter()
                 .all(|name| *name != iface.name)
             {
-                bail!(
-                    "{} is not attached in this network namespace (see `migrator status`)",
-                    iface.name
-                );
+                return Err(not_attached(&iface.name));
             }
             let mut table = FlowTable::open_pinned(&root)?;
             if all {
