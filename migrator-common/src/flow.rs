@@ -214,3 +214,13 @@ impl ServiceKey {
         )
     }
 }
+
+/// Entries of the LOCAL_PORTS prefilter: one byte per local TCP port,
+/// non-zero when some flow or service rule may use that port. The kernel
+/// program skips the hash lookups for packets on unmarked ports, which is
+/// what keeps untracked traffic cheap.
+pub const LOCAL_PORT_SLOTS: u32 = 65_536;
+
+/// Port 0 is never a TCP port on the wire, so its slot marks "a service
+/// rule covers every port of an address": then every port is a candidate.
+pub const ANY_LOCAL_PORT_SLOT: u32 = 0;

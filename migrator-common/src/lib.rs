@@ -17,4 +17,6 @@ mod user;
 pub use event::{
     EVENT_DROP, EVENT_HOLD, EVENT_PEER_RETRANSMIT, Event, HELD_CAPTURE_MAX, HeldPacket,
 };
-pub use flow::{FlowKey, FlowMode, FlowPolicy, FlowStats, ServiceKey};
+pub use flow::{
+    ANY_LOCAL_PORT_SLOT, FlowKey, FlowMode, FlowPolicy, FlowStats, LOCAL_PORT_SLOTS, ServiceKey,
+};

@@ -17,12 +17,12 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{HashMap, RingBuf},
+    maps::{Array, HashMap, RingBuf},
     programs::TcContext,
 };
 use migrator_common::{
-    EVENT_DROP, EVENT_HOLD, EVENT_PEER_RETRANSMIT, Event, FlowKey, FlowMode, FlowPolicy, FlowStats,
-    HELD_CAPTURE_MAX, HeldPacket, ServiceKey,
+    ANY_LOCAL_PORT_SLOT, EVENT_DROP, EVENT_HOLD, EVENT_PEER_RETRANSMIT, Event, FlowKey, FlowMode,
+    FlowPolicy, FlowStats, HELD_CAPTURE_MAX, HeldPacket, LOCAL_PORT_SLOTS, ServiceKey,
     event::{DIRECTION_EGRESS, DIRECTION_INGRESS},
     seq::{PeerSegment, classify_peer_segment, segment_len},
 };
@@ -43,6 +43,12 @@ static SERVICES: HashMap<ServiceKey, FlowPolicy> = HashMap::with_max_entries(1_0
 /// Counters per service rule (flows not in FLOWS that a rule caught).
 #[map(name = "SERVICE_STATS")]
 static SERVICE_STATS: HashMap<ServiceKey, FlowStats> = HashMap::with_max_entries(1_024, 0);
+
+/// Prefilter: local ports some flow or rule may use (see LOCAL_PORT_SLOTS).
+/// Array lookups are inlined by the verifier, so this check costs a few
+/// instructions, against a hash of a 40-byte key per table otherwise.
+#[map(name = "LOCAL_PORTS")]
+static LOCAL_PORTS: Array<u8> = Array::with_max_entries(LOCAL_PORT_SLOTS, 0);
 
 /// One record per peer retransmit, drop and hold, for timelines.
 #[map(name = "EVENTS")]
@@ -82,6 +88,12 @@ enum Match {
 }
 
 #[inline(always)]
+fn port_may_be_tracked(local_port: u16) -> bool {
+    let marked = |slot: u32| LOCAL_PORTS.get(slot).is_some_and(|mark| *mark != 0);
+    marked(local_port as u32) || marked(ANY_LOCAL_PORT_SLOT)
+}
+
+#[inline(always)]
 fn lookup(key: &FlowKey) -> Option<(FlowPolicy, Match)> {
     // SAFETY: map values are only read; userspace replaces them whole.
     if let Some(policy) = unsafe { FLOWS.get(*key) } {
@@ -98,7 +110,7 @@ fn lookup(key: &FlowKey) -> Option<(FlowPolicy, Match)> {
 
 #[inline(always)]
 fn try_classify(ctx: &TcContext, direction: Direction) -> Result<i32, ()> {
-    let Some(segment) = TcpSegment::parse(ctx, direction)? else {
+    let Some(segment) = TcpSegment::parse(ctx, direction, port_may_be_tracked)? else {
         return Ok(NO_OPINION);
     };
     let Some((policy, matched)) = lookup(&segment.key) else {

@@ -1,4 +1,5 @@
-//! Header parsing with `ctx.load`, so non-linear skbs and GRO/GSO
+//! Header parsing: direct packet access for headers in the linear part of
+//! the skb, `ctx.load` for the rest, so non-linear skbs and GRO/GSO
 //! super-packets parse the same as small linear ones.
 
 use aya_ebpf::programs::TcContext;
@@ -39,19 +40,40 @@ pub struct TcpSegment {
     pub segments: u32,
 }
 
+/// Read a header at `offset`: straight from the linear part of the skb when
+/// it is there (the common case, and several times cheaper than a helper
+/// call), through `bpf_skb_load_bytes` otherwise (non-linear skbs).
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() <= end {
+        // SAFETY: the bytes lie between data and data_end (checked above,
+        // and again by the verifier); T is plain bytes, read unaligned.
+        Ok(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    } else {
+        ctx.load(offset).map_err(|_| ())
+    }
+}
+
 impl TcpSegment {
     /// `Ok(None)` for anything that is not a first-fragment TCP segment over
     /// Ethernet + IPv4/IPv6 without extension headers: such packets are not
-    /// ours and pass untouched.
+    /// ours and pass untouched. So is a segment whose local port
+    /// `may_be_tracked` rejects: the key is not even built for it.
     #[inline(always)]
-    pub fn parse(ctx: &TcContext, direction: Direction) -> Result<Option<Self>, ()> {
-        let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    pub fn parse(
+        ctx: &TcContext,
+        direction: Direction,
+        may_be_tracked: impl Fn(u16) -> bool,
+    ) -> Result<Option<Self>, ()> {
+        let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
         let wire_len = ctx.len();
         // Whole fixed headers in one helper call each: the loads dominate
         // the cost of the untracked path.
         let (src, dst, family, l4, ip_payload_end) = match ethertype {
             ETH_P_IP => {
-                let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+                let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
                 let ihl = ((ip[0] & 0x0f) as usize) * 4;
                 if ip[0] >> 4 != 4 || ihl < 20 {
                     return Ok(None);
@@ -76,7 +98,7 @@ impl TcpSegment {
                 (s, d, FAMILY_IPV4, ETH_HLEN + ihl, end)
             }
             ETH_P_IPV6 => {
-                let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).map_err(|_| ())?;
+                let ip: [u8; IPV6_HLEN] = read(ctx, ETH_HLEN)?;
                 if ip[6] != IPPROTO_TCP {
                     return Ok(None); // extension headers and non-TCP pass
                 }
@@ -95,9 +117,16 @@ impl TcpSegment {
             _ => return Ok(None),
         };
 
-        let tcp: [u8; 16] = ctx.load(l4).map_err(|_| ())?;
+        let tcp: [u8; 16] = read(ctx, l4)?;
         let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
         let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let local_port = match direction {
+            Direction::Ingress => dport,
+            Direction::Egress => sport,
+        };
+        if !may_be_tracked(local_port) {
+            return Ok(None);
+        }
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
         let doff = ((tcp[12] >> 4) as u32) * 4;
         let flags = tcp[13];

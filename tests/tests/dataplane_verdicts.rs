@@ -421,3 +421,60 @@ fn release_all_unblocks_every_flow_and_removes_every_rule() {
     assert!(table.services().unwrap().is_empty());
     assert_eq!(table.flows().unwrap().len(), 2, "flows stay tracked");
 }
+
+/// The local-port prefilter must never hide a tracked flow: forgetting one
+/// of two flows on a port keeps the other enforced, and a whole-address
+/// rule makes every port a candidate until it is released.
+#[test]
+fn port_prefilter_follows_the_tables() {
+    let (mut dp, mut table) = loaded();
+    let second_peer_port = PEER_PORT + 1;
+    let second = FlowKey::v4(LOCAL.octets(), LOCAL_PORT, PEER.octets(), second_peer_port);
+    let second_frame = Segment::new(
+        IpAddr::V4(PEER),
+        second_peer_port,
+        IpAddr::V4(LOCAL),
+        LOCAL_PORT,
+    )
+    .payload(10)
+    .frame();
+    let first_frame = from_peer().payload(10).frame();
+    table
+        .set_flows(&[local_key(), second], FlowPolicy::freeze(0))
+        .unwrap();
+    table.forget_flow(&local_key()).unwrap();
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &first_frame),
+        NO_OPINION
+    );
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &second_frame), DROP);
+    table.forget_flow(&second).unwrap();
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &second_frame),
+        NO_OPINION
+    );
+
+    // An address rule covers ports no flow ever used; a port rule added
+    // and removed beside it must not take that away.
+    let whole: ServiceSpec = LOCAL.to_string().parse().unwrap();
+    let port: ServiceSpec = format!("{LOCAL}:{LOCAL_PORT}").parse().unwrap();
+    table
+        .set_service(whole.key(), FlowPolicy::freeze(0))
+        .unwrap();
+    table
+        .set_service(port.key(), FlowPolicy::freeze(0))
+        .unwrap();
+    assert!(table.release_service(&port.key()).unwrap());
+    let unused_port =
+        Segment::new(IpAddr::V4(PEER), 51_000, IpAddr::V4(LOCAL), 7).flags(Flags::SYN);
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &unused_port.frame()),
+        DROP
+    );
+    assert_eq!(verdict(&mut dp, Direction::Ingress, &first_frame), DROP);
+    assert_eq!(table.release_all().unwrap(), (0, 1));
+    assert_eq!(
+        verdict(&mut dp, Direction::Ingress, &unused_port.frame()),
+        NO_OPINION
+    );
+}

@@ -2,13 +2,15 @@
 //! release, observe, and read counters. Works on the maps of a freshly
 //! loaded data plane or on the pinned maps of one attached earlier.
 
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use aya::{
     Pod,
-    maps::{HashMap, Map, MapData, MapError, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, RingBuf},
 };
-use migrator_common::{FlowKey, FlowMode, FlowPolicy, FlowStats, HeldPacket, ServiceKey};
+use migrator_common::{
+    ANY_LOCAL_PORT_SLOT, FlowKey, FlowMode, FlowPolicy, FlowStats, HeldPacket, ServiceKey,
+};
 
 use super::DataplaneError;
 
@@ -18,13 +20,15 @@ pub const SERVICES_MAP: &str = "SERVICES";
 pub const SERVICE_STATS_MAP: &str = "SERVICE_STATS";
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const HELD_MAP: &str = "HELD";
-pub const ALL_MAPS: [&str; 6] = [
+pub const LOCAL_PORTS_MAP: &str = "LOCAL_PORTS";
+pub const ALL_MAPS: [&str; 7] = [
     FLOWS_MAP,
     STATS_MAP,
     SERVICES_MAP,
     SERVICE_STATS_MAP,
     EVENTS_MAP,
     HELD_MAP,
+    LOCAL_PORTS_MAP,
 ];
 
 /// One tracked flow or service rule as read back from the kernel.
@@ -44,6 +48,7 @@ pub struct FlowTable {
     services: HashMap<MapData, ServiceKey, FlowPolicy>,
     service_stats: HashMap<MapData, ServiceKey, FlowStats>,
     held: RingBuf<MapData>,
+    local_ports: Array<MapData, u8>,
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -62,6 +67,8 @@ impl FlowTable {
             service_stats: HashMap::try_from(take(SERVICE_STATS_MAP)?)
                 .map_err(map_error(SERVICE_STATS_MAP))?,
             held: RingBuf::try_from(take(HELD_MAP)?).map_err(map_error(HELD_MAP))?,
+            local_ports: Array::try_from(take(LOCAL_PORTS_MAP)?)
+                .map_err(map_error(LOCAL_PORTS_MAP))?,
         })
     }
 
@@ -76,6 +83,7 @@ impl FlowTable {
             })?;
             Ok(match name {
                 EVENTS_MAP | HELD_MAP => Map::RingBuf(data),
+                LOCAL_PORTS_MAP => Map::Array(data),
                 _ => Map::HashMap(data),
             })
         })
@@ -84,20 +92,27 @@ impl FlowTable {
     /// Track `key` with `policy`. Counters start at zero for a new flow and
     /// are kept for a flow already tracked (a freeze after observing).
     pub fn set_flow(&mut self, key: FlowKey, policy: FlowPolicy) -> Result<(), DataplaneError> {
-        ensure_counters(&mut self.stats, key, STATS_MAP)?;
-        self.flows
-            .insert(key, policy, 0)
-            .map_err(map_error(FLOWS_MAP))
+        self.set_flows(&[key], policy)
     }
 
     /// Set many flows in one go (each its own map update; the table never
-    /// holds a half-written entry).
+    /// holds a half-written entry). Enforced by the time this returns.
     pub fn set_flows(
         &mut self,
         keys: &[FlowKey],
         policy: FlowPolicy,
     ) -> Result<(), DataplaneError> {
-        keys.iter().try_for_each(|key| self.set_flow(*key, policy))
+        for key in keys {
+            ensure_counters(&mut self.stats, *key, STATS_MAP)?;
+            self.flows
+                .insert(*key, policy, 0)
+                .map_err(map_error(FLOWS_MAP))?;
+        }
+        // Marked after the entries exist (see `sweep_local_ports`).
+        let ports: BTreeSet<u32> = keys.iter().map(|key| u32::from(key.local_port)).collect();
+        ports
+            .into_iter()
+            .try_for_each(|slot| self.mark_local_port(slot, true))
     }
 
     /// Stop blocking `key`: it goes back to observe, counters kept.
@@ -114,9 +129,16 @@ impl FlowTable {
 
     /// Forget a flow entirely (policy and counters).
     pub fn forget_flow(&mut self, key: &FlowKey) -> Result<(), DataplaneError> {
-        remove(&mut self.flows, key, FLOWS_MAP)?;
-        remove(&mut self.stats, key, STATS_MAP)?;
-        Ok(())
+        self.forget_flows(std::slice::from_ref(key))
+    }
+
+    /// Forget many flows; the port prefilter is swept once at the end.
+    pub fn forget_flows(&mut self, keys: &[FlowKey]) -> Result<(), DataplaneError> {
+        for key in keys {
+            remove(&mut self.flows, key, FLOWS_MAP)?;
+            remove(&mut self.stats, key, STATS_MAP)?;
+        }
+        self.sweep_local_ports(keys.iter().map(|key| u32::from(key.local_port)).collect())
     }
 
     pub fn set_service(
@@ -127,14 +149,61 @@ impl FlowTable {
         ensure_counters(&mut self.service_stats, key, SERVICE_STATS_MAP)?;
         self.services
             .insert(key, policy, 0)
-            .map_err(map_error(SERVICES_MAP))
+            .map_err(map_error(SERVICES_MAP))?;
+        self.mark_local_port(service_slot(&key), true)
     }
 
     /// Remove a service rule (its counters go with it). False if absent.
     pub fn release_service(&mut self, key: &ServiceKey) -> Result<bool, DataplaneError> {
+        let removed = self.remove_service(key)?;
+        self.sweep_local_ports(BTreeSet::from([service_slot(key)]))?;
+        Ok(removed)
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<bool, DataplaneError> {
         let removed = remove(&mut self.services, key, SERVICES_MAP)?;
         remove(&mut self.service_stats, key, SERVICE_STATS_MAP)?;
         Ok(removed)
+    }
+
+    fn mark_local_port(&mut self, slot: u32, marked: bool) -> Result<(), DataplaneError> {
+        self.local_ports
+            .set(slot, u8::from(marked), 0)
+            .map_err(map_error(LOCAL_PORTS_MAP))
+    }
+
+    /// Prefilter slots some flow or service rule uses right now.
+    fn live_local_ports(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        let mut slots = BTreeSet::new();
+        for key in self.flows.keys() {
+            slots.insert(u32::from(key.map_err(map_error(FLOWS_MAP))?.local_port));
+        }
+        for key in self.services.keys() {
+            slots.insert(service_slot(&key.map_err(map_error(SERVICES_MAP))?));
+        }
+        Ok(slots)
+    }
+
+    /// Unmark `candidates` (slots whose entries were just removed) that no
+    /// entry uses any more. A stale mark only costs speed, a missing one
+    /// would let a frozen flow's packets through, so with another process
+    /// writing at the same time (it inserts, then marks) the order is:
+    /// clear the unused slots, then read the tables again and re-mark any
+    /// slot an entry appeared for in between.
+    fn sweep_local_ports(&mut self, candidates: BTreeSet<u32>) -> Result<(), DataplaneError> {
+        let live = self.live_local_ports()?;
+        let unused: Vec<u32> = candidates.difference(&live).copied().collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        for slot in &unused {
+            self.mark_local_port(*slot, false)?;
+        }
+        let live = self.live_local_ports()?;
+        for slot in unused.into_iter().filter(|slot| live.contains(slot)) {
+            self.mark_local_port(slot, true)?;
+        }
+        Ok(())
     }
 
     /// Every blocking flow back to observe, every service rule removed.
@@ -156,8 +225,9 @@ impl FlowTable {
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_error(SERVICES_MAP))?;
         for key in &services {
-            self.release_service(key)?;
+            self.remove_service(key)?;
         }
+        self.sweep_local_ports(services.iter().map(service_slot).collect())?;
         Ok((blocking.len(), services.len()))
     }
 
@@ -199,6 +269,15 @@ impl FlowTable {
         }
         packets.sort_by_key(|packet| packet.timestamp_ns);
         packets
+    }
+}
+
+/// The prefilter slot a service rule needs: its port, or "every port".
+fn service_slot(key: &ServiceKey) -> u32 {
+    if key.port == 0 {
+        ANY_LOCAL_PORT_SLOT
+    } else {
+        u32::from(key.port)
     }
 }
 
