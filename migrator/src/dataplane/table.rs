@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, RingBuf},
 };
 use migrator_common::{
-    ANY_LOCAL_PORT_SLOT, FlowKey, FlowMode, FlowPolicy, FlowStats, HeldPacket, ServiceKey,
+    ANY_LOCAL_PORT_SLOT, Event, FlowKey, FlowMode, FlowPolicy, FlowStats, HeldPacket, ServiceKey,
 };
 
 use super::DataplaneError;
@@ -47,6 +47,7 @@ pub struct FlowTable {
     stats: HashMap<MapData, FlowKey, FlowStats>,
     services: HashMap<MapData, ServiceKey, FlowPolicy>,
     service_stats: HashMap<MapData, ServiceKey, FlowStats>,
+    events: RingBuf<MapData>,
     held: RingBuf<MapData>,
     local_ports: Array<MapData, u8>,
 }
@@ -66,6 +67,7 @@ impl FlowTable {
             services: HashMap::try_from(take(SERVICES_MAP)?).map_err(map_error(SERVICES_MAP))?,
             service_stats: HashMap::try_from(take(SERVICE_STATS_MAP)?)
                 .map_err(map_error(SERVICE_STATS_MAP))?,
+            events: RingBuf::try_from(take(EVENTS_MAP)?).map_err(map_error(EVENTS_MAP))?,
             held: RingBuf::try_from(take(HELD_MAP)?).map_err(map_error(HELD_MAP))?,
             local_ports: Array::try_from(take(LOCAL_PORTS_MAP)?)
                 .map_err(map_error(LOCAL_PORTS_MAP))?,
@@ -246,6 +248,24 @@ impl FlowTable {
             SERVICES_MAP,
             SERVICE_STATS_MAP,
         )
+    }
+
+    /// Take every pending event (peer retransmit, drop, hold) out of the
+    /// kernel, oldest first. The ring has one reader position for all
+    /// processes: what one drains, the others do not see.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<Event>() {
+                continue; // not a record of ours
+            }
+            // SAFETY: the kernel wrote a whole Event (repr(C), any bit
+            // pattern valid); read_unaligned copes with the ring's alignment.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+        // Writers on different CPUs can interleave.
+        events.sort_by_key(|event| event.timestamp_ns);
+        events
     }
 
     /// Take every held packet out of the kernel, oldest first. The ring is
