@@ -69,11 +69,11 @@ impl TcpSegment {
     ) -> Result<Option<Self>, ()> {
         let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
         let wire_len = ctx.len();
-        // Whole fixed headers in one helper call each: the loads dominate
-        // the cost of the untracked path.
-        let (src, dst, family, l4, ip_payload_end) = match ethertype {
+        // Only the fields that decide whether this is ours are read before
+        // the port prefilter; addresses are read once it passed.
+        let (family, l4, ip_payload_end) = match ethertype {
             ETH_P_IP => {
-                let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
+                let ip: [u8; 10] = read(ctx, ETH_HLEN)?;
                 let ihl = ((ip[0] & 0x0f) as usize) * 4;
                 if ip[0] >> 4 != 4 || ihl < 20 {
                     return Ok(None);
@@ -85,34 +85,26 @@ impl TcpSegment {
                     return Ok(None);
                 }
                 let total = u16::from_be_bytes([ip[2], ip[3]]) as u32;
-                let mut s = [0u8; 16];
-                let mut d = [0u8; 16];
-                s[..4].copy_from_slice(&ip[12..16]);
-                d[..4].copy_from_slice(&ip[16..20]);
                 // tot_len 0 is BIG TCP: fall back to the skb length.
                 let end = if total == 0 {
                     wire_len
                 } else {
                     ETH_HLEN as u32 + total
                 };
-                (s, d, FAMILY_IPV4, ETH_HLEN + ihl, end)
+                (FAMILY_IPV4, ETH_HLEN + ihl, end)
             }
             ETH_P_IPV6 => {
-                let ip: [u8; IPV6_HLEN] = read(ctx, ETH_HLEN)?;
+                let ip: [u8; 8] = read(ctx, ETH_HLEN)?;
                 if ip[6] != IPPROTO_TCP {
                     return Ok(None); // extension headers and non-TCP pass
                 }
                 let payload = u16::from_be_bytes([ip[4], ip[5]]) as u32;
-                let mut s = [0u8; 16];
-                let mut d = [0u8; 16];
-                s.copy_from_slice(&ip[8..24]);
-                d.copy_from_slice(&ip[24..40]);
                 let end = if payload == 0 {
                     wire_len
                 } else {
                     (ETH_HLEN + IPV6_HLEN) as u32 + payload
                 };
-                (s, d, FAMILY_IPV6, ETH_HLEN + IPV6_HLEN, end)
+                (FAMILY_IPV6, ETH_HLEN + IPV6_HLEN, end)
             }
             _ => return Ok(None),
         };
@@ -139,6 +131,18 @@ impl TcpSegment {
             wire_len
         };
         let payload_len = end.saturating_sub(l4 as u32 + doff);
+
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        if family == FAMILY_IPV4 {
+            let addrs: [u8; 8] = read(ctx, ETH_HLEN + 12)?;
+            src[..4].copy_from_slice(&addrs[..4]);
+            dst[..4].copy_from_slice(&addrs[4..]);
+        } else {
+            let addrs: [u8; 32] = read(ctx, ETH_HLEN + 8)?;
+            src.copy_from_slice(&addrs[..16]);
+            dst.copy_from_slice(&addrs[16..]);
+        }
 
         let key = match direction {
             Direction::Ingress => FlowKey {
