@@ -1,4 +1,5 @@
-//! Finding CRIU and checking it can work on this kernel.
+//! CRIU: finding it, checking it can work on this kernel ([`swrk`] drives
+//! it, [`stats`] reads its timings).
 //!
 //! Lookup order: `--criu PATH`, then `MIGRATOR_CRIU`, then the launcher
 //! `cargo xtask setup` installs, then `criu` on `PATH`. An explicit choice
@@ -10,6 +11,9 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
 };
+
+pub mod stats;
+pub mod swrk;
 
 pub use migrator_common::paths::CRIU_LAUNCHER;
 

@@ -1,0 +1,283 @@
+//! Driving CRIU over its RPC interface (`criu swrk FD`): one request per
+//! CRIU process, NOTIFY messages answered as they come so each phase of a
+//! dump or restore gets a timestamp, and CRIU's own log kept for errors.
+//!
+//! The wire format is CRIU's `rpc.proto` (types from rust-criu), one
+//! message per SOCK_SEQPACKET packet.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use protobuf::Message as _;
+use rust_criu::rust_criu_protobuf::rpc::{
+    Criu_network_lock_method, Criu_opts, Criu_req, Criu_req_type, Criu_resp,
+};
+
+use super::CriuBinary;
+
+/// Log file CRIU writes into the images directory.
+pub const DUMP_LOG: &str = "dump.log";
+pub const RESTORE_LOG: &str = "restore.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwrkError {
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("CRIU sent a message we cannot decode: {0}")]
+    Decode(#[from] protobuf::Error),
+    #[error("CRIU closed the RPC socket without answering (see {log})")]
+    NoAnswer { log: PathBuf },
+    #[error("criu {action} failed: {message} (errno {errno}); CRIU's log: {log}{tail}")]
+    Failed {
+        action: &'static str,
+        message: String,
+        errno: i32,
+        log: PathBuf,
+        /// The last lines of the log, so the cause is visible at once.
+        tail: String,
+    },
+}
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> SwrkError {
+    let action = action.into();
+    move |source| SwrkError::Io { action, source }
+}
+
+/// One NOTIFY callback CRIU made ("pre-dump", "post-dump", "network-lock",
+/// "post-restore", ...) and when, relative to the request.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Notification {
+    pub script: String,
+    pub at_ms: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// For a restore: the PID of the restored root task (in our PID
+    /// namespace).
+    pub pid: Option<i32>,
+    pub notifications: Vec<Notification>,
+}
+
+/// What to dump or restore, and how.
+pub struct Request<'a> {
+    pub images_dir: &'a Path,
+    /// Root of the tree to dump (ignored for restore).
+    pub pid: Option<i32>,
+}
+
+impl CriuBinary {
+    /// Checkpoint the process tree rooted at `pid` into `images_dir`,
+    /// keeping established TCP connections (sockets go into TCP_REPAIR).
+    /// The network lock is ours: CRIU is told to skip its own. The tree is
+    /// killed after a successful dump (CRIU's default).
+    pub fn dump(
+        &self,
+        images_dir: &Path,
+        pid: i32,
+        on_notify: impl FnMut(&str),
+    ) -> Result<Outcome, SwrkError> {
+        let mut opts = base_opts(DUMP_LOG);
+        opts.set_pid(pid);
+        self.call(Criu_req_type::DUMP, "dump", images_dir, opts, on_notify)
+    }
+
+    /// Restore the tree in `images_dir` with its TCP connections. With
+    /// `rst_sibling` the restored root becomes a sibling of `criu swrk`,
+    /// that is our child: we reap it when it exits, nobody waits on PID 1.
+    pub fn restore(
+        &self,
+        images_dir: &Path,
+        on_notify: impl FnMut(&str),
+    ) -> Result<Outcome, SwrkError> {
+        let mut opts = base_opts(RESTORE_LOG);
+        opts.set_rst_sibling(true);
+        self.call(
+            Criu_req_type::RESTORE,
+            "restore",
+            images_dir,
+            opts,
+            on_notify,
+        )
+    }
+
+    fn call(
+        &self,
+        kind: Criu_req_type,
+        action: &'static str,
+        images_dir: &Path,
+        mut opts: Criu_opts,
+        mut on_notify: impl FnMut(&str),
+    ) -> Result<Outcome, SwrkError> {
+        let started = Instant::now();
+        // Opened without O_CLOEXEC so `criu swrk` inherits it; the RPC names
+        // the directory by this fd number.
+        let dir = open_dir_inheritable(images_dir)?;
+        opts.set_images_dir_fd(dir.as_raw_fd());
+        let log = images_dir.join(opts.log_file());
+
+        let (ours, theirs) = seqpacket_pair()?;
+        let theirs_fd = theirs.as_raw_fd();
+        let dir_fd = dir.as_raw_fd();
+        let mut command = Command::new(&self.path);
+        command
+            .arg("swrk")
+            .arg(theirs_fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in [theirs_fd, dir_fd] {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(io(format!("starting {} swrk", self.path.display())))?;
+        drop(theirs);
+        let mut socket = File::from(ours);
+
+        let mut request = Criu_req::new();
+        request.set_type(kind);
+        request.opts = protobuf::MessageField::some(opts);
+        send(&mut socket, &request)?;
+
+        let mut notifications = Vec::new();
+        let result = loop {
+            let Some(response) = receive(&mut socket)? else {
+                break Err(SwrkError::NoAnswer { log: log.clone() });
+            };
+            if response.type_() == Criu_req_type::NOTIFY {
+                let script = response.notify.script().to_owned();
+                notifications.push(Notification {
+                    at_ms: started.elapsed().as_secs_f64() * 1e3,
+                    script: script.clone(),
+                });
+                on_notify(&script);
+                let mut ack = Criu_req::new();
+                ack.set_type(Criu_req_type::NOTIFY);
+                ack.set_notify_success(true);
+                send(&mut socket, &ack)?;
+                continue;
+            }
+            if !response.success() {
+                break Err(SwrkError::Failed {
+                    action,
+                    message: response.cr_errmsg().to_owned(),
+                    errno: response.cr_errno(),
+                    tail: log_tail(&log),
+                    log: log.clone(),
+                });
+            }
+            let pid = (kind == Criu_req_type::RESTORE).then(|| response.restore.pid());
+            break Ok(Outcome { pid, notifications });
+        };
+        drop(socket);
+        // swrk exits once the socket closes; reap it so it is no zombie.
+        let _ = child.wait();
+        result
+    }
+}
+
+fn base_opts(log_file: &str) -> Criu_opts {
+    let mut opts = Criu_opts::new();
+    opts.set_tcp_established(true);
+    opts.set_network_lock(Criu_network_lock_method::SKIP);
+    opts.set_notify_scripts(true);
+    opts.set_log_level(4);
+    opts.set_log_file(log_file.to_owned());
+    // Lab and service processes are not attached to our terminal.
+    opts.set_shell_job(false);
+    opts.set_file_locks(true);
+    opts
+}
+
+fn open_dir_inheritable(dir: &Path) -> Result<OwnedFd, SwrkError> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io(format!("opening {}", dir.display()))(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: a valid C string; the returned fd is owned from here on.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    if fd < 0 {
+        return Err(io(format!("opening images directory {}", dir.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd was just returned by open and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), SwrkError> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds has room for the two descriptors socketpair writes.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io("socketpair for criu swrk")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn send(socket: &mut File, request: &Criu_req) -> Result<(), SwrkError> {
+    let bytes = request.write_to_bytes()?;
+    socket
+        .write_all(&bytes)
+        .map_err(io("sending a request to criu swrk"))
+}
+
+/// One message, or None when CRIU closed the socket.
+fn receive(socket: &mut File) -> Result<Option<Criu_resp>, SwrkError> {
+    // A seqpacket read returns one whole message; CRIU's are small.
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = socket
+        .read(&mut buf)
+        .map_err(io("reading criu swrk's answer"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Criu_resp::parse_from_bytes(&buf[..n])?))
+}
+
+/// The error lines at the end of a CRIU log ("Error (...)"), or its last
+/// lines if none are marked.
+fn log_tail(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|line| line.contains("Error") || line.contains("error"))
+        .collect();
+    let pick = if errors.is_empty() { &lines } else { &errors };
+    let start = pick.len().saturating_sub(5);
+    format!("\n    {}", pick[start..].join("\n    "))
+}
+

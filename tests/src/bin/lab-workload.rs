@@ -1,0 +1,100 @@
+//! The lab's workload, the process that gets migrated: it opens TCP
+//! connections to the lab peer from the service addresses and echoes
+//! every byte it receives. Plain blocking sockets and threads, nothing
+//! CRIU-specific: any process like it can be moved.
+//!
+//! `lab-workload --from IP [--from IP] --connect ADDR:PORT [--connect ...]`
+//! binds each connection to the `--from` address of its family.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::fd::FromRawFd as _,
+    thread,
+};
+
+/// A TCP socket bound to `from` (port chosen by the kernel), connected to
+/// `to`. std has no bind-before-connect, so the socket is made by hand.
+fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let (domain, addr, len) = sockaddr(SocketAddr::new(from, 0));
+    // SAFETY: plain socket calls on a fresh fd; the sockaddr buffer is sized
+    // for either family.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::bind(fd, (&raw const addr).cast(), len);
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let (_, target, len) = sockaddr(to);
+        let rc = libc::connect(fd, (&raw const target).cast(), len);
+        assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_in6, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_in6 (and sockaddr_in prefix).
+    let mut storage: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits inside sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (libc::AF_INET, storage, size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v6) => {
+            storage.sin6_family = libc::AF_INET6 as u16;
+            storage.sin6_port = v6.port().to_be();
+            storage.sin6_addr.s6_addr = v6.ip().octets();
+            (libc::AF_INET6, storage, size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+fn main() {
+    let mut from = Vec::<IpAddr>::new();
+    let mut connect = Vec::<SocketAddr>::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--from" => from.push(args.next().unwrap().parse().expect("--from IP")),
+            "--connect" => connect.push(args.next().unwrap().parse().expect("--connect ADDR:PORT")),
+            other => panic!("unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"),
+        }
+    }
+    let echoes: Vec<_> = connect
+        .into_iter()
+        .map(|to| {
+            let source = *from
+                .iter()
+                .find(|ip| ip.is_ipv4() == to.is_ipv4())
+                .expect("a --from address of the same family as each --connect");
+            let stream = connect_from(source, to);
+            thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if writer.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for echo in echoes {
+        let _ = echo.join();
+    }
+}
