@@ -6,7 +6,12 @@
 //! - [`criu`]: finding and checking CRIU.
 //! - [`doctor`]: the preflight report.
 
+pub mod agent;
 pub mod criu;
 pub mod dataplane;
 pub mod doctor;
+pub mod migrate;
+pub mod net;
+pub mod protocol;
+pub mod report;
 pub mod system;

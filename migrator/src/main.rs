@@ -10,6 +10,8 @@ use migrator::{
         spec::{FlowSpec, ServiceSpec, parse_duration},
         status::Snapshot,
     },
+    migrate,
+    protocol::{self, message::ServiceAddress},
     system,
 };
 use migrator_common::FlowPolicy;
@@ -94,6 +96,77 @@ enum Command {
         /// Release every flow and service rule.
         #[arg(long, conflicts_with_all = ["flows", "services"])]
         all: bool,
+    },
+    /// Move a running process, with its TCP connections, to the host where
+    /// `migrator agent` runs.
+    ///
+    /// Phases, each timed and shown as it happens: discover the process
+    /// tree's connections; preflight (CRIU here, the agent reachable and
+    /// authenticated, PIDs and service addresses free there); freeze its
+    /// flows and service addresses with the eBPF lock; CRIU dump; stream the
+    /// images; give up the service addresses; then the agent adds them,
+    /// restores, announces (GARP / unsolicited NA), confirms the neighbours
+    /// answer there and releases the lock. Any failure after the freeze
+    /// rolls back: the process runs here again with its connections.
+    ///
+    /// Exits 0 only when the process runs on the destination.
+    Migrate {
+        /// Root of the process tree to move.
+        #[arg(long)]
+        pid: i32,
+        /// The agent: ADDR:PORT.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: std::net::SocketAddr,
+        /// File with the token shared with the agent (at least 16
+        /// characters).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// A service address that moves with the process: IP or IP/PREFIX
+        /// (default /32, /128). Every connection must use one. Repeatable.
+        #[arg(long = "ip", value_name = "CIDR", required = true)]
+        ips: Vec<ServiceAddress>,
+        /// Interface of the service addresses (found if not given).
+        #[arg(long = "iface", value_name = "IF")]
+        iface: Option<String>,
+        /// Fail-open deadline of the locks, on both hosts.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        deadline: Duration,
+        /// Write the report (JSON) to this file.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Print the report as JSON on stdout (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
+        /// Where the images are written (kept there after a rollback).
+        #[arg(long, value_name = "DIR", default_value = "/var/tmp/migrator")]
+        work_dir: PathBuf,
+        /// CRIU binary (see `migrator doctor --help`).
+        #[arg(long, value_name = "PATH")]
+        criu: Option<PathBuf>,
+    },
+    /// Receive migrations: run this on the destination host.
+    ///
+    /// Serves one migration at a time, from sources that prove the shared
+    /// token. Leaves no lock, address, pinned object or image behind after
+    /// a migration, whatever its outcome. It is the parent (subreaper) of
+    /// the processes it restores and reaps them when they move on.
+    Agent {
+        /// Address and port to listen on (a management address).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// File with the shared token.
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// Interface that takes over the service addresses (default: the
+        /// one holding the listen address).
+        #[arg(long = "iface", value_name = "IF")]
+        iface: Option<String>,
+        /// Where incoming images are kept during a migration.
+        #[arg(long, value_name = "DIR", default_value = "/var/tmp/migrator-agent")]
+        work_dir: PathBuf,
+        /// CRIU binary (see `migrator doctor --help`).
+        #[arg(long, value_name = "PATH")]
+        criu: Option<PathBuf>,
     },
     /// Show tracked flows and service rules with their counters.
     Status {
@@ -264,6 +337,90 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bail!("not tracked, nothing done for: {}", unknown.join(", "));
                 }
             }
+        }
+        Command::Migrate {
+            pid,
+            to,
+            token_file,
+            ips,
+            iface,
+            deadline,
+            report,
+            json,
+            work_dir,
+            criu,
+        } => {
+            require_privileges()?;
+            let token = protocol::read_token(&token_file).map_err(anyhow::Error::msg)?;
+            let criu = migrator::criu::locate(criu.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let result = runtime.block_on(migrate::migrate(migrate::MigrateOptions {
+                pid,
+                to,
+                token,
+                service_addresses: ips,
+                iface,
+                deadline,
+                criu,
+                work_dir,
+                quiet: false,
+            }));
+            eprint!("{}", result.render());
+            let text = serde_json::to_string_pretty(&result)?;
+            if let Some(path) = report {
+                std::fs::write(&path, &text)
+                    .with_context(|| format!("writing the report to {}", path.display()))?;
+            }
+            if json {
+                println!("{text}");
+            }
+            return Ok(if result.outcome == migrator::report::Outcome::Migrated {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Command::Agent {
+            listen,
+            token_file,
+            iface,
+            work_dir,
+            criu,
+        } => {
+            require_privileges()?;
+            let token = protocol::read_token(&token_file).map_err(anyhow::Error::msg)?;
+            let criu = migrator::criu::locate(criu.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?;
+            let criu_version = criu
+                .supported_version()
+                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?
+                .to_string();
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let iface = match iface {
+                    Some(iface) => iface,
+                    None => {
+                        let netlink = migrator::net::address::Netlink::connect()?;
+                        let found = netlink.find(listen.ip()).await?.ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "{} is not assigned here; give --iface IF for the interface that takes over service addresses",
+                                listen.ip()
+                            )
+                        })?;
+                        netlink.link_name(found.index).await?
+                    }
+                };
+                migrator::agent::serve(migrator::agent::AgentConfig {
+                    listen,
+                    token,
+                    iface,
+                    work_dir,
+                    criu,
+                    criu_version,
+                })
+                .await
+            })?;
         }
         Command::Status { json } => {
             require_privileges()?;

@@ -5,6 +5,11 @@
 
 mod cmd;
 mod criu_prefix;
+mod demo;
+// The lab topology is shared with the integration tests, which build the
+// same lab under their own prefixes.
+#[path = "../../tests/src/lab.rs"]
+mod lab;
 mod setup;
 
 use std::path::PathBuf;
@@ -28,8 +33,21 @@ enum Task {
     /// Set up, then build the workspace (the eBPF object is built and
     /// embedded by migrator's build.rs).
     Build,
-    /// Set up, build, and run the lab demo (for now: `migrator doctor`).
-    Run,
+    /// Set up, build, and migrate a live workload in the lab: from `src`
+    /// to `dst` and back, reports and the peer's byte-for-byte verdict
+    /// printed, then the lab is removed.
+    Run {
+        /// Round trips to make.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+    },
+    /// The lab of network namespaces (`peer`, `src`, `dst` on a bridge):
+    /// `up` builds it (replacing any old one), `down` removes it and
+    /// everything in it, also after a crash.
+    Lab {
+        #[arg(value_enum)]
+        action: LabAction,
+    },
     /// Set up, build, check formatting and lints, and run every test,
     /// including the privileged ones (root, kernel, network namespaces).
     Test {
@@ -43,6 +61,15 @@ enum Task {
         which: Bench,
     },
 }
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LabAction {
+    Up,
+    Down,
+}
+
+/// Namespace prefix of the lab `cargo xtask lab` and `run` manage.
+const LAB_PREFIX: &str = "mlab";
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Bench {
@@ -70,11 +97,34 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             build(&root)
         }
-        Task::Run => {
+        Task::Run { rounds } => {
             setup::run()?;
             build(&root)?;
             cmd::section("migrator doctor");
-            cmd::run(cmd::new(root.join("target/debug/migrator")).arg("doctor"))
+            cmd::run(cmd::new(root.join("target/debug/migrator")).arg("doctor"))?;
+            demo::run(&root, LAB_PREFIX, rounds)
+        }
+        Task::Lab { action } => {
+            let lab = lab::Lab::new(LAB_PREFIX);
+            match action {
+                LabAction::Up => {
+                    lab.up().map_err(anyhow::Error::msg)?;
+                    eprintln!(
+                        "lab up: namespaces {} {} {} on a bridge in {}; service IP {} / {} on src",
+                        lab.netns(lab::PEER),
+                        lab.netns(lab::SRC),
+                        lab.netns(lab::DST),
+                        lab.netns("br"),
+                        lab::SERVICE_V4,
+                        lab::SERVICE_V6
+                    );
+                }
+                LabAction::Down => {
+                    lab.down().map_err(anyhow::Error::msg)?;
+                    eprintln!("lab down: namespaces, links, pins and processes removed");
+                }
+            }
+            Ok(())
         }
         Task::Test { filter } => {
             setup::run()?;

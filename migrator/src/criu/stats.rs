@@ -157,7 +157,15 @@ mod tests {
         // dump_stats_entry { freezing 1500 us, frozen 42000, memdump 900,
         // memwrite 1200, pages_scanned 300, skipped 0, written 250 }
         let mut dump = Vec::new();
-        for (field, value) in [(1, 1500), (2, 42_000), (3, 900), (4, 1200), (5, 300), (6, 0), (7, 250)] {
+        for (field, value) in [
+            (1, 1500),
+            (2, 42_000),
+            (3, 900),
+            (4, 1200),
+            (5, 300),
+            (6, 0),
+            (7, 250),
+        ] {
             dump.extend(varint_bytes(field << 3));
             dump.extend(varint_bytes(value));
         }

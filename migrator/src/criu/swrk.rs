@@ -40,11 +40,10 @@ pub enum SwrkError {
     Decode(#[from] protobuf::Error),
     #[error("CRIU closed the RPC socket without answering (see {log})")]
     NoAnswer { log: PathBuf },
-    #[error("criu {action} failed: {message} (errno {errno}); CRIU's log: {log}{tail}")]
+    #[error("criu {action} failed: {message}; CRIU's log: {log}{tail}")]
     Failed {
         action: &'static str,
         message: String,
-        errno: i32,
         log: PathBuf,
         /// The last lines of the log, so the cause is visible at once.
         tail: String,
@@ -58,7 +57,7 @@ fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> SwrkError {
 
 /// One NOTIFY callback CRIU made ("pre-dump", "post-dump", "network-lock",
 /// "post-restore", ...) and when, relative to the request.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Notification {
     pub script: String,
     pub at_ms: f64,
@@ -181,12 +180,18 @@ impl CriuBinary {
                 continue;
             }
             if !response.success() {
+                let errors = log_errors(&log);
+                // The first real error says what broke; CRIU's own message is
+                // often the harmless rlimit warning.
+                let message = errors
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| response.cr_errmsg().trim().to_owned());
                 break Err(SwrkError::Failed {
                     action,
-                    message: response.cr_errmsg().to_owned(),
-                    errno: response.cr_errno(),
-                    tail: log_tail(&log),
+                    message,
                     log: log.clone(),
+                    tail: errors.iter().map(|line| format!("\n    {line}")).collect(),
                 });
             }
             let pid = (kind == Criu_req_type::RESTORE).then(|| response.restore.pid());
@@ -213,8 +218,9 @@ fn base_opts(log_file: &str) -> Criu_opts {
 }
 
 fn open_dir_inheritable(dir: &Path) -> Result<OwnedFd, SwrkError> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| io(format!("opening {}", dir.display()))(std::io::ErrorKind::InvalidInput.into()))?;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io(format!("opening {}", dir.display()))(std::io::ErrorKind::InvalidInput.into())
+    })?;
     // SAFETY: a valid C string; the returned fd is owned from here on.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
     if fd < 0 {
@@ -238,7 +244,9 @@ fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), SwrkError> {
         )
     };
     if rc != 0 {
-        return Err(io("socketpair for criu swrk")(std::io::Error::last_os_error()));
+        return Err(io("socketpair for criu swrk")(
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: both fds were just created and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
@@ -265,19 +273,22 @@ fn receive(socket: &mut File) -> Result<Option<Criu_resp>, SwrkError> {
 }
 
 /// The error lines at the end of a CRIU log ("Error (...)"), or its last
-/// lines if none are marked.
-fn log_tail(log: &Path) -> String {
+/// lines if none are marked. CRIU's complaint that it cannot raise its own
+/// RLIMIT_NOFILE is harmless and hides the real cause, so it is skipped.
+fn log_errors(log: &Path) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(log) else {
-        return String::new();
+        return Vec::new();
     };
     let lines: Vec<&str> = text.lines().collect();
     let errors: Vec<&str> = lines
         .iter()
         .copied()
-        .filter(|line| line.contains("Error") || line.contains("error"))
+        .filter(|line| line.contains("Error") && !line.contains("RLIMIT_NOFILE"))
         .collect();
     let pick = if errors.is_empty() { &lines } else { &errors };
-    let start = pick.len().saturating_sub(5);
-    format!("\n    {}", pick[start..].join("\n    "))
+    let start = pick.len().saturating_sub(4);
+    pick[start..]
+        .iter()
+        .map(|line| line.trim().to_owned())
+        .collect()
 }
-

@@ -8,6 +8,7 @@
 //! `links/<iface>@netlink` recording clsact filters on older kernels.
 
 mod attach;
+pub mod lock;
 pub mod spec;
 pub mod status;
 pub mod table;

@@ -99,7 +99,10 @@ fn serve(stream: TcpStream, slot: usize, shared: Shared, started: Instant) {
         for (i, byte) in buf[..n].iter().enumerate() {
             let at = offset + i as u64;
             if *byte != pattern(at) && conn.error.is_none() {
-                conn.error = Some(format!("echo byte {at} is {byte}, expected {}", pattern(at)));
+                conn.error = Some(format!(
+                    "echo byte {at} is {byte}, expected {}",
+                    pattern(at)
+                ));
             }
         }
         offset += n as u64;
@@ -134,7 +137,9 @@ fn main() {
         match arg.as_str() {
             "--listen" => listen.push(args.next().unwrap().parse().expect("--listen ADDR:PORT")),
             "--report" => report_path = Some(PathBuf::from(args.next().unwrap())),
-            other => panic!("unknown argument {other}; usage: lab-peer --listen ADDR:PORT --report FILE"),
+            other => {
+                panic!("unknown argument {other}; usage: lab-peer --listen ADDR:PORT --report FILE")
+            }
         }
     }
     let report_path = report_path.expect("--report FILE");

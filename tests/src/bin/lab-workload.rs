@@ -47,13 +47,21 @@ fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_in6, libc::socklen_t) {
             };
             // SAFETY: sockaddr_in fits inside sockaddr_in6.
             unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            (libc::AF_INET, storage, size_of::<libc::sockaddr_in>() as u32)
+            (
+                libc::AF_INET,
+                storage,
+                size_of::<libc::sockaddr_in>() as u32,
+            )
         }
         SocketAddr::V6(v6) => {
             storage.sin6_family = libc::AF_INET6 as u16;
             storage.sin6_port = v6.port().to_be();
             storage.sin6_addr.s6_addr = v6.ip().octets();
-            (libc::AF_INET6, storage, size_of::<libc::sockaddr_in6>() as u32)
+            (
+                libc::AF_INET6,
+                storage,
+                size_of::<libc::sockaddr_in6>() as u32,
+            )
         }
     }
 }
@@ -66,7 +74,9 @@ fn main() {
         match arg.as_str() {
             "--from" => from.push(args.next().unwrap().parse().expect("--from IP")),
             "--connect" => connect.push(args.next().unwrap().parse().expect("--connect ADDR:PORT")),
-            other => panic!("unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"),
+            other => panic!(
+                "unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"
+            ),
         }
     }
     let echoes: Vec<_> = connect

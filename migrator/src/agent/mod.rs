@@ -1,0 +1,564 @@
+//! `migrator agent`: the destination. It accepts one migration at a time
+//! from a source that proves the shared token, checks it can take the
+//! process (preflight), locks the flows on its interface before it owns the
+//! service address, receives the images, and then: adds the address,
+//! restores with CRIU, announces the address, confirms the neighbours
+//! answer here, and only then releases the lock.
+//!
+//! Whatever fails, the agent leaves nothing behind: the lock and any
+//! attachment it made, the addresses it added, a process it restored, the
+//! images. The source then rolls back.
+//!
+//! The agent is a child subreaper and reaps every child that exits, so a
+//! restored process that later moves away is reaped at once.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::{Component, Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+};
+use tracing::{info, warn};
+
+use crate::{
+    criu::{CriuBinary, stats::read_restore_stats},
+    dataplane::{lock::MigrationLock, spec::FlowSpec, spec::ServiceSpec},
+    net::{address::Netlink, announce::Link},
+    protocol::{
+        Channel, Message, ProtocolError, auth,
+        message::{PreflightReply, PreflightRequest, RestoreReply, ServiceAddress},
+    },
+    report::{self, ConnectionCounters, Phase},
+};
+
+/// Bounds on what a source may send.
+const MAX_FILES: u64 = 100_000;
+const MAX_TOTAL_BYTES: u64 = 64 << 30;
+/// How long a neighbour gets to answer a probe from the new owner.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Announcements per address.
+const ANNOUNCEMENTS: usize = 3;
+
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub token: Vec<u8>,
+    pub iface: String,
+    pub work_dir: PathBuf,
+    pub criu: CriuBinary,
+    pub criu_version: String,
+}
+
+/// Serve migrations until the process is stopped.
+pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+    become_subreaper();
+    tokio::spawn(reap_children());
+    std::fs::create_dir_all(&config.work_dir)?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|err| {
+        anyhow::anyhow!(
+            "listening on {}: {err} (is the address assigned here and the port free?)",
+            config.listen
+        )
+    })?;
+    info!(listen = %config.listen, iface = %config.iface, "agent ready");
+    let mut serial = 0u64;
+    loop {
+        let (stream, from) = listener.accept().await?;
+        serial += 1;
+        let images = config.work_dir.join(format!("incoming-{serial}"));
+        match handle(stream, &config, &images).await {
+            Ok(Some(pid)) => info!(%from, pid, "migration in: process restored, traffic released"),
+            Ok(None) => info!(%from, "session ended without a restore"),
+            Err(err) => warn!(%from, "session failed: {err}"),
+        }
+        let _ = std::fs::remove_dir_all(&images);
+    }
+}
+
+fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a plain integer.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        warn!(
+            "cannot become a child subreaper: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Reap children as they exit: restored processes that moved away, and
+/// their orphans (we are a subreaper). Exit statuses are not needed.
+async fn reap_children() {
+    let Ok(mut signals) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+    else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = signals.recv() => {}
+            _ = tick.tick() => {}
+        }
+        // SAFETY: waitpid with WNOHANG and no status pointer.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    }
+}
+
+/// What one session changed, undone by [`Session::undo`] unless the
+/// migration completed.
+struct Session {
+    lock: Option<MigrationLock>,
+    added: Vec<IpAddr>,
+    restored_pid: Option<i32>,
+}
+
+impl Session {
+    async fn undo(&mut self, netlink: Option<&Netlink>) {
+        if let Some(pid) = self.restored_pid.take() {
+            // The source restores its own copy from the same images: this
+            // one must not run. Its traffic never left (still locked).
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if let Some(netlink) = netlink {
+            for ip in self.added.drain(..) {
+                let _ = netlink.remove(ip).await;
+            }
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.close();
+        }
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    config: &AgentConfig,
+    images: &Path,
+) -> Result<Option<i32>, ProtocolError> {
+    let _ = stream.set_nodelay(true);
+    let mut channel = Channel::new(stream);
+    if let Err(err) = auth::server(&mut channel, &config.token).await {
+        return Err(match err {
+            ProtocolError::Closed => ProtocolError::Auth(
+                "the source hung up during authentication (its token differs from ours?)".into(),
+            ),
+            other => other,
+        });
+    }
+    let request = match channel.receive().await? {
+        Message::Preflight(request) => request,
+        other => {
+            return Err(ProtocolError::Unexpected {
+                expected: "preflight",
+                got: other.name(),
+            });
+        }
+    };
+    let netlink = Netlink::connect().map_err(|err| ProtocolError::Refused(err.to_string()))?;
+    let mut session = Session {
+        lock: None,
+        added: Vec::new(),
+        restored_pid: None,
+    };
+    let result = run_session(
+        &mut channel,
+        config,
+        images,
+        &request,
+        &netlink,
+        &mut session,
+    )
+    .await;
+    match result {
+        Ok(pid) => {
+            // Done: the lock was released; take our entries away.
+            session.restored_pid = None;
+            session.added.clear();
+            if let Some(lock) = session.lock.take() {
+                lock.close();
+            }
+            Ok(Some(pid))
+        }
+        Err(err) => {
+            session.undo(Some(&netlink)).await;
+            Err(err)
+        }
+    }
+}
+
+fn refuse(reason: String) -> Message {
+    Message::Refused { reason }
+}
+
+async fn run_session(
+    channel: &mut Channel<TcpStream>,
+    config: &AgentConfig,
+    images: &Path,
+    request: &PreflightRequest,
+    netlink: &Netlink,
+    session: &mut Session,
+) -> Result<i32, ProtocolError> {
+    let flows = match preflight(config, request, netlink).await {
+        Ok(flows) => flows,
+        Err(reason) => {
+            channel.send(&refuse(reason.clone())).await?;
+            return Err(ProtocolError::Refused(reason));
+        }
+    };
+    // Lock before we own the address: from the moment it is added until
+    // the restored sockets are ready, our stack must not answer the peers.
+    let services: Vec<_> = request
+        .service_addresses
+        .iter()
+        .map(|a| {
+            ServiceSpec {
+                ip: a.ip,
+                port: None,
+            }
+            .key()
+        })
+        .collect();
+    let lock = MigrationLock::observe(&config.iface, &flows)
+        .and_then(|mut lock| {
+            lock.freeze(&services, Duration::from_millis(request.deadline_ms))
+                .map(|()| lock)
+        })
+        .map_err(|err| err.to_string());
+    match lock {
+        Ok(lock) => session.lock = Some(lock),
+        Err(reason) => {
+            let reason = format!("locking the flows on {}: {reason}", config.iface);
+            channel.send(&refuse(reason.clone())).await?;
+            return Err(ProtocolError::Refused(reason));
+        }
+    }
+    channel
+        .send(&Message::PreflightOk(PreflightReply {
+            criu_version: config.criu_version.clone(),
+            iface: config.iface.clone(),
+        }))
+        .await?;
+
+    receive_images(channel, images).await?;
+    match channel.receive().await? {
+        Message::Restore => {}
+        other => {
+            return Err(ProtocolError::Unexpected {
+                expected: "restore",
+                got: other.name(),
+            });
+        }
+    }
+    match restore(config, images, request, netlink, session).await {
+        Ok(reply) => {
+            let pid = reply.pid;
+            channel.send(&Message::Restored(Box::new(reply))).await?;
+            Ok(pid)
+        }
+        Err((phase, reason)) => {
+            session.undo(Some(netlink)).await;
+            let _ = channel
+                .send(&Message::Failed {
+                    phase: phase.to_owned(),
+                    reason: reason.clone(),
+                })
+                .await;
+            Err(ProtocolError::Refused(format!("{phase}: {reason}")))
+        }
+    }
+}
+
+/// Checks before the source freezes anything. Returns the flows to lock.
+async fn preflight(
+    config: &AgentConfig,
+    request: &PreflightRequest,
+    netlink: &Netlink,
+) -> Result<Vec<FlowSpec>, String> {
+    let flows: Vec<FlowSpec> = request
+        .flows
+        .iter()
+        .map(|flow| flow.parse().map_err(|err| format!("{err}")))
+        .collect::<Result<_, _>>()?;
+    netlink
+        .link_index(&config.iface)
+        .await
+        .map_err(|err| err.to_string())?;
+    for address in &request.service_addresses {
+        if let Some(found) = netlink.find(address.ip).await.map_err(|e| e.to_string())? {
+            let iface = netlink
+                .link_name(found.index)
+                .await
+                .unwrap_or_else(|_| format!("#{}", found.index));
+            return Err(format!(
+                "service address {} is already assigned on the destination ({iface}); remove it there or pick another destination",
+                address.ip
+            ));
+        }
+    }
+    if !request.own_pid_namespace {
+        for pid in &request.pids {
+            if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+                return Err(format!(
+                    "PID {pid} is taken on the destination (by `{}`); CRIU restores a process with its PIDs, so they must be free (or run the workload in its own PID namespace)",
+                    comm.trim()
+                ));
+            }
+        }
+    }
+    Ok(flows)
+}
+
+/// A file name the source may write: one plain component, no dot files.
+fn safe_name(name: &str) -> bool {
+    let mut components = Path::new(name).components();
+    matches!(components.next(), Some(Component::Normal(_)))
+        && components.next().is_none()
+        && !name.starts_with('.')
+        && name.len() <= 255
+}
+
+async fn receive_images(
+    channel: &mut Channel<TcpStream>,
+    images: &Path,
+) -> Result<(), ProtocolError> {
+    tokio::fs::create_dir_all(images).await?;
+    let (mut files, mut total) = (0u64, 0u64);
+    let mut names = BTreeSet::new();
+    loop {
+        match channel.receive().await? {
+            Message::File { name, size } => {
+                files += 1;
+                total = total.saturating_add(size);
+                if !safe_name(&name) || !names.insert(name.clone()) {
+                    let reason =
+                        format!("image name `{name}` refused (not a plain, new file name)");
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ProtocolError::Refused(reason));
+                }
+                if files > MAX_FILES || total > MAX_TOTAL_BYTES {
+                    let reason = format!(
+                        "image stream over the limits ({MAX_FILES} files, {} GiB)",
+                        MAX_TOTAL_BYTES >> 30
+                    );
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ProtocolError::Refused(reason));
+                }
+                let mut file = tokio::fs::File::create(images.join(&name)).await?;
+                let mut left = size;
+                while left > 0 {
+                    let chunk = channel.receive_data().await?;
+                    if chunk.len() as u64 > left {
+                        return Err(ProtocolError::Frame(format!(
+                            "{name}: more bytes than announced"
+                        )));
+                    }
+                    left -= chunk.len() as u64;
+                    file.write_all(&chunk).await?;
+                }
+                file.flush().await?;
+            }
+            Message::FilesDone {
+                files: sent_files,
+                bytes,
+            } => {
+                if sent_files != files || bytes != total {
+                    let reason = format!(
+                        "image stream incomplete: got {files} files / {total} bytes, source sent {sent_files} / {bytes}"
+                    );
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ProtocolError::Refused(reason));
+                }
+                channel.send(&Message::FilesOk).await?;
+                return Ok(());
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "file or files-done",
+                    got: other.name(),
+                });
+            }
+        }
+    }
+}
+
+/// Times the destination's phases from the restore request on.
+struct Clock {
+    started: Instant,
+    phases: Vec<Phase>,
+}
+
+impl Clock {
+    fn ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn done(&mut self, name: &str, start_ms: f64, ok: bool) {
+        self.phases.push(Phase {
+            name: name.to_owned(),
+            host: "destination".into(),
+            start_ms,
+            duration_ms: self.ms() - start_ms,
+            ok,
+        });
+    }
+}
+
+type PhaseError = (&'static str, String);
+
+async fn restore(
+    config: &AgentConfig,
+    images: &Path,
+    request: &PreflightRequest,
+    netlink: &Netlink,
+    session: &mut Session,
+) -> Result<RestoreReply, PhaseError> {
+    let mut clock = Clock {
+        started: Instant::now(),
+        phases: Vec::new(),
+    };
+
+    let start = clock.ms();
+    let index = netlink
+        .link_index(&config.iface)
+        .await
+        .map_err(|e| (report::IP_TAKEOVER, e.to_string()))?;
+    for address in &request.service_addresses {
+        netlink
+            .add(&config.iface, index, address.ip, address.prefix)
+            .await
+            .map_err(|e| (report::IP_TAKEOVER, e.to_string()))?;
+        session.added.push(address.ip);
+    }
+    clock.done(report::IP_TAKEOVER, start, true);
+
+    let start = clock.ms();
+    let criu = config.criu.clone();
+    let dir = images.to_owned();
+    let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| {}))
+        .await
+        .map_err(|e| (report::RESTORE, e.to_string()))?
+        .map_err(|e| (report::RESTORE, e.to_string()))?;
+    let pid = outcome
+        .pid
+        .ok_or((report::RESTORE, "CRIU reported no PID".to_owned()))?;
+    session.restored_pid = Some(pid);
+    clock.done(report::RESTORE, start, true);
+
+    // Announce, then probe the peers from the service address: a reply
+    // proves the peer's neighbour entry now points here.
+    let start = clock.ms();
+    let iface = config.iface.clone();
+    let addresses: Vec<IpAddr> = request.service_addresses.iter().map(|a| a.ip).collect();
+    let neighbours = on_link_neighbours(netlink, index, request).await;
+    let link = tokio::task::spawn_blocking(move || -> Result<Link, String> {
+        let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
+        for _ in 0..ANNOUNCEMENTS {
+            for ip in &addresses {
+                link.announce(*ip).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(link)
+    })
+    .await
+    .map_err(|e| (report::ANNOUNCE, e.to_string()))?
+    .map_err(|e| (report::ANNOUNCE, e))?;
+    clock.done(report::ANNOUNCE, start, true);
+
+    let start = clock.ms();
+    let (confirmed, unconfirmed) = tokio::task::spawn_blocking(move || {
+        let mut link = link;
+        let mut confirmed = Vec::new();
+        let mut unconfirmed = Vec::new();
+        for (from, neighbour) in neighbours {
+            match link.probe(from, neighbour, CONFIRM_TIMEOUT) {
+                Ok(Some(_)) => confirmed.push(neighbour.to_string()),
+                _ => unconfirmed.push(neighbour.to_string()),
+            }
+        }
+        (confirmed, unconfirmed)
+    })
+    .await
+    .map_err(|e| (report::CONFIRM, e.to_string()))?;
+    let confirm_ok = unconfirmed.is_empty();
+    clock.done(report::CONFIRM, start, confirm_ok);
+    if !confirm_ok {
+        return Err((
+            report::CONFIRM,
+            format!(
+                "neighbours {} did not answer the new owner of the service address within {:?}",
+                unconfirmed.join(", "),
+                CONFIRM_TIMEOUT
+            ),
+        ));
+    }
+
+    let start = clock.ms();
+    let lock = session
+        .lock
+        .as_mut()
+        .ok_or((report::RELEASE, "no lock".to_owned()))?;
+    let counters = lock.counters();
+    lock.release()
+        .map_err(|e| (report::RELEASE, e.to_string()))?;
+    clock.done(report::RELEASE, start, true);
+    let released_at = Instant::now();
+
+    let connections = counters
+        .into_iter()
+        .map(|(flow, stats)| ConnectionCounters {
+            flow: flow.to_string(),
+            peer_retransmits: stats.peer_retransmits,
+            packets_in: stats.packets_in,
+            dropped: stats.dropped,
+        })
+        .collect();
+    Ok(RestoreReply {
+        pid,
+        phases: clock.phases,
+        since_release_ms: released_at.elapsed().as_secs_f64() * 1e3,
+        criu_restore: read_restore_stats(images),
+        connections,
+        confirmed,
+        unconfirmed,
+    })
+}
+
+/// For each distinct peer of the migrated flows that sits on one of this
+/// interface's subnets: (service address of its family to probe from,
+/// peer). Peers behind a router are not probed.
+async fn on_link_neighbours(
+    netlink: &Netlink,
+    index: u32,
+    request: &PreflightRequest,
+) -> Vec<(IpAddr, IpAddr)> {
+    let Ok(assigned) = netlink.addresses().await else {
+        return Vec::new();
+    };
+    let services: Vec<&ServiceAddress> = request.service_addresses.iter().collect();
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for flow in request
+        .flows
+        .iter()
+        .filter_map(|f| f.parse::<FlowSpec>().ok())
+    {
+        let peer = flow.remote.ip();
+        let on_link = assigned.iter().any(|a| {
+            a.index == index
+                && !services.iter().any(|s| s.ip == a.ip)
+                && crate::net::address::contains(a.ip, a.prefix, peer)
+        });
+        let from = services.iter().find(|s| s.ip.is_ipv4() == peer.is_ipv4());
+        if let (true, Some(from)) = (on_link, from)
+            && seen.insert(peer)
+        {
+            out.push((from.ip, peer));
+        }
+    }
+    out
+}

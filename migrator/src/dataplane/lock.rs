@@ -1,0 +1,104 @@
+//! One migration's use of the data plane on one host: attach to the
+//! interface (unless something already did), observe, freeze and release
+//! its flows and service addresses, read their counters, and on close
+//! remove exactly what it added (detaching only if it attached).
+
+use std::path::PathBuf;
+
+use migrator_common::{FlowPolicy, FlowStats, ServiceKey};
+
+use super::{
+    AttachMode, Dataplane, DataplaneError, FlowTable, default_pin_root, detach, spec::FlowSpec,
+};
+use crate::system::boottime_ns;
+
+pub struct MigrationLock {
+    table: FlowTable,
+    root: PathBuf,
+    iface: String,
+    attached_here: bool,
+    flows: Vec<FlowSpec>,
+    services: Vec<ServiceKey>,
+}
+
+impl MigrationLock {
+    /// Attach to `iface` in this network namespace and observe `flows`.
+    pub fn observe(iface: &str, flows: &[FlowSpec]) -> Result<Self, DataplaneError> {
+        let root = default_pin_root();
+        let mut dataplane = Dataplane::load_pinned(&root)?;
+        let (_, attached_here) = dataplane.attach(iface, AttachMode::Auto)?;
+        let mut lock = Self {
+            table: dataplane.take_table()?,
+            root,
+            iface: iface.to_owned(),
+            attached_here,
+            flows: flows.to_vec(),
+            services: Vec::new(),
+        };
+        let keys: Vec<_> = flows.iter().map(FlowSpec::key).collect();
+        if let Err(err) = lock.table.set_flows(&keys, FlowPolicy::observe()) {
+            lock.close();
+            return Err(err);
+        }
+        Ok(lock)
+    }
+
+    /// Block every flow and all TCP of `services` (new SYNs too) until
+    /// released, or until `deadline` passes (fail-open).
+    pub fn freeze(
+        &mut self,
+        services: &[ServiceKey],
+        deadline: std::time::Duration,
+    ) -> Result<(), DataplaneError> {
+        let policy = FlowPolicy::freeze(boottime_ns() + deadline.as_nanos() as u64);
+        let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
+        self.table.set_flows(&keys, policy)?;
+        for service in services {
+            self.table.set_service(*service, policy)?;
+            self.services.push(*service);
+        }
+        Ok(())
+    }
+
+    /// Let traffic through again (flows go back to observe).
+    pub fn release(&mut self) -> Result<(), DataplaneError> {
+        for flow in &self.flows {
+            self.table.release_flow(&flow.key())?;
+        }
+        for service in std::mem::take(&mut self.services) {
+            self.table.release_service(&service)?;
+        }
+        Ok(())
+    }
+
+    /// Counters of every flow of this migration.
+    pub fn counters(&self) -> Vec<(FlowSpec, FlowStats)> {
+        self.flows
+            .iter()
+            .map(|flow| {
+                let stats = self
+                    .table
+                    .flow_stats(&flow.key())
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                (*flow, stats)
+            })
+            .collect()
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// Remove this migration's entries; detach if this lock attached.
+    /// Best effort: it runs on error paths, where the first error matters.
+    pub fn close(mut self) {
+        let _ = self.release();
+        let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
+        let _ = self.table.forget_flows(&keys);
+        if self.attached_here {
+            let _ = detach(&self.root, &self.iface);
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! `migrator migrate`: the source side. Discover the process tree's
+//! connections, preflight (here and at the agent) before touching
+//! anything, lock, dump with CRIU, stream the images, give up the service
+//! address, and let the agent restore, announce, confirm and release.
+//!
+//! Any failure after the freeze rolls back: the address comes back, CRIU
+//! restores the process here from the same images, the lock is released,
+//! and the connections live on. If this process is killed mid-way, the
+//! lock fails open at its deadline and `migrator recover --images DIR`
+//! restores from the images left in the work directory.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use tokio::net::TcpStream;
+
+use crate::{
+    criu::{CriuBinary, stats::read_dump_stats},
+    dataplane::{
+        lock::MigrationLock,
+        spec::{FlowSpec, ServiceSpec},
+    },
+    net::{address::Netlink, discover},
+    protocol::{
+        Channel, Message, ProtocolError, auth,
+        message::{PreflightRequest, RestoreReply, ServiceAddress},
+    },
+    report::{self, ConnectionReport, Outcome, PhaseClock, Report},
+};
+
+pub struct MigrateOptions {
+    pub pid: i32,
+    pub to: SocketAddr,
+    pub token: Vec<u8>,
+    pub service_addresses: Vec<ServiceAddress>,
+    /// Interface the service addresses live on (found if not given).
+    pub iface: Option<String>,
+    /// Fail-open deadline of the locks on both hosts.
+    pub deadline: Duration,
+    pub criu: CriuBinary,
+    /// Where images are written; kept after a rollback.
+    pub work_dir: PathBuf,
+    pub quiet: bool,
+}
+
+/// Everything a rollback needs to know about how far we got.
+struct Progress {
+    lock: Option<MigrationLock>,
+    frozen: bool,
+    dumped: bool,
+    /// Addresses removed from the source, with where they were.
+    removed: Vec<(ServiceAddress, String, u32)>,
+    images: PathBuf,
+}
+
+/// Run a migration; the report says how it ended (never panics on the
+/// way: every error becomes the report's `error`).
+pub async fn migrate(options: MigrateOptions) -> Report {
+    let mut clock = PhaseClock::new("source", options.quiet);
+    let mut report = Report {
+        outcome: Outcome::Failed,
+        error: None,
+        source_pid: options.pid,
+        destination: options.to.to_string(),
+        destination_pid: None,
+        service_addresses: options
+            .service_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        phases: Vec::new(),
+        freeze_window_ms: None,
+        total_ms: 0.0,
+        image_bytes: 0,
+        criu_dump: None,
+        criu_restore: None,
+        criu_dump_notifications: Vec::new(),
+        connections: Vec::new(),
+        confirmed_neighbours: Vec::new(),
+        unconfirmed_neighbours: Vec::new(),
+    };
+    let images = options
+        .work_dir
+        .join(format!("migrate-{}-{}", options.pid, unix_seconds()));
+    let mut progress = Progress {
+        lock: None,
+        frozen: false,
+        dumped: false,
+        removed: Vec::new(),
+        images: images.clone(),
+    };
+    let result = run(&options, &mut clock, &mut report, &mut progress).await;
+    match result {
+        Ok(()) => {
+            report.outcome = Outcome::Migrated;
+            let _ = std::fs::remove_dir_all(&images);
+        }
+        Err(error) => {
+            report.error = Some(error);
+            if progress.frozen || progress.dumped {
+                let phase = clock.begin(report::ROLLBACK);
+                let rolled = rollback(&options, &mut progress).await;
+                clock.end(phase, rolled.is_ok());
+                match rolled {
+                    Ok(()) => report.outcome = Outcome::RolledBack,
+                    Err(err) => {
+                        // The process is not running anywhere. Keep the lock
+                        // (until its deadline) so the peers see a slow network,
+                        // not resets, while someone restores from the images.
+                        progress.lock = None;
+                        report.error = Some(format!(
+                            "{}; ROLLBACK FAILED: {err}; the lock stays until its deadline ({} s): restore from the images kept in {} (`migrator recover --images {}`) before then",
+                            report.error.take().unwrap_or_default(),
+                            options.deadline.as_secs(),
+                            images.display(),
+                            images.display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(lock) = progress.lock.take() {
+        lock.close();
+    }
+    report.phases = std::mem::take(&mut clock.phases);
+    report.total_ms = clock.now_ms();
+    report
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn run(
+    options: &MigrateOptions,
+    clock: &mut PhaseClock,
+    report: &mut Report,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    // discover: what the process holds, and that it matches --ip.
+    let phase = clock.begin(report::DISCOVER);
+    let network = discover::discover(options.pid).map_err(|e| e.to_string());
+    let network =
+        match network.and_then(|n| check_addresses(&n, &options.service_addresses).map(|()| n)) {
+            Ok(network) => {
+                clock.end(phase, true);
+                network
+            }
+            Err(err) => {
+                clock.end(phase, false);
+                return Err(err);
+            }
+        };
+
+    // preflight: here (CRIU, interface, addresses) and at the agent.
+    let phase = clock.begin(report::PREFLIGHT);
+    let prepared = preflight(options, &network).await.and_then(|prepared| {
+        // Attach and observe now: loading the programs takes a while and
+        // does not belong in the freeze window.
+        match MigrationLock::observe(&prepared.2, &network.connections) {
+            Ok(lock) => Ok((prepared, lock)),
+            Err(err) => Err(format!("attaching the data plane to {}: {err}", prepared.2)),
+        }
+    });
+    let (mut channel, netlink, iface, removed_plan) = match prepared {
+        Ok((prepared, lock)) => {
+            progress.lock = Some(lock);
+            clock.end(phase, true);
+            prepared
+        }
+        Err(err) => {
+            clock.end(phase, false);
+            return Err(err);
+        }
+    };
+
+    // freeze: lock the flows and the service addresses (new SYNs wait).
+    let phase = clock.begin(report::FREEZE);
+    let services: Vec<_> = options
+        .service_addresses
+        .iter()
+        .map(|a| {
+            ServiceSpec {
+                ip: a.ip,
+                port: None,
+            }
+            .key()
+        })
+        .collect();
+    let frozen_at = Instant::now();
+    progress.frozen = true;
+    let locked = match progress.lock.as_mut() {
+        Some(lock) => lock.freeze(&services, options.deadline),
+        None => Ok(()),
+    };
+    if let Err(err) = locked {
+        clock.end(phase, false);
+        return Err(format!("locking the flows on {iface}: {err}"));
+    }
+    clock.end(phase, true);
+
+    // dump
+    let phase = clock.begin(report::DUMP);
+    std::fs::create_dir_all(&progress.images)
+        .map_err(|e| format!("creating {}: {e}", progress.images.display()))?;
+    let criu = options.criu.clone();
+    let (dir, pid) = (progress.images.clone(), options.pid);
+    let dumped = tokio::task::spawn_blocking(move || criu.dump(&dir, pid, |_| {}))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match dumped {
+        Ok(outcome) => {
+            progress.dumped = true;
+            report.criu_dump_notifications = outcome.notifications;
+            report.criu_dump = read_dump_stats(&progress.images);
+            clock.end(phase, true);
+        }
+        Err(err) => {
+            clock.end(phase, false);
+            // CRIU resumes the tree when a dump fails: only the lock to undo.
+            return Err(format!("dump: {err}"));
+        }
+    }
+
+    // transfer
+    let phase = clock.begin(report::TRANSFER);
+    let sent = send_images(&mut channel, &progress.images).await;
+    match sent {
+        Ok(bytes) => {
+            report.image_bytes = bytes;
+            clock.end(phase, true);
+        }
+        Err(err) => {
+            clock.end(phase, false);
+            return Err(format!("transfer: {err}"));
+        }
+    }
+
+    // ip-release: the old host stops owning the service addresses.
+    let phase = clock.begin(report::IP_RELEASE);
+    for (address, iface_name, index) in removed_plan {
+        match netlink.remove(address.ip).await {
+            Ok(_) => progress.removed.push((address, iface_name, index)),
+            Err(err) => {
+                clock.end(phase, false);
+                return Err(format!("ip-release: {err}"));
+            }
+        }
+    }
+    let released_ip_at = Instant::now();
+    let packets_at_ip_release: Vec<u64> = progress
+        .lock
+        .as_ref()
+        .map(|lock| lock.counters().iter().map(|(_, s)| s.packets_in).collect())
+        .unwrap_or_default();
+    clock.end(phase, true);
+
+    // restore, announce, confirm, release: at the agent.
+    let asked_at_ms = clock.now_ms();
+    channel
+        .send(&Message::Restore)
+        .await
+        .map_err(|e| format!("asking for the restore: {e}"))?;
+    let reply: RestoreReply = match channel.receive().await {
+        Ok(Message::Restored(reply)) => *reply,
+        Ok(Message::Failed { phase, reason }) => {
+            return Err(format!("destination {phase}: {reason}"));
+        }
+        Ok(other) => return Err(format!("destination answered {}", other.name())),
+        Err(err) => return Err(format!("destination: {err}")),
+    };
+    let answered = Instant::now();
+    for mut phase in reply.phases.clone() {
+        phase.start_ms += asked_at_ms;
+        clock.record(phase);
+    }
+    let released_at = answered - Duration::from_secs_f64(reply.since_release_ms / 1e3);
+    report.freeze_window_ms = Some(
+        released_at
+            .saturating_duration_since(frozen_at)
+            .as_secs_f64()
+            * 1e3,
+    );
+    report.destination_pid = Some(reply.pid);
+    report.criu_restore = reply.criu_restore.clone();
+    report.confirmed_neighbours = reply.confirmed.clone();
+    report.unconfirmed_neighbours = reply.unconfirmed.clone();
+
+    // Stale packets: peers still sending to the old host after it gave
+    // up the address (keep counting a moment after the release).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = released_ip_at;
+    if let Some(lock) = progress.lock.as_ref() {
+        for (i, (flow, stats)) in lock.counters().into_iter().enumerate() {
+            let destination = reply
+                .connections
+                .iter()
+                .find(|c| c.flow == flow.to_string());
+            report.connections.push(ConnectionReport {
+                local: flow.local.to_string(),
+                remote: flow.remote.to_string(),
+                peer_retransmits_source: stats.peer_retransmits,
+                peer_retransmits_destination: destination.map_or(0, |c| c.peer_retransmits),
+                stale_packets_source: stats
+                    .packets_in
+                    .saturating_sub(packets_at_ip_release.get(i).copied().unwrap_or(0)),
+                held_delivered: 0,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every connection must use a given service address, and every given
+/// address must be in use: otherwise the move would break a connection
+/// or the user named the wrong address.
+fn check_addresses(
+    network: &discover::ProcessNetwork,
+    addresses: &[ServiceAddress],
+) -> Result<(), String> {
+    if network.connections.is_empty() && network.listening.is_empty() {
+        return Err(format!(
+            "process {} (and its {} descendants) has no TCP connections or listening sockets: nothing to move with migrator",
+            network.pids[0],
+            network.pids.len() - 1
+        ));
+    }
+    let given: BTreeSet<IpAddr> = addresses.iter().map(|a| a.ip).collect();
+    let used = network.local_addresses();
+    if let Some(flow) = network
+        .connections
+        .iter()
+        .find(|flow| !given.contains(&flow.local.ip()))
+    {
+        return Err(format!(
+            "connection {flow} uses local address {}, which is not a service address given with --ip: it could not survive the move (give --ip {} if that address moves too)",
+            flow.local.ip(),
+            flow.local.ip()
+        ));
+    }
+    if let Some(unused) = given.iter().find(|ip| !used.contains(ip)) {
+        return Err(format!(
+            "service address {unused} is not used by any socket of process {}; it uses {}",
+            network.pids[0],
+            used.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(())
+}
+
+type Prepared = (
+    Channel<TcpStream>,
+    Netlink,
+    String,
+    Vec<(ServiceAddress, String, u32)>,
+);
+
+async fn preflight(
+    options: &MigrateOptions,
+    network: &discover::ProcessNetwork,
+) -> Result<Prepared, String> {
+    options
+        .criu
+        .supported_version()
+        .map_err(|e| format!("{e}; {}", e.fix()))?;
+    let netlink = Netlink::connect().map_err(|e| e.to_string())?;
+    let mut plan = Vec::new();
+    for address in &options.service_addresses {
+        let found = netlink
+            .find(address.ip)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "service address {} is not assigned on this host (see `ip addr`)",
+                    address.ip
+                )
+            })?;
+        let name = netlink
+            .link_name(found.index)
+            .await
+            .map_err(|e| e.to_string())?;
+        plan.push((*address, name, found.index));
+    }
+    let iface = match &options.iface {
+        Some(iface) => {
+            netlink.link_index(iface).await.map_err(|e| e.to_string())?;
+            iface.clone()
+        }
+        None => plan
+            .first()
+            .map(|(_, name, _)| name.clone())
+            .ok_or("no service address given (--ip)")?,
+    };
+
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(options.to))
+        .await
+        .map_err(|_| format!("agent {}: no answer within 5 s", options.to))?
+        .map_err(|e| {
+            format!(
+                "agent {}: {e} (is `migrator agent` running there?)",
+                options.to
+            )
+        })?;
+    let _ = stream.set_nodelay(true);
+    let mut channel = Channel::new(stream);
+    auth::client(&mut channel, &options.token)
+        .await
+        .map_err(|e| format!("agent {}: {e}", options.to))?;
+    channel
+        .send(&Message::Preflight(PreflightRequest {
+            pids: network.pids.clone(),
+            own_pid_namespace: network.own_pid_namespace,
+            service_addresses: options.service_addresses.clone(),
+            flows: network
+                .connections
+                .iter()
+                .map(FlowSpec::to_string)
+                .collect(),
+            deadline_ms: options.deadline.as_millis() as u64,
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    match channel.receive().await.map_err(|e| e.to_string())? {
+        Message::PreflightOk(_) => {}
+        Message::Refused { reason } => return Err(format!("agent refused: {reason}")),
+        other => return Err(format!("agent answered {}", other.name())),
+    }
+    Ok((channel, netlink, iface, plan))
+}
+
+async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64, ProtocolError> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+        .collect();
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        bytes += channel.send_file(&entry.path(), &name).await?;
+        files += 1;
+    }
+    channel.send(&Message::FilesDone { files, bytes }).await?;
+    match channel.receive().await? {
+        Message::FilesOk => Ok(bytes),
+        Message::Refused { reason } => Err(ProtocolError::Refused(reason)),
+        other => Err(ProtocolError::Unexpected {
+            expected: "files-ok",
+            got: other.name(),
+        }),
+    }
+}
+
+/// Put the process back here: addresses, CRIU restore from our images if
+/// it was dumped, lock released.
+async fn rollback(options: &MigrateOptions, progress: &mut Progress) -> Result<(), String> {
+    if !progress.removed.is_empty() {
+        let netlink = Netlink::connect().map_err(|e| e.to_string())?;
+        for (address, iface, index) in progress.removed.drain(..) {
+            netlink
+                .add(&iface, index, address.ip, address.prefix)
+                .await
+                .map_err(|e| format!("re-adding {address}: {e}"))?;
+        }
+    }
+    if progress.dumped {
+        let criu = options.criu.clone();
+        let dir = progress.images.clone();
+        tokio::task::spawn_blocking(move || criu.restore(&dir, |_| {}))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("restoring here: {e}"))?;
+        progress.dumped = false;
+    }
+    if let Some(mut lock) = progress.lock.take() {
+        let released = lock
+            .release()
+            .map_err(|e| format!("releasing the lock: {e}"));
+        lock.close();
+        released?;
+    }
+    Ok(())
+}

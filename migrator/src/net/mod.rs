@@ -1,0 +1,8 @@
+//! The host's network as a migration sees it: which connections a process
+//! tree holds ([`discover`]), the service addresses ([`address`], over
+//! rtnetlink) and announcing them on the link ([`announce`], GARP and
+//! unsolicited NA built with pnet).
+
+pub mod address;
+pub mod announce;
+pub mod discover;

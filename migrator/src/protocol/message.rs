@@ -1,0 +1,133 @@
+//! Control messages, as JSON. One enum for both directions keeps the
+//! protocol readable in one place.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    criu::stats::RestoreStats,
+    report::{ConnectionCounters, Phase},
+};
+
+/// A service address with its prefix length, as `--ip` gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAddress {
+    pub ip: IpAddr,
+    pub prefix: u8,
+}
+
+impl std::fmt::Display for ServiceAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix)
+    }
+}
+
+impl std::str::FromStr for ServiceAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, prefix)) => (ip, Some(prefix)),
+            None => (text, None),
+        };
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("`{text}`: expected IP or IP/PREFIX"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{text}`: prefix must be 0..={max}"))?,
+        };
+        Ok(Self { ip, prefix })
+    }
+}
+
+/// What the source asks the agent to check before anything is frozen.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PreflightRequest {
+    pub pids: Vec<i32>,
+    pub own_pid_namespace: bool,
+    pub service_addresses: Vec<ServiceAddress>,
+    /// Four-tuples as `LOCAL=REMOTE`, local being the service side.
+    pub flows: Vec<String>,
+    /// How long the destination's lock may stay on before failing open.
+    pub deadline_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PreflightReply {
+    pub criu_version: String,
+    pub iface: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreReply {
+    /// PID of the restored root task on the destination.
+    pub pid: i32,
+    /// The destination's phases; `start_ms` from when it got the request.
+    pub phases: Vec<Phase>,
+    /// Time from the release back to this reply (so the source can work
+    /// out when the release happened on its own clock).
+    pub since_release_ms: f64,
+    pub criu_restore: Option<RestoreStats>,
+    /// Counters of the destination's lock at release, per flow.
+    pub connections: Vec<ConnectionCounters>,
+    /// Neighbours that answered a probe from the service address, and
+    /// those that did not (not on this link, or silent).
+    pub confirmed: Vec<String>,
+    pub unconfirmed: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    Hello {
+        version: u32,
+        nonce: String,
+    },
+    Challenge {
+        nonce: String,
+        proof: String,
+    },
+    Auth {
+        proof: String,
+    },
+    AuthOk,
+    Refused {
+        reason: String,
+    },
+    Preflight(PreflightRequest),
+    PreflightOk(PreflightReply),
+    /// An image file follows as data frames totalling `size` bytes.
+    File {
+        name: String,
+        size: u64,
+    },
+    /// All files sent; the agent checks and acknowledges.
+    FilesDone {
+        files: u64,
+        bytes: u64,
+    },
+    FilesOk,
+    Restore,
+    Restored(Box<RestoreReply>),
+    Failed {
+        phase: String,
+        reason: String,
+    },
+}
+
+impl Message {
+    /// Short name for error messages.
+    pub fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "?".into())
+    }
+}

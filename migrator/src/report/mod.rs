@@ -1,0 +1,233 @@
+//! The record of one migration: where every millisecond of the freeze
+//! window went, CRIU's own timings, per-connection counters and the
+//! outcome. Written as JSON (`--report FILE`, `--json`) and summed up for
+//! people on stderr, with a progress line per phase as it happens.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::criu::{
+    stats::{DumpStats, RestoreStats},
+    swrk::Notification,
+};
+
+/// Phase names, in the order a migration runs them.
+pub const DISCOVER: &str = "discover";
+pub const PREFLIGHT: &str = "preflight";
+pub const FREEZE: &str = "freeze";
+pub const DUMP: &str = "dump";
+pub const TRANSFER: &str = "transfer";
+pub const IP_RELEASE: &str = "ip-release";
+pub const IP_TAKEOVER: &str = "ip-takeover";
+pub const RESTORE: &str = "restore";
+pub const ANNOUNCE: &str = "announce";
+pub const CONFIRM: &str = "confirm";
+pub const RELEASE: &str = "release";
+pub const ROLLBACK: &str = "rollback";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    /// "source" or "destination".
+    pub host: String,
+    /// From the start of the migration (for destination phases: placed on
+    /// the source's clock at the moment it asked for the restore).
+    pub start_ms: f64,
+    pub duration_ms: f64,
+    pub ok: bool,
+}
+
+/// Lock counters of one connection on one host.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnectionCounters {
+    pub flow: String,
+    pub peer_retransmits: u64,
+    pub packets_in: u64,
+    pub dropped: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectionReport {
+    pub local: String,
+    pub remote: String,
+    /// Peer retransmits seen by the source's lock from freeze to the end.
+    pub peer_retransmits_source: u64,
+    /// Peer retransmits seen by the destination's lock until release.
+    pub peer_retransmits_destination: u64,
+    /// Peer packets that still reached the old host after it gave up the
+    /// service address: how long the peer took to learn the new owner.
+    pub stale_packets_source: u64,
+    pub held_delivered: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The process runs on the destination.
+    Migrated,
+    /// Something failed after the freeze; the process runs on the source
+    /// again with its connections.
+    RolledBack,
+    /// Refused before anything was frozen, or a failure the rollback could
+    /// not repair (see `error`).
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub error: Option<String>,
+    pub source_pid: i32,
+    pub destination: String,
+    pub destination_pid: Option<i32>,
+    pub service_addresses: Vec<String>,
+    pub phases: Vec<Phase>,
+    /// Freeze on the source to release on the destination.
+    pub freeze_window_ms: Option<f64>,
+    pub total_ms: f64,
+    pub image_bytes: u64,
+    pub criu_dump: Option<DumpStats>,
+    pub criu_restore: Option<RestoreStats>,
+    pub criu_dump_notifications: Vec<Notification>,
+    pub connections: Vec<ConnectionReport>,
+    pub confirmed_neighbours: Vec<String>,
+    pub unconfirmed_neighbours: Vec<String>,
+}
+
+impl Report {
+    /// The human summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let verdict = match self.outcome {
+            Outcome::Migrated => format!(
+                "migrated pid {} to {} (pid {} there)",
+                self.source_pid,
+                self.destination,
+                self.destination_pid.unwrap_or(0)
+            ),
+            Outcome::RolledBack => format!(
+                "rolled back: pid {} runs on this host again",
+                self.source_pid
+            ),
+            Outcome::Failed => format!("failed: pid {} not migrated", self.source_pid),
+        };
+        out.push_str(&format!("{verdict}\n"));
+        if let Some(error) = &self.error {
+            out.push_str(&format!("  reason: {error}\n"));
+        }
+        if let Some(window) = self.freeze_window_ms {
+            out.push_str(&format!(
+                "  freeze window {window:.1} ms (total {:.1} ms, images {:.1} MiB)\n",
+                self.total_ms,
+                self.image_bytes as f64 / (1 << 20) as f64
+            ));
+        }
+        out.push_str("  phase          host          start ms   duration ms\n");
+        for phase in &self.phases {
+            out.push_str(&format!(
+                "  {:<14} {:<12} {:>9.1} {:>12.1}{}\n",
+                phase.name,
+                phase.host,
+                phase.start_ms,
+                phase.duration_ms,
+                if phase.ok { "" } else { "  FAILED" }
+            ));
+        }
+        if let Some(dump) = &self.criu_dump {
+            out.push_str(&format!(
+                "  criu dump: frozen {:.1} ms (freezing {:.1}, memdump {:.1}, memwrite {:.1}), {} pages written\n",
+                dump.frozen_ms, dump.freezing_ms, dump.memdump_ms, dump.memwrite_ms, dump.pages_written
+            ));
+        }
+        if let Some(restore) = &self.criu_restore {
+            out.push_str(&format!(
+                "  criu restore: {:.1} ms (forking {:.1}), {} pages restored\n",
+                restore.restore_ms, restore.forking_ms, restore.pages_restored
+            ));
+        }
+        if !self.connections.is_empty() {
+            out.push_str("  connection                                   peer rexmit src/dst  stale at src\n");
+            for c in &self.connections {
+                out.push_str(&format!(
+                    "  {:<44} {:>8} /{:<4} {:>12}\n",
+                    format!("{} = {}", c.local, c.remote),
+                    c.peer_retransmits_source,
+                    c.peer_retransmits_destination,
+                    c.stale_packets_source
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Times phases against one start instant and prints a progress line per
+/// phase on stderr (unless quiet).
+pub struct PhaseClock {
+    started: Instant,
+    pub phases: Vec<Phase>,
+    host: &'static str,
+    quiet: bool,
+}
+
+impl PhaseClock {
+    pub fn new(host: &'static str, quiet: bool) -> Self {
+        Self {
+            started: Instant::now(),
+            phases: Vec::new(),
+            host,
+            quiet,
+        }
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn now_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// Start a phase; finish it with [`PhaseClock::end`].
+    pub fn begin(&self, name: &str) -> (String, f64) {
+        if !self.quiet {
+            eprintln!("[{:>9.1} ms] {name} ...", self.now_ms());
+        }
+        (name.to_owned(), self.now_ms())
+    }
+
+    pub fn end(&mut self, (name, start_ms): (String, f64), ok: bool) -> f64 {
+        let duration_ms = self.now_ms() - start_ms;
+        if !self.quiet {
+            eprintln!(
+                "[{:>9.1} ms] {name} {} in {duration_ms:.1} ms",
+                self.now_ms(),
+                if ok { "done" } else { "FAILED" }
+            );
+        }
+        self.phases.push(Phase {
+            name,
+            host: self.host.to_owned(),
+            start_ms,
+            duration_ms,
+            ok,
+        });
+        duration_ms
+    }
+
+    /// Record a phase measured elsewhere (the destination's).
+    pub fn record(&mut self, phase: Phase) {
+        if !self.quiet {
+            eprintln!(
+                "[{:>9.1} ms] {} ({}) {:.1} ms{}",
+                phase.start_ms + phase.duration_ms,
+                phase.name,
+                phase.host,
+                phase.duration_ms,
+                if phase.ok { "" } else { " FAILED" }
+            );
+        }
+        self.phases.push(phase);
+    }
+}

@@ -1,0 +1,188 @@
+//! The lab: three "hosts" (`peer`, `src`, `dst`) as network namespaces on
+//! a bridge that lives in a fourth namespace, so the root namespace is
+//! never touched. IPv4 and IPv6, addresses from 198.18.0.0/15 and
+//! 2001:db8::/32 only.
+//!
+//! ```text
+//!  <p>-peer eth0  198.18.0.1  2001:db8::1 ─┐
+//!  <p>-src  eth0  198.18.0.2  2001:db8::2 ─┼─ br0 in <p>-br
+//!  <p>-dst  eth0  198.18.0.3  2001:db8::3 ─┘
+//!  service IP 198.18.0.100/32, 2001:db8::100/128: starts on src
+//! ```
+//!
+//! Every lab with its own prefix is independent (tests run several at
+//! once with the same addresses). Std and libc only: `cargo xtask`
+//! includes this file too, and must build before anything is installed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+pub const PEER: &str = "peer";
+pub const SRC: &str = "src";
+pub const DST: &str = "dst";
+pub const HOSTS: [&str; 3] = [PEER, SRC, DST];
+/// Every host's interface onto the lab bridge.
+pub const IFACE: &str = "eth0";
+
+pub const PEER_V4: &str = "198.18.0.1";
+pub const PEER_V6: &str = "2001:db8::1";
+pub const SERVICE_V4: &str = "198.18.0.100";
+pub const SERVICE_V6: &str = "2001:db8::100";
+/// Port the agent listens on, at the destination's management address.
+pub const AGENT_PORT: u16 = 7070;
+
+/// Management addresses (v4, v6) of a host.
+pub fn host_addresses(host: &str) -> (&'static str, &'static str) {
+    match host {
+        PEER => (PEER_V4, PEER_V6),
+        SRC => ("198.18.0.2", "2001:db8::2"),
+        _ => ("198.18.0.3", "2001:db8::3"),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Lab {
+    pub prefix: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running ip: {e} (is iproute2 installed?)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Lab {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Namespace name of a host (`peer`, `src`, `dst`) or of the bridge.
+    pub fn netns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    pub fn netns_path(&self, host: &str) -> PathBuf {
+        Path::new("/run/netns").join(self.netns(host))
+    }
+
+    fn bridge(&self) -> String {
+        self.netns("br")
+    }
+
+    /// Build the lab from scratch (anything left by an earlier run with the
+    /// same prefix is removed first, so this is idempotent).
+    pub fn up(&self) -> Result<(), String> {
+        self.down()?;
+        let bridge = self.bridge();
+        ip(&["netns", "add", &bridge])?;
+        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &bridge, "link", "set", "br0", "up"])?;
+        for host in HOSTS {
+            let ns = self.netns(host);
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n", &bridge, "link", "add", host, "type", "veth", "peer", "name", IFACE, "netns",
+                &ns,
+            ])?;
+            ip(&["-n", &bridge, "link", "set", host, "master", "br0", "up"])?;
+            let (v4, v6) = host_addresses(host);
+            ip(&["-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", IFACE])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                IFACE,
+                "nodad",
+            ])?;
+            ip(&["-n", &ns, "link", "set", IFACE, "up"])?;
+        }
+        let src = self.netns(SRC);
+        ip(&[
+            "-n",
+            &src,
+            "addr",
+            "add",
+            &format!("{SERVICE_V4}/32"),
+            "dev",
+            IFACE,
+        ])?;
+        ip(&[
+            "-n",
+            &src,
+            "addr",
+            "add",
+            &format!("{SERVICE_V6}/128"),
+            "dev",
+            IFACE,
+            "nodad",
+        ])?;
+        Ok(())
+    }
+
+    /// Remove everything: processes still in the lab's namespaces, the
+    /// data plane pins made for them, the namespaces (and with them every
+    /// link). Safe to run at any time, also after a crash.
+    pub fn down(&self) -> Result<(), String> {
+        for host in HOSTS.iter().copied().chain(["br"]) {
+            let path = self.netns_path(host);
+            if !path.exists() {
+                continue;
+            }
+            kill_processes_in(&path);
+            if let Some(pins) = pin_root_of(&path) {
+                let _ = std::fs::remove_dir_all(pins);
+            }
+            ip(&["netns", "del", &self.netns(host)])?;
+        }
+        Ok(())
+    }
+}
+
+/// Where migrator pins its data plane for the namespace at `path`.
+pub fn pin_root_of(netns_path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata(netns_path).ok()?.ino();
+    Some(Path::new("/sys/fs/bpf/migrator").join(format!("netns-{inode}")))
+}
+
+/// SIGKILL every process whose network namespace is the one at `path`.
+fn kill_processes_in(netns_path: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(target) = std::fs::metadata(netns_path).map(|m| (m.dev(), m.ino())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let ns = std::fs::metadata(entry.path().join("ns/net")).map(|m| (m.dev(), m.ino()));
+        if ns.is_ok_and(|ns| ns == target) {
+            // SAFETY: kill has no memory preconditions.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}

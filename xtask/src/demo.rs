@@ -1,0 +1,216 @@
+//! `cargo xtask run`: a real migration in the lab. A workload with three
+//! connections (two IPv4, one IPv6) to servers in `peer` that push bytes
+//! and check every echoed byte moves from `src` to `dst` and back, once
+//! per round; both reports are printed, then the servers' verdict.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cmd, lab};
+
+/// Removes the lab whatever happens to the demo.
+struct LabGuard(lab::Lab);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        match self.0.down() {
+            Ok(()) => eprintln!("\nlab down: namespaces, links, pins and processes removed"),
+            Err(err) => eprintln!("\nlab down failed: {err} (run `cargo xtask lab down`)"),
+        }
+    }
+}
+
+fn in_netns(lab: &lab::Lab, host: &str, program: &Path) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", lab.netns_path(host).display()))
+        .arg(program);
+    command
+}
+
+fn spawn_quiet(command: &mut Command, log: &Path) -> Result<Child> {
+    let log_file = std::fs::File::create(log)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .context("starting a lab process")
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
+    let bin = root.join("target/debug");
+    let dir = root.join("target/lab");
+    std::fs::create_dir_all(&dir)?;
+    let lab = lab::Lab::new(prefix);
+    cmd::section("lab up");
+    lab.up().map_err(anyhow::Error::msg)?;
+    let _guard = LabGuard(lab.clone());
+    eprintln!(
+        "    peer {} / {}, service address {} / {} on src",
+        lab::PEER_V4,
+        lab::PEER_V6,
+        lab::SERVICE_V4,
+        lab::SERVICE_V6
+    );
+
+    let token = dir.join("token");
+    let mut random = [0u8; 24];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut random)?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&token, hex)?;
+
+    cmd::section("workload");
+    let peer_report = dir.join("peer.json");
+    let _ = std::fs::remove_file(&peer_report);
+    let v4 = format!("{}:9000", lab::PEER_V4);
+    let v6 = format!("[{}]:9000", lab::PEER_V6);
+    spawn_quiet(
+        in_netns(&lab, lab::PEER, &bin.join("lab-peer")).args([
+            "--listen",
+            &v4,
+            "--listen",
+            &v6,
+            "--report",
+            &peer_report.to_string_lossy(),
+        ]),
+        &dir.join("peer.log"),
+    )?;
+    for host in [lab::SRC, lab::DST] {
+        let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
+        spawn_quiet(
+            in_netns(&lab, host, &bin.join("migrator")).args([
+                "agent",
+                "--listen",
+                &listen,
+                "--token-file",
+                &token.to_string_lossy(),
+                "--work-dir",
+                &dir.join(format!("agent-{host}")).to_string_lossy(),
+            ]),
+            &dir.join(format!("agent-{host}.log")),
+        )?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Its own PID namespace (see the design notes): the restored process
+    // can never collide with the PIDs of the one it replaces.
+    let mut workload = Command::new("nsenter");
+    workload
+        .arg(format!("--net={}", lab.netns_path(lab::SRC).display()))
+        .args(["unshare", "--pid", "--fork", "setsid"])
+        .arg(bin.join("lab-workload"))
+        .args(["--from", lab::SERVICE_V4, "--from", lab::SERVICE_V6])
+        .args(["--connect", &v4, "--connect", &v6, "--connect", &v4]);
+    // /dev/null, not a log file: CRIU refuses to restore a process whose
+    // open regular file changed size behind its back after the dump.
+    let workload = workload
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the workload")?;
+    let mut pid = wait_for_workload(workload.id() as i32, &peer_report)?;
+    eprintln!("    lab-workload pid {pid} in src: 3 connections to peer, echoing");
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut failures = 0;
+    for round in 1..=rounds {
+        for (from, to) in [(lab::SRC, lab::DST), (lab::DST, lab::SRC)] {
+            cmd::section(&format!("round {round}: migrate {from} -> {to}"));
+            let report = dir.join(format!("report-{round}-{from}-{to}.json"));
+            let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+            let status = in_netns(&lab, from, &bin.join("migrator"))
+                .args(["migrate", "--pid", &pid.to_string(), "--to", &target])
+                .args(["--token-file", &token.to_string_lossy()])
+                .args(["--ip", lab::SERVICE_V4, "--ip", lab::SERVICE_V6])
+                .args(["--report", &report.to_string_lossy()])
+                .args(["--work-dir", &dir.join("images").to_string_lossy()])
+                .status()?;
+            eprintln!("    report: {}", report.display());
+            let new_pid = read_json(&report)
+                .and_then(|r| r["destination_pid"].as_i64())
+                .map(|p| p as i32);
+            match (status.success(), new_pid) {
+                (true, Some(new_pid)) => pid = new_pid,
+                _ => {
+                    failures += 1;
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if failures > 0 {
+            break;
+        }
+    }
+
+    cmd::section("verdict (from the peer, which never moved)");
+    std::thread::sleep(Duration::from_millis(500));
+    let verdict = read_json(&peer_report).context("reading the peer's report")?;
+    let mut broken = 0;
+    for conn in verdict["connections"].as_array().into_iter().flatten() {
+        let pushed = conn["pushed"].as_u64().unwrap_or(0);
+        let echoed = conn["echoed"].as_u64().unwrap_or(0);
+        let error = conn["error"].as_str();
+        if error.is_some() {
+            broken += 1;
+        }
+        eprintln!(
+            "    {:<24} pushed {pushed:>9} B, echoed back intact {echoed:>9} B ({} in flight), longest stall {:>6.1} ms, {}",
+            conn["remote"].as_str().unwrap_or("?"),
+            pushed.saturating_sub(echoed),
+            conn["longest_gap_ms"].as_f64().unwrap_or(0.0),
+            error.unwrap_or("no reset, no loss")
+        );
+    }
+    eprintln!(
+        "    bytes lost: {}, resets: {}",
+        if broken == 0 { "0" } else { "SEE ABOVE" },
+        verdict["connections"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["error"].as_str() == Some("reset"))
+            .count()
+    );
+    if failures > 0 || broken > 0 {
+        bail!(
+            "the lab migration failed (logs and reports in {})",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The workload's PID (the init of its PID namespace, child of `unshare`)
+/// once the peer sees its three connections.
+fn wait_for_workload(unshare_pid: i32, peer_report: &Path) -> Result<i32> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let children =
+            std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+                .unwrap_or_default();
+        let connected = read_json(peer_report)
+            .and_then(|r| r["connections"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            && connected >= 3
+        {
+            return Ok(pid);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("the workload did not connect to the peer within 10 s (see target/lab/peer.log)")
+}
