@@ -207,7 +207,7 @@ mod tests {
         assert_eq!(
             sockets,
             vec![TcpSocket {
-                local: "198.18.0.100:53975".parse().unwrap(),
+                local: "198.18.0.100:54007".parse().unwrap(),
                 remote: "198.18.0.1:9000".parse().unwrap(),
                 state: TCP_ESTABLISHED,
                 inode: 31337,
