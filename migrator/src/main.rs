@@ -144,6 +144,29 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         criu: Option<PathBuf>,
     },
+    /// Restore a process from the images a failed migration left behind,
+    /// and lift the lock it left.
+    ///
+    /// For the case `migrate` reports "ROLLBACK FAILED", or when it was
+    /// killed after the dump: run it on the source before the lock's
+    /// deadline passes, and the peers will have seen only a slow network.
+    /// Adds the given service addresses back if they are missing, restores
+    /// with CRIU, releases every lock in this network namespace and
+    /// detaches the data plane.
+    Recover {
+        /// The images directory (named in migrate's report and error).
+        #[arg(long, value_name = "DIR")]
+        images: PathBuf,
+        /// Service address to put back (IP or IP/PREFIX). Repeatable.
+        #[arg(long = "ip", value_name = "CIDR", requires = "iface")]
+        ips: Vec<ServiceAddress>,
+        /// Interface for the service addresses.
+        #[arg(long = "iface", value_name = "IF")]
+        iface: Option<String>,
+        /// CRIU binary (see `migrator doctor --help`).
+        #[arg(long, value_name = "PATH")]
+        criu: Option<PathBuf>,
+    },
     /// Receive migrations: run this on the destination host.
     ///
     /// Serves one migration at a time, from sources that prove the shared
@@ -380,6 +403,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             });
+        }
+        Command::Recover {
+            images,
+            ips,
+            iface,
+            criu,
+        } => {
+            require_privileges()?;
+            if !images.join("inventory.img").exists() {
+                bail!(
+                    "{} holds no CRIU images (no inventory.img); give the directory migrate named",
+                    images.display()
+                );
+            }
+            let criu = migrator::criu::locate(criu.as_deref())
+                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                if let Some(iface) = &iface {
+                    let netlink = migrator::net::address::Netlink::connect()?;
+                    let index = netlink.link_index(iface).await?;
+                    for address in &ips {
+                        if netlink.find(address.ip).await?.is_none() {
+                            netlink
+                                .add(iface, index, address.ip, address.prefix)
+                                .await?;
+                            eprintln!("added {address} to {iface}");
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            })?;
+            let outcome = criu.restore(&images, |_| {})?;
+            eprintln!(
+                "restored from {}: pid {}",
+                images.display(),
+                outcome.pid.unwrap_or(0)
+            );
+            if let Ok(mut table) = FlowTable::open_pinned(&root) {
+                let (flows, services) = table.release_all()?;
+                eprintln!("released {flows} flow(s) and {services} service rule(s)");
+                for iface in dataplane::attached_interfaces(&root) {
+                    dataplane::detach(&root, &iface)?;
+                    eprintln!("detached from {iface}");
+                }
+            }
         }
         Command::Agent {
             listen,

@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 pub mod frames;
 pub mod lab;
+pub mod migration;
 pub mod netns;
 
 /// Fail the test with a clear message unless running as root.

@@ -67,6 +67,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         source_pid: options.pid,
         destination: options.to.to_string(),
         destination_pid: None,
+        restored_here_pid: None,
         service_addresses: options
             .service_addresses
             .iter()
@@ -106,7 +107,10 @@ pub async fn migrate(options: MigrateOptions) -> Report {
                 let rolled = rollback(&options, &mut progress).await;
                 clock.end(phase, rolled.is_ok());
                 match rolled {
-                    Ok(()) => report.outcome = Outcome::RolledBack,
+                    Ok(pid) => {
+                        report.outcome = Outcome::RolledBack;
+                        report.restored_here_pid = pid;
+                    }
                     Err(err) => {
                         // The process is not running anywhere. Keep the lock
                         // (until its deadline) so the peers see a slow network,
@@ -466,7 +470,12 @@ async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64
 
 /// Put the process back here: addresses, CRIU restore from our images if
 /// it was dumped, lock released.
-async fn rollback(options: &MigrateOptions, progress: &mut Progress) -> Result<(), String> {
+/// Returns the PID of the process restored here, if it had been dumped.
+async fn rollback(
+    options: &MigrateOptions,
+    progress: &mut Progress,
+) -> Result<Option<i32>, String> {
+    let mut restored = None;
     if !progress.removed.is_empty() {
         let netlink = Netlink::connect().map_err(|e| e.to_string())?;
         for (address, iface, index) in progress.removed.drain(..) {
@@ -479,10 +488,11 @@ async fn rollback(options: &MigrateOptions, progress: &mut Progress) -> Result<(
     if progress.dumped {
         let criu = options.criu.clone();
         let dir = progress.images.clone();
-        tokio::task::spawn_blocking(move || criu.restore(&dir, |_| {}))
+        let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| {}))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("restoring here: {e}"))?;
+        restored = outcome.pid;
         progress.dumped = false;
     }
     if let Some(mut lock) = progress.lock.take() {
@@ -492,5 +502,5 @@ async fn rollback(options: &MigrateOptions, progress: &mut Progress) -> Result<(
         lock.close();
         released?;
     }
-    Ok(())
+    Ok(restored)
 }

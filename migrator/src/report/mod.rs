@@ -81,6 +81,9 @@ pub struct Report {
     pub source_pid: i32,
     pub destination: String,
     pub destination_pid: Option<i32>,
+    /// After a rollback: the PID of the process restored on the source
+    /// (it differs from `source_pid` when it has its own PID namespace).
+    pub restored_here_pid: Option<i32>,
     pub service_addresses: Vec<String>,
     pub phases: Vec<Phase>,
     /// Freeze on the source to release on the destination.
@@ -106,10 +109,16 @@ impl Report {
                 self.destination,
                 self.destination_pid.unwrap_or(0)
             ),
-            Outcome::RolledBack => format!(
-                "rolled back: pid {} runs on this host again",
-                self.source_pid
-            ),
+            Outcome::RolledBack => match self.restored_here_pid {
+                Some(pid) if pid != self.source_pid => format!(
+                    "rolled back: the process (was pid {}) runs on this host again as pid {pid}",
+                    self.source_pid
+                ),
+                _ => format!(
+                    "rolled back: pid {} runs on this host again",
+                    self.source_pid
+                ),
+            },
             Outcome::Failed => format!("failed: pid {} not migrated", self.source_pid),
         };
         out.push_str(&format!("{verdict}\n"));

@@ -3,8 +3,10 @@
 //! every byte it receives. Plain blocking sockets and threads, nothing
 //! CRIU-specific: any process like it can be moved.
 //!
-//! `lab-workload --from IP [--from IP] --connect ADDR:PORT [--connect ...]`
-//! binds each connection to the `--from` address of its family.
+//! `lab-workload --from IP [--from IP] --connect ADDR:PORT [--connect ...]
+//! [--ballast-mb N]` binds each connection to the `--from` address of its
+//! family; `--ballast-mb` keeps N MiB of written memory, for a process
+//! whose images take a while to dump and send.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
@@ -69,16 +71,20 @@ fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_in6, libc::socklen_t) {
 fn main() {
     let mut from = Vec::<IpAddr>::new();
     let mut connect = Vec::<SocketAddr>::new();
+    let mut ballast_mb = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--from" => from.push(args.next().unwrap().parse().expect("--from IP")),
             "--connect" => connect.push(args.next().unwrap().parse().expect("--connect ADDR:PORT")),
+            "--ballast-mb" => ballast_mb = args.next().unwrap().parse().expect("--ballast-mb N"),
             other => panic!(
                 "unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"
             ),
         }
     }
+    // Distinct bytes per page, so no page is the zero page.
+    let ballast: Vec<u8> = (0..ballast_mb << 20).map(|i| (i / 4096) as u8).collect();
     let echoes: Vec<_> = connect
         .into_iter()
         .map(|to| {
@@ -107,4 +113,5 @@ fn main() {
     for echo in echoes {
         let _ = echo.join();
     }
+    std::hint::black_box(&ballast);
 }

@@ -1,0 +1,262 @@
+//! A lab for migration tests: the `lab` topology under a prefix of the
+//! test's own, the lab peer (servers that push and verify echoes), agents
+//! on `src` and `dst`, and the workload. Everything is removed on drop,
+//! pass or fail: processes, namespaces, pins, images.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    TempDir,
+    lab::{self, Lab},
+    migrator_bin,
+};
+
+pub struct MigrationLab {
+    pub lab: Lab,
+    pub dir: TempDir,
+    pub token: PathBuf,
+    children: Vec<Child>,
+}
+
+fn sibling_bin(name: &str) -> PathBuf {
+    migrator_bin().with_file_name(name)
+}
+
+impl MigrationLab {
+    /// Lab up, peer servers on :9000 (v4 and v6), agents on src and dst.
+    pub fn new(tag: &str) -> Self {
+        crate::require_root();
+        let lab = Lab::new(&format!("mt{tag}{}", std::process::id()));
+        lab.up().expect("lab up");
+        let dir = TempDir::new(&format!("mig-{tag}"));
+        let token = dir.0.join("token");
+        std::fs::write(&token, "lab-token-0123456789abcdef").unwrap();
+        let mut this = Self {
+            lab,
+            dir,
+            token,
+            children: Vec::new(),
+        };
+        let report = this.peer_report_path();
+        let peer = this.spawn(
+            lab::PEER,
+            &sibling_bin("lab-peer"),
+            &[
+                "--listen",
+                &format!("{}:9000", lab::PEER_V4),
+                "--listen",
+                &format!("[{}]:9000", lab::PEER_V6),
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
+        this.children.push(peer);
+        for host in [lab::SRC, lab::DST] {
+            this.start_agent(host);
+        }
+        this
+    }
+
+    pub fn start_agent(&mut self, host: &str) {
+        let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
+        let work = self.dir.0.join(format!("agent-{host}"));
+        let agent = self.spawn(
+            host,
+            &migrator_bin(),
+            &[
+                "agent",
+                "--listen",
+                &listen,
+                "--token-file",
+                self.token.to_str().unwrap(),
+                "--work-dir",
+                work.to_str().unwrap(),
+            ],
+        );
+        self.children.push(agent);
+        // Ready once it listens.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            let ss = self.output(
+                host,
+                "ss",
+                &["-Htln", &format!("sport = :{}", lab::AGENT_PORT)],
+            );
+            if !String::from_utf8_lossy(&ss.stdout).trim().is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the agent on {host} did not start listening");
+    }
+
+    pub fn peer_report_path(&self) -> PathBuf {
+        self.dir.0.join("peer.json")
+    }
+
+    fn spawn(&self, host: &str, program: &std::path::Path, args: &[&str]) -> Child {
+        let log = std::fs::File::create(self.dir.0.join(format!(
+            "{host}-{}.log",
+            program.file_name().unwrap().to_string_lossy()
+        )))
+        .unwrap();
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.lab.netns_path(host).display()))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Run a command in a host's namespace and wait for it.
+    pub fn output(&self, host: &str, program: &str, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.lab.netns_path(host).display()))
+            .arg(program)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Start the workload in `src` with connections to the peer (v4, v6,
+    /// v4). `own_pid_namespace`: as the lab does (`unshare --pid --fork`);
+    /// otherwise a plain session leader. Returns its PID once the peer
+    /// sees every connection.
+    pub fn start_workload(&mut self, own_pid_namespace: bool, ballast_mb: u32) -> i32 {
+        let v4 = format!("{}:9000", lab::PEER_V4);
+        let v6 = format!("[{}]:9000", lab::PEER_V6);
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", self.lab.netns_path(lab::SRC).display()));
+        if own_pid_namespace {
+            command.args(["unshare", "--pid", "--fork"]);
+        }
+        command
+            .arg("setsid")
+            .arg(sibling_bin("lab-workload"))
+            .args(["--from", lab::SERVICE_V4, "--from", lab::SERVICE_V6])
+            .args(["--connect", &v4, "--connect", &v6, "--connect", &v4])
+            .args(["--ballast-mb", &ballast_mb.to_string()])
+            // Never a log file: CRIU refuses files that changed size.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().unwrap();
+        let launcher = child.id() as i32;
+        self.children.push(child);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if self.peer_connections().len() >= 3
+                && let Some(pid) = workload_pid(launcher)
+            {
+                return pid;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the workload did not connect");
+    }
+
+    /// The peer's view of every connection.
+    pub fn peer_connections(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.peer_report_path())
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|report| report["connections"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// `migrator migrate` from `from` to the agent on `to`; returns the
+    /// exit status, the report (if written) and stderr.
+    pub fn migrate(&self, from: &str, to: &str, pid: i32, extra: &[&str]) -> MigrateRun {
+        let report = self.dir.0.join("report.json");
+        let _ = std::fs::remove_file(&report);
+        let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+        let images = self.dir.0.join("images");
+        let pid = pid.to_string();
+        let mut args = vec![
+            "migrate",
+            "--pid",
+            &pid,
+            "--to",
+            &target,
+            "--token-file",
+            self.token.to_str().unwrap(),
+            "--ip",
+            lab::SERVICE_V4,
+            "--ip",
+            lab::SERVICE_V6,
+            "--report",
+            report.to_str().unwrap(),
+            "--work-dir",
+            images.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = self.output(from, migrator_bin().to_str().unwrap(), &args);
+        MigrateRun {
+            success: out.status.success(),
+            report: std::fs::read_to_string(&report)
+                .ok()
+                .and_then(|text| serde_json::from_str(&text).ok()),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The network namespace inode a process lives in.
+    pub fn netns_of(pid: i32) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .map(|m| m.ino())
+    }
+
+    pub fn netns_inode(&self, host: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(self.lab.netns_path(host)).unwrap().ino()
+    }
+
+    /// Whether a host has pins left (a lock or an attachment).
+    pub fn pins_left(&self, host: &str) -> bool {
+        lab::pin_root_of(&self.lab.netns_path(host)).is_some_and(|root| root.exists())
+    }
+
+    pub fn has_address(&self, host: &str, ip: &str) -> bool {
+        let out = self.output(host, "ip", &["-o", "addr", "show"]);
+        String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/"))
+    }
+}
+
+/// The workload process under its launcher (nsenter execs into unshare or
+/// setsid; with unshare, the workload is its child).
+fn workload_pid(launcher: i32) -> Option<i32> {
+    let comm = std::fs::read_to_string(format!("/proc/{launcher}/comm")).ok()?;
+    if comm.trim() == "lab-workload" {
+        return Some(launcher);
+    }
+    let children =
+        std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+pub struct MigrateRun {
+    pub success: bool,
+    pub report: Option<Value>,
+    pub stderr: String,
+}
+
+impl Drop for MigrationLab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = self.lab.down();
+    }
+}

@@ -1,0 +1,377 @@
+//! Live migrations in a lab of namespaces with the real kernel and CRIU:
+//! a workload with three connections (two IPv4, one IPv6) whose peer
+//! pushes bytes and verifies every echoed byte, moved back and forth, and
+//! the ways a migration must refuse or roll back.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use migrator_tests::{
+    lab::{DST, SERVICE_V4, SERVICE_V6, SRC},
+    migration::MigrationLab,
+};
+use serde_json::Value;
+
+/// The peer's connections by remote endpoint, sorted: the four-tuples.
+fn four_tuples(lab: &MigrationLab) -> Vec<String> {
+    let mut tuples: Vec<String> = lab
+        .peer_connections()
+        .iter()
+        .map(|c| format!("{}={}", c["local"], c["remote"]))
+        .collect();
+    tuples.sort();
+    tuples
+}
+
+/// Every connection alive with an intact byte stream, and still moving:
+/// the echo grows over `wait`.
+fn assert_streams_intact_and_flowing(lab: &MigrationLab, wait: Duration) {
+    let before: Vec<u64> = lab
+        .peer_connections()
+        .iter()
+        .map(|c| c["echoed"].as_u64().unwrap())
+        .collect();
+    std::thread::sleep(wait);
+    let after = lab.peer_connections();
+    assert_eq!(after.len(), 3, "the peer sees other connections: {after:?}");
+    for (conn, before) in after.iter().zip(before) {
+        assert_eq!(conn["error"], Value::Null, "connection broken: {conn}");
+        assert!(
+            conn["echoed"].as_u64().unwrap() > before,
+            "no bytes echoed any more: {conn}"
+        );
+    }
+}
+
+fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {
+    run.report
+        .as_ref()
+        .and_then(|r| r["outcome"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("no report; stderr: {}", run.stderr))
+}
+
+#[test]
+fn ten_migrations_back_and_forth_keep_every_connection() {
+    let mut lab = MigrationLab::new("ten");
+    let mut pid = lab.start_workload(true, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let tuples = four_tuples(&lab);
+    let mut windows = Vec::new();
+    for round in 0..10 {
+        let (from, to) = if round % 2 == 0 {
+            (SRC, DST)
+        } else {
+            (DST, SRC)
+        };
+        let run = lab.migrate(from, to, pid, &[]);
+        assert!(
+            run.success,
+            "migration {round} {from} -> {to}: {}",
+            run.stderr
+        );
+        let report = run.report.unwrap();
+        assert_eq!(report["outcome"], "migrated");
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        // The process runs in the destination's network namespace ...
+        assert_eq!(
+            MigrationLab::netns_of(pid),
+            Some(lab.netns_inode(to)),
+            "pid {pid} is not in {to}"
+        );
+        // ... which now owns the service addresses, and the source not.
+        assert!(lab.has_address(to, SERVICE_V4) && lab.has_address(to, SERVICE_V6));
+        assert!(!lab.has_address(from, SERVICE_V4) && !lab.has_address(from, SERVICE_V6));
+        // Both hosts cleaned up after themselves.
+        assert!(!lab.pins_left(from) && !lab.pins_left(to), "pins left");
+        // Four-tuples unchanged: no reconnection happened.
+        assert_eq!(four_tuples(&lab), tuples);
+        let connections = report["connections"].as_array().unwrap();
+        assert_eq!(connections.len(), 3, "{report}");
+        windows.push(report["freeze_window_ms"].as_f64().unwrap());
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+    }
+    eprintln!("freeze windows (ms): {windows:.1?}");
+    // The peer never saw a reset, an EOF or a wrong byte.
+    for conn in lab.peer_connections() {
+        assert_eq!(conn["error"], Value::Null, "{conn}");
+    }
+}
+
+#[test]
+fn wrong_token_is_refused_before_anything_is_frozen() {
+    let mut lab = MigrationLab::new("tok");
+    let pid = lab.start_workload(true, 0);
+    let wrong = lab.dir.0.join("wrong-token");
+    std::fs::write(&wrong, "not-the-lab-token-at-all").unwrap();
+    let good = lab.token.clone();
+    lab.token = wrong;
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    lab.token = good;
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "failed");
+    assert!(run.stderr.contains("token"), "{}", run.stderr);
+    let report = run.report.unwrap();
+    assert!(
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "freeze"),
+        "froze before authenticating: {report}"
+    );
+    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
+    assert!(lab.has_address(SRC, SERVICE_V4));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+    // The agent shrugged it off and serves the next, honest source.
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(run.success, "{}", run.stderr);
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}
+
+#[test]
+fn service_address_already_on_the_destination_is_refused_before_freezing() {
+    let mut lab = MigrationLab::new("ipx");
+    let pid = lab.start_workload(true, 0);
+    let out = lab.output(
+        DST,
+        "ip",
+        &["addr", "add", &format!("{SERVICE_V4}/32"), "dev", "eth0"],
+    );
+    assert!(out.status.success());
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "failed");
+    assert!(
+        run.stderr.contains("already assigned on the destination"),
+        "{}",
+        run.stderr
+    );
+    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST), "pins left");
+    assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(SRC)));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}
+
+#[test]
+fn taken_pid_on_the_destination_is_refused_before_freezing() {
+    let mut lab = MigrationLab::new("pid");
+    // A plain process (no PID namespace of its own): CRIU must restore it
+    // with its PID, which on this one machine its own source copy holds.
+    let pid = lab.start_workload(false, 0);
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "failed");
+    assert!(
+        run.stderr
+            .contains(&format!("PID {pid} is taken on the destination")),
+        "{}",
+        run.stderr
+    );
+    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}
+
+#[test]
+fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
+    let mut lab = MigrationLab::new("kill");
+    // Enough memory that the image stream takes a while.
+    let pid = lab.start_workload(true, 400);
+    let incoming = lab.dir.0.join("agent-dst/incoming-1");
+    let agent_dst = lab.lab.netns_path(DST);
+    let killer = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            let bytes: u64 = std::fs::read_dir(&incoming)
+                .map(|dir| {
+                    dir.filter_map(Result::ok)
+                        .filter_map(|e| e.metadata().ok())
+                        .map(|m| m.len())
+                        .sum()
+                })
+                .unwrap_or(0);
+            if bytes > 32 << 20 {
+                // SIGKILL every agent in dst's namespace: mid-transfer.
+                kill_agents_in(&agent_dst);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    });
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    eprintln!("{}", run.stderr);
+    assert!(
+        killer.join().unwrap(),
+        "the transfer finished before the kill"
+    );
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    let report = run.report.unwrap();
+    assert!(
+        report["error"].as_str().unwrap().contains("transfer"),
+        "{report}"
+    );
+    // Back on the source: restored by CRIU, addresses back, lock gone.
+    let connections = lab.peer_connections();
+    assert_eq!(connections.len(), 3);
+    assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
+    assert!(!lab.pins_left(SRC), "the source's lock was left behind");
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(500));
+}
+
+fn kill_agents_in(netns: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    let target = std::fs::metadata(netns).unwrap().ino();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let in_ns = std::fs::metadata(entry.path().join("ns/net")).is_ok_and(|m| m.ino() == target);
+        let cmdline = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+        if in_ns && cmdline.contains("agent") {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_nothing_frozen() {
+    let mut lab = MigrationLab::new("bad");
+    let pid = lab.start_workload(true, 0);
+    let migrator = migrator_tests::migrator_bin();
+    let token = lab.token.to_str().unwrap().to_owned();
+    let run = |args: &[&str]| {
+        let mut full = vec!["migrate", "--to", "198.18.0.3:7070", "--token-file", &token];
+        full.extend_from_slice(args);
+        lab.output(SRC, migrator.to_str().unwrap(), &full)
+    };
+    let pid_text = pid.to_string();
+    // A process with no sockets at all.
+    let mut idle = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let idle_pid = idle.id().to_string();
+    let checks: [(&[&str], &str); 4] = [
+        (
+            &["--pid", "999999999", "--ip", SERVICE_V4],
+            "process 999999999 does not exist",
+        ),
+        (
+            &[
+                "--pid",
+                &pid_text,
+                "--ip",
+                SERVICE_V4,
+                "--ip",
+                SERVICE_V6,
+                "--ip",
+                "198.18.0.77",
+            ],
+            "service address 198.18.0.77 is not used by any socket",
+        ),
+        (
+            &["--pid", &pid_text, "--ip", SERVICE_V4],
+            "which is not a service address given with --ip",
+        ),
+        (
+            &["--pid", &idle_pid, "--ip", SERVICE_V4],
+            "has no TCP connections",
+        ),
+    ];
+    for (args, expected) in checks {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!lab.pins_left(SRC), "{args:?} left a lock");
+    }
+    let _ = idle.kill();
+    let _ = idle.wait();
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}
+
+/// `migrator migrate` killed after the dump, mid-transfer: the process
+/// exists only as images, the lock holds the peers off, and `migrator
+/// recover` brings it back with its connections.
+#[test]
+fn recover_restores_after_migrate_is_killed_mid_transfer() {
+    let mut lab = MigrationLab::new("rec");
+    let pid = lab.start_workload(true, 400);
+    let images_root = lab.dir.0.join("images");
+    let incoming = lab.dir.0.join("agent-dst/incoming-1");
+    let migrator = migrator_tests::migrator_bin();
+    let mut migrate = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", lab.lab.netns_path(SRC).display()))
+        .arg(&migrator)
+        .args([
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            "198.18.0.3:7070",
+        ])
+        .args(["--token-file", lab.token.to_str().unwrap()])
+        .args(["--ip", SERVICE_V4, "--ip", SERVICE_V6])
+        .args(["--work-dir", images_root.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        let bytes: u64 = std::fs::read_dir(&incoming)
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        if bytes > 32 << 20 {
+            migrate.kill().unwrap();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = migrate.wait();
+    assert!(killed, "the transfer finished before the kill");
+    // The source process is gone (dumped); the connections are held off
+    // by the lock, not reset.
+    std::thread::sleep(Duration::from_millis(300));
+    for conn in lab.peer_connections() {
+        assert_eq!(conn["error"], Value::Null, "{conn}");
+    }
+    let images = std::fs::read_dir(&images_root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let out = lab.output(
+        SRC,
+        migrator.to_str().unwrap(),
+        &[
+            "recover",
+            "--images",
+            images.to_str().unwrap(),
+            "--ip",
+            SERVICE_V4,
+            "--ip",
+            SERVICE_V6,
+            "--iface",
+            "eth0",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lab.pins_left(SRC), "recover left the lock");
+    // The agent noticed the source vanish and undid its side.
+    assert!(!lab.pins_left(DST) && !lab.has_address(DST, SERVICE_V4));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(1500));
+}
