@@ -447,6 +447,27 @@ async fn restore(
         .pid
         .ok_or((report::RESTORE, "CRIU reported no PID".to_owned()))?;
     session.restored_pid = Some(pid);
+    // Every migrated connection must be back, established, in the
+    // restored tree: CRIU succeeding is not proof enough to release.
+    let expected: BTreeSet<String> = request.flows.iter().cloned().collect();
+    let restored: BTreeSet<String> = crate::net::discover::discover(pid)
+        .map(|network| network.connections.iter().map(FlowSpec::to_string).collect())
+        .unwrap_or_default();
+    let missing: Vec<&String> = expected.difference(&restored).collect();
+    if !missing.is_empty() {
+        clock.done(report::RESTORE, start, false);
+        return Err((
+            report::RESTORE,
+            format!(
+                "restored process {pid} lacks established connections: {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
     clock.done(report::RESTORE, start, true);
 
     // Announce, then probe the peers from the service address: a reply
