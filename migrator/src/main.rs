@@ -435,7 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 anyhow::Ok(())
             })?;
-            let outcome = criu.restore(&images, |_| {})?;
+            let outcome = criu.restore(&images, |_| Ok(()))?;
             eprintln!(
                 "restored from {}: pid {}",
                 images.display(),

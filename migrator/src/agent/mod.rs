@@ -26,7 +26,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    criu::{CriuBinary, stats::read_restore_stats},
+    criu::{CriuBinary, stats::read_restore_stats, swrk::Swrk},
     dataplane::{lock::MigrationLock, spec::FlowSpec, spec::ServiceSpec},
     net::{address::Netlink, announce::Link},
     protocol::{
@@ -112,12 +112,15 @@ async fn reap_children() {
 /// migration completed.
 struct Session {
     lock: Option<MigrationLock>,
+    /// CRIU started ahead, waiting for the restore request.
+    swrk: Option<Swrk>,
     added: Vec<IpAddr>,
     restored_pid: Option<i32>,
 }
 
 impl Session {
     async fn undo(&mut self, netlink: Option<&Netlink>) {
+        self.swrk = None;
         if let Some(pid) = self.restored_pid.take() {
             // The source restores its own copy from the same images: this
             // one must not run. Its traffic never left (still locked).
@@ -162,6 +165,7 @@ async fn handle(
     let netlink = Netlink::connect().map_err(|err| ProtocolError::Refused(err.to_string()))?;
     let mut session = Session {
         lock: None,
+        swrk: None,
         added: Vec::new(),
         restored_pid: None,
     };
@@ -233,6 +237,17 @@ async fn run_session(
         Ok(lock) => session.lock = Some(lock),
         Err(reason) => {
             let reason = format!("locking the flows on {}: {reason}", config.iface);
+            channel.send(&refuse(reason.clone())).await?;
+            return Err(ProtocolError::Refused(reason));
+        }
+    }
+    // Start CRIU now, so its start-up is not part of the freeze window.
+    let started = std::fs::create_dir_all(images)
+        .map_err(|e| format!("creating {}: {e}", images.display()))
+        .and_then(|()| config.criu.swrk(images).map_err(|e| e.to_string()));
+    match started {
+        Ok(swrk) => session.swrk = Some(swrk),
+        Err(reason) => {
             channel.send(&refuse(reason.clone())).await?;
             return Err(ProtocolError::Refused(reason));
         }
@@ -437,9 +452,14 @@ async fn restore(
     clock.done(report::IP_TAKEOVER, start, true);
 
     let start = clock.ms();
-    let criu = config.criu.clone();
-    let dir = images.to_owned();
-    let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| {}))
+    let swrk = match session.swrk.take() {
+        Some(swrk) => swrk,
+        None => config
+            .criu
+            .swrk(images)
+            .map_err(|e| (report::RESTORE, e.to_string()))?,
+    };
+    let outcome = tokio::task::spawn_blocking(move || swrk.restore(|_| Ok(())))
         .await
         .map_err(|e| (report::RESTORE, e.to_string()))?
         .map_err(|e| (report::RESTORE, e.to_string()))?;
@@ -451,7 +471,13 @@ async fn restore(
     // restored tree: CRIU succeeding is not proof enough to release.
     let expected: BTreeSet<String> = request.flows.iter().cloned().collect();
     let restored: BTreeSet<String> = crate::net::discover::discover(pid)
-        .map(|network| network.connections.iter().map(FlowSpec::to_string).collect())
+        .map(|network| {
+            network
+                .connections
+                .iter()
+                .map(FlowSpec::to_string)
+                .collect()
+        })
         .unwrap_or_default();
     let missing: Vec<&String> = expected.difference(&restored).collect();
     if !missing.is_empty() {

@@ -13,7 +13,7 @@ use std::{
         unix::process::CommandExt as _,
     },
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     time::Instant,
 };
 
@@ -71,63 +71,28 @@ pub struct Outcome {
     pub notifications: Vec<Notification>,
 }
 
-/// What to dump or restore, and how.
-pub struct Request<'a> {
-    pub images_dir: &'a Path,
-    /// Root of the tree to dump (ignored for restore).
-    pub pid: Option<i32>,
+/// A `criu swrk` process waiting for its one request, with the images
+/// directory it will use already open. Starting CRIU costs tens of
+/// milliseconds (exec, its loader and libraries, kernel feature probes);
+/// a migration starts it before the freeze so that cost stays outside the
+/// freeze window. Dropping an unused one stops it.
+pub struct Swrk {
+    child: Child,
+    socket: File,
+    /// Kept open: `criu swrk` inherited this fd number.
+    dir: OwnedFd,
+    log_dir: PathBuf,
 }
 
+/// A NOTIFY callback's verdict: Err makes CRIU abort the operation.
+pub type NotifyResult = Result<(), String>;
+
 impl CriuBinary {
-    /// Checkpoint the process tree rooted at `pid` into `images_dir`,
-    /// keeping established TCP connections (sockets go into TCP_REPAIR).
-    /// The network lock is ours: CRIU is told to skip its own. The tree is
-    /// killed after a successful dump (CRIU's default).
-    pub fn dump(
-        &self,
-        images_dir: &Path,
-        pid: i32,
-        on_notify: impl FnMut(&str),
-    ) -> Result<Outcome, SwrkError> {
-        let mut opts = base_opts(DUMP_LOG);
-        opts.set_pid(pid);
-        self.call(Criu_req_type::DUMP, "dump", images_dir, opts, on_notify)
-    }
-
-    /// Restore the tree in `images_dir` with its TCP connections. With
-    /// `rst_sibling` the restored root becomes a sibling of `criu swrk`,
-    /// that is our child: we reap it when it exits, nobody waits on PID 1.
-    pub fn restore(
-        &self,
-        images_dir: &Path,
-        on_notify: impl FnMut(&str),
-    ) -> Result<Outcome, SwrkError> {
-        let mut opts = base_opts(RESTORE_LOG);
-        opts.set_rst_sibling(true);
-        self.call(
-            Criu_req_type::RESTORE,
-            "restore",
-            images_dir,
-            opts,
-            on_notify,
-        )
-    }
-
-    fn call(
-        &self,
-        kind: Criu_req_type,
-        action: &'static str,
-        images_dir: &Path,
-        mut opts: Criu_opts,
-        mut on_notify: impl FnMut(&str),
-    ) -> Result<Outcome, SwrkError> {
-        let started = Instant::now();
-        // Opened without O_CLOEXEC so `criu swrk` inherits it; the RPC names
-        // the directory by this fd number.
+    /// Start `criu swrk` for work in `images_dir` (which must exist).
+    pub fn swrk(&self, images_dir: &Path) -> Result<Swrk, SwrkError> {
+        // Opened without O_CLOEXEC so `criu swrk` inherits it; the request
+        // names the directory by this fd number.
         let dir = open_dir_inheritable(images_dir)?;
-        opts.set_images_dir_fd(dir.as_raw_fd());
-        let log = images_dir.join(opts.log_file());
-
         let (ours, theirs) = seqpacket_pair()?;
         let theirs_fd = theirs.as_raw_fd();
         let dir_fd = dir.as_raw_fd();
@@ -150,20 +115,84 @@ impl CriuBinary {
                 Ok(())
             });
         }
-        let mut child = command
+        let child = command
             .spawn()
             .map_err(io(format!("starting {} swrk", self.path.display())))?;
-        drop(theirs);
-        let mut socket = File::from(ours);
+        Ok(Swrk {
+            child,
+            socket: File::from(ours),
+            dir,
+            log_dir: images_dir.to_owned(),
+        })
+    }
 
+    /// Dump with a fresh `criu swrk` (see [`Swrk::dump`]).
+    pub fn dump(
+        &self,
+        images_dir: &Path,
+        pid: i32,
+        on_notify: impl FnMut(&str) -> NotifyResult,
+    ) -> Result<Outcome, SwrkError> {
+        self.swrk(images_dir)?.dump(pid, on_notify)
+    }
+
+    /// Restore with a fresh `criu swrk` (see [`Swrk::restore`]).
+    pub fn restore(
+        &self,
+        images_dir: &Path,
+        on_notify: impl FnMut(&str) -> NotifyResult,
+    ) -> Result<Outcome, SwrkError> {
+        self.swrk(images_dir)?.restore(on_notify)
+    }
+}
+
+impl Swrk {
+    /// Checkpoint the process tree rooted at `pid`, keeping established
+    /// TCP connections (sockets go into TCP_REPAIR). The network lock is
+    /// ours: CRIU is told to skip its own. The tree is killed after a
+    /// successful dump (CRIU's default). `on_notify` runs at each of CRIU's
+    /// notifications ("pre-dump" comes before the tree is frozen).
+    pub fn dump(
+        self,
+        pid: i32,
+        on_notify: impl FnMut(&str) -> NotifyResult,
+    ) -> Result<Outcome, SwrkError> {
+        let mut opts = base_opts(DUMP_LOG);
+        opts.set_pid(pid);
+        self.call(Criu_req_type::DUMP, "dump", opts, on_notify)
+    }
+
+    /// Restore the tree in the images directory with its TCP connections.
+    /// With `rst_sibling` the restored root becomes a sibling of `criu
+    /// swrk`, that is our child: we reap it when it exits.
+    pub fn restore(
+        self,
+        on_notify: impl FnMut(&str) -> NotifyResult,
+    ) -> Result<Outcome, SwrkError> {
+        let mut opts = base_opts(RESTORE_LOG);
+        opts.set_rst_sibling(true);
+        self.call(Criu_req_type::RESTORE, "restore", opts, on_notify)
+    }
+
+    fn call(
+        mut self,
+        kind: Criu_req_type,
+        action: &'static str,
+        mut opts: Criu_opts,
+        mut on_notify: impl FnMut(&str) -> NotifyResult,
+    ) -> Result<Outcome, SwrkError> {
+        let started = Instant::now();
+        opts.set_images_dir_fd(self.dir.as_raw_fd());
+        let log = self.log_dir.join(opts.log_file());
         let mut request = Criu_req::new();
         request.set_type(kind);
         request.opts = protobuf::MessageField::some(opts);
-        send(&mut socket, &request)?;
+        send(&mut self.socket, &request)?;
 
         let mut notifications = Vec::new();
-        let result = loop {
-            let Some(response) = receive(&mut socket)? else {
+        let mut refused = None;
+        loop {
+            let Some(response) = receive(&mut self.socket)? else {
                 break Err(SwrkError::NoAnswer { log: log.clone() });
             };
             if response.type_() == Criu_req_type::NOTIFY {
@@ -172,20 +201,23 @@ impl CriuBinary {
                     at_ms: started.elapsed().as_secs_f64() * 1e3,
                     script: script.clone(),
                 });
-                on_notify(&script);
+                let verdict = on_notify(&script);
                 let mut ack = Criu_req::new();
                 ack.set_type(Criu_req_type::NOTIFY);
-                ack.set_notify_success(true);
-                send(&mut socket, &ack)?;
+                ack.set_notify_success(verdict.is_ok());
+                if let Err(reason) = verdict {
+                    refused = Some(format!("{script}: {reason}"));
+                }
+                send(&mut self.socket, &ack)?;
                 continue;
             }
             if !response.success() {
                 let errors = log_errors(&log);
-                // The first real error says what broke; CRIU's own message is
-                // often the harmless rlimit warning.
-                let message = errors
-                    .first()
-                    .cloned()
+                // Our own refusal, else the first real error in the log (CRIU's
+                // message is often a harmless rlimit warning).
+                let message = refused
+                    .take()
+                    .or_else(|| errors.first().cloned())
                     .unwrap_or_else(|| response.cr_errmsg().trim().to_owned());
                 break Err(SwrkError::Failed {
                     action,
@@ -196,11 +228,30 @@ impl CriuBinary {
             }
             let pid = (kind == Criu_req_type::RESTORE).then(|| response.restore.pid());
             break Ok(Outcome { pid, notifications });
-        };
-        drop(socket);
-        // swrk exits once the socket closes; reap it so it is no zombie.
-        let _ = child.wait();
-        result
+        }
+    }
+}
+
+impl Drop for Swrk {
+    fn drop(&mut self) {
+        // swrk exits once its socket closes; an unused one is stopped. Reap
+        // it either way so it is no zombie (a reaper elsewhere may have
+        // already: then wait fails, which is fine).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = nix_shutdown(&self.socket);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Close our end for writing so a waiting swrk sees EOF and exits.
+fn nix_shutdown(socket: &File) -> std::io::Result<()> {
+    // SAFETY: shutdown on a socket fd we own.
+    let rc = unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

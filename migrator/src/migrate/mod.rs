@@ -132,6 +132,9 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         lock.close();
     }
     report.phases = std::mem::take(&mut clock.phases);
+    report
+        .phases
+        .sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
     report.total_ms = clock.now_ms();
     report
 }
@@ -174,7 +177,7 @@ async fn run(
             Err(err) => Err(format!("attaching the data plane to {}: {err}", prepared.2)),
         }
     });
-    let (mut channel, netlink, iface, removed_plan) = match prepared {
+    let (mut channel, netlink, _iface, removed_plan) = match prepared {
         Ok((prepared, lock)) => {
             progress.lock = Some(lock);
             clock.end(phase, true);
@@ -186,8 +189,20 @@ async fn run(
         }
     };
 
-    // freeze: lock the flows and the service addresses (new SYNs wait).
-    let phase = clock.begin(report::FREEZE);
+    // CRIU, started now: its start-up stays outside the freeze window.
+    let swrk = std::fs::create_dir_all(&progress.images)
+        .map_err(|e| format!("creating {}: {e}", progress.images.display()))
+        .and_then(|()| {
+            options
+                .criu
+                .swrk(&progress.images)
+                .map_err(|e| e.to_string())
+        })?;
+
+    // dump, with the freeze at CRIU's "pre-dump" notification: the flows
+    // and the service addresses (new SYNs wait too) are locked right before
+    // CRIU freezes the tree, and stay locked from there on.
+    let phase = clock.begin(report::DUMP);
     let services: Vec<_> = options
         .service_addresses
         .iter()
@@ -199,28 +214,39 @@ async fn run(
             .key()
         })
         .collect();
-    let frozen_at = Instant::now();
-    progress.frozen = true;
-    let locked = match progress.lock.as_mut() {
-        Some(lock) => lock.freeze(&services, options.deadline),
-        None => Ok(()),
-    };
-    if let Err(err) = locked {
-        clock.end(phase, false);
-        return Err(format!("locking the flows on {iface}: {err}"));
+    let mut lock = progress.lock.take();
+    let (deadline, pid) = (options.deadline, options.pid);
+    let (dumped, lock, frozen_at) = tokio::task::spawn_blocking(move || {
+        let mut frozen_at = None;
+        let result = swrk.dump(pid, |_script| {
+            // The first notification ("pre-dump") comes before CRIU touches
+            // the tree; freeze there.
+            if frozen_at.is_none() {
+                if let Some(lock) = lock.as_mut() {
+                    lock.freeze(&services, deadline)
+                        .map_err(|e| format!("locking the flows: {e}"))?;
+                }
+                frozen_at = Some(Instant::now());
+            }
+            Ok(())
+        });
+        (result, lock, frozen_at)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    progress.lock = lock;
+    progress.frozen = frozen_at.is_some();
+    if let Some(at) = frozen_at {
+        let start_ms = at.duration_since(clock.started()).as_secs_f64() * 1e3;
+        clock.record_quiet(report::Phase {
+            name: report::FREEZE.to_owned(),
+            host: "source".to_owned(),
+            start_ms,
+            duration_ms: 0.0,
+            ok: true,
+        });
     }
-    clock.end(phase, true);
-
-    // dump
-    let phase = clock.begin(report::DUMP);
-    std::fs::create_dir_all(&progress.images)
-        .map_err(|e| format!("creating {}: {e}", progress.images.display()))?;
-    let criu = options.criu.clone();
-    let (dir, pid) = (progress.images.clone(), options.pid);
-    let dumped = tokio::task::spawn_blocking(move || criu.dump(&dir, pid, |_| {}))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+    let frozen_at = frozen_at.unwrap_or_else(Instant::now);
     match dumped {
         Ok(outcome) => {
             progress.dumped = true;
@@ -488,7 +514,7 @@ async fn rollback(
     if progress.dumped {
         let criu = options.criu.clone();
         let dir = progress.images.clone();
-        let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| {}))
+        let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| Ok(())))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("restoring here: {e}"))?;

@@ -225,6 +225,11 @@ impl PhaseClock {
         duration_ms
     }
 
+    /// Record a phase without a progress line (one shown inside another).
+    pub fn record_quiet(&mut self, phase: Phase) {
+        self.phases.push(phase);
+    }
+
     /// Record a phase measured elsewhere (the destination's).
     pub fn record(&mut self, phase: Phase) {
         if !self.quiet {
