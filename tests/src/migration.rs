@@ -149,12 +149,13 @@ impl MigrationLab {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        let before = self.peer_connections().len();
         let child = command.spawn().unwrap();
         let launcher = child.id() as i32;
         self.children.push(child);
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
-            if self.peer_connections().len() >= 3
+            if self.peer_connections().len() >= before + 3
                 && let Some(pid) = workload_pid(launcher)
             {
                 return pid;
@@ -162,6 +163,13 @@ impl MigrationLab {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("the workload did not connect");
+    }
+
+    /// The peer's view of the workload's current connections (the last
+    /// three it accepted).
+    pub fn current_connections(&self) -> Vec<Value> {
+        let all = self.peer_connections();
+        all[all.len().saturating_sub(3)..].to_vec()
     }
 
     /// The peer's view of every connection.

@@ -59,6 +59,9 @@ enum Task {
     Bench {
         #[arg(value_enum)]
         which: Bench,
+        /// Rounds for `migrate` (each: two moves of ours, two baseline).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
     },
 }
 
@@ -76,6 +79,10 @@ enum Bench {
     /// Classifier cost per packet, time to freeze 10,000 flows, and TCP
     /// throughput over veth with/without the programs.
     Dataplane,
+    /// Our migration against CRIU's command line with its nftables lock and
+    /// `ip addr`, alternating in the same lab: freeze window, stall seen by
+    /// the peer, peer retransmits.
+    Migrate,
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,12 +138,21 @@ fn run(cli: Cli) -> Result<()> {
             build(&root)?;
             test(&root, filter.as_deref())
         }
-        Task::Bench { which } => {
+        Task::Bench { which, rounds } => {
             setup::run()?;
-            // The throughput bench drives the `migrator` binary.
-            cmd::run(cmd::cargo(&root).args(["build", "--release", "--package", "migrator"]))?;
+            // The benches drive the `migrator` binary and the lab programs.
+            cmd::run(cmd::cargo(&root).args([
+                "build",
+                "--release",
+                "--package",
+                "migrator",
+                "--package",
+                "migrator-tests",
+                "--bins",
+            ]))?;
             let bins: &[&str] = match which {
                 Bench::Dataplane => &["bench-dataplane", "bench-throughput"],
+                Bench::Migrate => &["bench-migrate"],
             };
             for bin in bins {
                 cmd::section(bin);
@@ -147,6 +163,8 @@ fn run(cli: Cli) -> Result<()> {
                     "migrator-tests",
                     "--bin",
                     bin,
+                    "--",
+                    &rounds.to_string(),
                 ]))?;
             }
             Ok(())

@@ -9,10 +9,12 @@ use crate::{cmd, criu_prefix};
 
 /// Debian packages the build and the tests use (beyond LLVM, chosen below).
 const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2", // ip, tc: namespaces, veth, addresses in tests and the lab
-    "tmux",     // live-view tests run the TUI in a real terminal
-    "nftables", // baseline benchmark: CRIU's own nftables network lock
-    "ethtool",  // tests turn offloads on and off on veth pairs
+    "iproute2",       // ip, tc: namespaces, veth, addresses in tests and the lab
+    "tmux",           // live-view tests run the TUI in a real terminal
+    "nftables",       // baseline benchmark: CRIU's own nftables network lock
+    "ethtool",        // tests turn offloads on and off on veth pairs
+    "iputils-arping", // baseline benchmark: the gratuitous ARP a careful user sends
+    "ndisc6", // baseline benchmark: ndisc6, the IPv6 neighbour solicitation a careful user sends
 ];
 
 /// One setup step: installs what it finds missing, returns what it did.

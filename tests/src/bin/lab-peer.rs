@@ -44,6 +44,18 @@ struct Connection {
     error: Option<String>,
     longest_gap_ms: f64,
     longest_gap_at_ms: f64,
+    /// Stalls of 30 ms or more: (wall clock at the stall's start, ms since
+    /// the Unix epoch; length in ms), the most recent 200.
+    stalls: Vec<(f64, f64)>,
+    /// Wall clock (ms since the Unix epoch) of the last echoed bytes.
+    last_echo_unix_ms: f64,
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
 }
 
 type Shared = Arc<Mutex<Vec<Connection>>>;
@@ -90,12 +102,19 @@ fn serve(stream: TcpStream, slot: usize, shared: Shared, started: Instant) {
         };
         if let Some(last) = last {
             let gap = now.duration_since(last).as_secs_f64() * 1e3;
+            if gap >= 30.0 {
+                if conn.stalls.len() == 200 {
+                    conn.stalls.remove(0);
+                }
+                conn.stalls.push((unix_ms() - gap, gap));
+            }
             if gap > conn.longest_gap_ms {
                 conn.longest_gap_ms = gap;
                 conn.longest_gap_at_ms = last.duration_since(started).as_secs_f64() * 1e3;
             }
         }
         last = Some(now);
+        conn.last_echo_unix_ms = unix_ms();
         for (i, byte) in buf[..n].iter().enumerate() {
             let at = offset + i as u64;
             if *byte != pattern(at) && conn.error.is_none() {
@@ -121,6 +140,8 @@ fn report(shared: &Shared, path: &PathBuf) {
                 "error": c.error,
                 "longest_gap_ms": c.longest_gap_ms,
                 "longest_gap_at_ms": c.longest_gap_at_ms,
+                "stalls": c.stalls,
+                "last_echo_unix_ms": c.last_echo_unix_ms,
             })
         })
         .collect();

@@ -1,0 +1,454 @@
+//! `cargo xtask bench migrate`: our migration against the one a user does
+//! by hand with CRIU's command line, in the same lab, with the same
+//! workload, alternating in one run. Figures, not a test.
+//!
+//! Baseline: `criu dump --tcp-established --network-lock nftables`, move
+//! the addresses with `ip addr`, `criu restore --tcp-established`. Its
+//! freeze window runs from the start of the dump to the end of the
+//! restore (CRIU locks the network inside its dump; the restore unlocks).
+//!
+//! For each: freeze window, the stall the peer sees (its longest gap in
+//! the echoed stream around the move) and the peer's retransmissions
+//! (RetransSegs of the peer's namespace).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use migrator_tests::{
+    lab::{self, DST, PEER, SRC},
+    migration::MigrationLab,
+};
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1e3
+}
+
+/// The peer namespace's TCP RetransSegs.
+fn peer_retransmits(lab: &MigrationLab) -> u64 {
+    let out = lab.output(PEER, "cat", &["/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Give up waiting for a stalled stream after this long (the stall is
+/// then reported as at least this).
+const STALL_CAP_MS: f64 = 10_000.0;
+
+/// Longest stall of the workload's connections from `from` (unix ms) on,
+/// measured once the streams flow again (every connection echoed within
+/// the last 200 ms, and at least 1.5 s after the move). A stall still
+/// going on when the wait gives up counts with its length so far.
+fn stall(lab: &MigrationLab, from: f64) -> f64 {
+    let waited = Instant::now();
+    let mut ongoing = 0.0f64;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = unix_ms();
+        let silent = lab
+            .current_connections()
+            .iter()
+            .map(|c| now - c["last_echo_unix_ms"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max);
+        if silent < 200.0 && waited.elapsed().as_secs_f64() >= 1.5 {
+            break;
+        }
+        if waited.elapsed().as_secs_f64() * 1e3 >= STALL_CAP_MS {
+            ongoing = silent;
+            break;
+        }
+    }
+    lab.current_connections()
+        .iter()
+        .flat_map(|c| c["stalls"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| Some((s[0].as_f64()?, s[1].as_f64()?)))
+        .filter(|(start, _)| *start >= from - 50.0)
+        .map(|(_, length)| length)
+        .fold(ongoing, f64::max)
+}
+
+fn debug(what: &str, sample: &Sample, lab: &MigrationLab, from: f64) {
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        let near: Vec<Vec<(f64, f64)>> = lab
+            .current_connections()
+            .iter()
+            .map(|c| {
+                c["stalls"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|s| Some((s[0].as_f64()? - from, s[1].as_f64()?)))
+                    .filter(|(start, _)| *start > -3000.0)
+                    .collect()
+            })
+            .collect();
+        eprintln!(
+            "{what}: window {:.1} stall {:.1} rexmit {} stalls rel. to start {near:.0?}",
+            sample.window, sample.stall, sample.retransmits
+        );
+    }
+}
+
+/// The workload's connections that broke (reset, EOF, wrong byte).
+fn broken(lab: &MigrationLab) -> Vec<String> {
+    lab.current_connections()
+        .iter()
+        .filter(|c| !c["error"].is_null())
+        .map(|c| format!("{} ({})", c["remote"], c["error"]))
+        .collect()
+}
+
+/// After a baseline move broke connections: a fresh workload on src, the
+/// addresses back there, CRIU's leftover locks gone.
+fn restart_workload(lab: &mut MigrationLab, pid: i32) -> i32 {
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for host in [SRC, DST] {
+        remove_criu_tables(lab, host);
+        for ip in [lab::SERVICE_V4, lab::SERVICE_V6] {
+            let _ = lab.output(host, "ip", &["addr", "del", ip, "dev", lab::IFACE]);
+        }
+    }
+    run_ok(
+        lab,
+        SRC,
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{}/32", lab::SERVICE_V4),
+            "dev",
+            lab::IFACE,
+        ],
+    );
+    run_ok(
+        lab,
+        SRC,
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{}/128", lab::SERVICE_V6),
+            "dev",
+            lab::IFACE,
+            "nodad",
+        ],
+    );
+    let pid = lab.start_workload(true, 0);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    pid
+}
+
+fn remove_criu_tables(lab: &MigrationLab, host: &str) {
+    let tables = lab.output(host, "nft", &["list", "tables"]);
+    for table in String::from_utf8_lossy(&tables.stdout).lines() {
+        if let Some(name) = table.strip_prefix("table inet ")
+            && name.starts_with("CRIU")
+        {
+            run_ok(lab, host, "nft", &["delete", "table", "inet", name]);
+        }
+    }
+}
+
+struct Sample {
+    window: f64,
+    stall: f64,
+    retransmits: u64,
+}
+
+fn ours(lab: &MigrationLab, from: &str, to: &str, pid: i32) -> (Sample, i32) {
+    let retransmits = peer_retransmits(lab);
+    let start = unix_ms();
+    let run = lab.migrate(from, to, pid, &[]);
+    assert!(run.success, "{}", run.stderr);
+    let report = run.report.unwrap();
+    let sample = Sample {
+        window: report["freeze_window_ms"].as_f64().unwrap(),
+        stall: stall(lab, start),
+        retransmits: peer_retransmits(lab) - retransmits,
+    };
+    debug("ours", &sample, lab, start);
+    (sample, report["destination_pid"].as_i64().unwrap() as i32)
+}
+
+fn run_ok(lab: &MigrationLab, host: &str, program: &str, args: &[&str]) {
+    let out = lab.output(host, program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `announce`: the careful user's variant, which also sends a gratuitous
+/// ARP (`arping -U`) and, for IPv6, a neighbour solicitation to the peer
+/// from the moved address (`ndisc6 -s`) after the restore.
+fn baseline(
+    lab: &MigrationLab,
+    from: &str,
+    to: &str,
+    pid: i32,
+    round: usize,
+    announce: bool,
+) -> (Sample, i32) {
+    let criu = migrator::criu::locate(None).unwrap().path;
+    let criu = criu.to_str().unwrap();
+    let images = lab
+        .dir
+        .0
+        .join(format!("baseline-{round}-{from}-{announce}"));
+    std::fs::create_dir_all(&images).unwrap();
+    let images = images.to_str().unwrap();
+    let pidfile = format!("{images}/restored.pid");
+    let retransmits = peer_retransmits(lab);
+    let start = unix_ms();
+    let clock = Instant::now();
+    let pid_text = pid.to_string();
+    run_ok(
+        lab,
+        from,
+        criu,
+        &[
+            "dump",
+            "-t",
+            &pid_text,
+            "-D",
+            images,
+            "--tcp-established",
+            "--network-lock",
+            "nftables",
+            "-o",
+            "dump.log",
+        ],
+    );
+    for (ip, prefix) in [(lab::SERVICE_V4, 32), (lab::SERVICE_V6, 128)] {
+        run_ok(
+            lab,
+            from,
+            "ip",
+            &["addr", "del", &format!("{ip}/{prefix}"), "dev", lab::IFACE],
+        );
+    }
+    run_ok(
+        lab,
+        to,
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{}/32", lab::SERVICE_V4),
+            "dev",
+            lab::IFACE,
+        ],
+    );
+    run_ok(
+        lab,
+        to,
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{}/128", lab::SERVICE_V6),
+            "dev",
+            lab::IFACE,
+            "nodad",
+        ],
+    );
+    run_ok(
+        lab,
+        to,
+        criu,
+        &[
+            "restore",
+            "-D",
+            images,
+            "--tcp-established",
+            "-d",
+            "--pidfile",
+            &pidfile,
+            "-o",
+            "restore.log",
+        ],
+    );
+    // Sent in the background: arping lingers a second after its probe.
+    let announcers: Vec<std::process::Child> = if announce {
+        let netns = format!("--net={}", lab.lab.netns_path(to).display());
+        let spawn = |args: &[&str]| {
+            std::process::Command::new("nsenter")
+                .arg(&netns)
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        vec![
+            spawn(&["arping", "-U", "-c", "1", "-I", lab::IFACE, lab::SERVICE_V4]),
+            // Debian's ndisc6 package has no ndsend (unsolicited NA); a
+            // solicitation to the peer from the moved address updates the
+            // peer's entry just the same.
+            spawn(&[
+                "ndisc6",
+                "-q",
+                "-1",
+                "-r",
+                "1",
+                "-w",
+                "200",
+                "-s",
+                lab::SERVICE_V6,
+                lab::PEER_V6,
+                lab::IFACE,
+            ]),
+        ]
+    } else {
+        Vec::new()
+    };
+    let window = clock.elapsed().as_secs_f64() * 1e3;
+    let sample = Sample {
+        window,
+        stall: stall(lab, start),
+        retransmits: peer_retransmits(lab) - retransmits,
+    };
+    debug(
+        if announce { "announce" } else { "baseline" },
+        &sample,
+        lab,
+        start,
+    );
+    for mut announcer in announcers {
+        let _ = announcer.wait();
+    }
+    if sample.stall >= STALL_CAP_MS {
+        // Still stalled: let the peer re-resolve the address now, so the
+        // next move starts from flowing streams (not part of the figures).
+        run_ok(lab, PEER, "ip", &["neigh", "flush", "dev", lab::IFACE]);
+        stall(lab, unix_ms());
+    }
+    // CRIU leaves its nftables lock on the old host; a user would remove it.
+    remove_criu_tables(lab, from);
+    let restored = std::fs::read_to_string(&pidfile).unwrap();
+    (sample, restored.trim().parse().unwrap())
+}
+
+fn stats(values: &mut [f64]) -> (f64, f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    values.sort_by(f64::total_cmp);
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
+    let mut lab = MigrationLab::new("bench");
+    let mut pid = lab.start_workload(true, 0);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // ours, baseline, baseline + announce
+    let mut samples: [Vec<Sample>; 3] = Default::default();
+    let mut baseline_resets = Vec::new();
+    for round in 0..rounds {
+        // Each round: every method there and back, so all meet the same
+        // machine conditions.
+        for (from, to) in [(SRC, DST), (DST, SRC)] {
+            let (sample, next) = ours(&lab, from, to, pid);
+            let broken = broken(&lab);
+            assert!(
+                broken.is_empty(),
+                "our move {from} -> {to} broke {broken:?}"
+            );
+            samples[0].push(sample);
+            pid = next;
+        }
+        for (method, announce) in [(1, false), (2, true)] {
+            for (from, to) in [(SRC, DST), (DST, SRC)] {
+                let (sample, next) = baseline(&lab, from, to, pid, round, announce);
+                pid = next;
+                let broken = broken(&lab);
+                if broken.is_empty() {
+                    samples[method].push(sample);
+                } else {
+                    // The hand-made move reset connections: count it, start over.
+                    baseline_resets.push(format!(
+                        "round {} {from} -> {to}{}: {}",
+                        round + 1,
+                        if announce { " (with announce)" } else { "" },
+                        broken.join(", ")
+                    ));
+                    pid = restart_workload(&mut lab, pid);
+                    break;
+                }
+            }
+        }
+        eprintln!("round {}/{rounds} done", round + 1);
+    }
+    for conn in lab.current_connections() {
+        assert_eq!(conn["error"], serde_json::Value::Null, "{conn}");
+    }
+    let field = |samples: &[Sample], f: fn(&Sample) -> f64| -> (f64, f64, f64) {
+        stats(&mut samples.iter().map(f).collect::<Vec<_>>())
+    };
+    println!(
+        "lab migration, {} moves of ours (3 connections, IPv4 + IPv6; the peer pushes every 10 ms)",
+        samples[0].len()
+    );
+    println!("                                      min     median        max   (ms)");
+    let names = ["ours", "baseline", "baseline+announce"];
+    let rows: [(&str, fn(&Sample) -> f64); 3] = [
+        ("freeze window", |s| s.window),
+        ("peer-visible stall", |s| s.stall),
+        ("peer retransmits", |s| s.retransmits as f64),
+    ];
+    for (row, f) in rows {
+        let medians: Vec<f64> = samples
+            .iter()
+            .zip(names)
+            .map(|(method, name)| {
+                let (a, b, c) = field(method, f);
+                println!("  {name:<18} {row:<18} {a:8.1} {b:10.1} {c:10.1}");
+                b
+            })
+            .collect();
+        println!(
+            "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}",
+            medians[0] / medians[1],
+            medians[0] / medians[2]
+        );
+    }
+    println!(
+        "  ours: {} moves, bytes lost 0, resets 0 (the peer checked every byte)",
+        samples[0].len()
+    );
+    println!(
+        "  baseline: CRIU's CLI with --network-lock nftables, addresses moved with `ip addr`;\n  \
+         nothing tells the peers (a peer whose neighbour entry points at the old host keeps\n  \
+         sending there until it expires; stalls are cut at {:.0} s). baseline+announce adds\n  \
+         `arping -U` and `ndisc6 -s ADDR PEER` after the restore. Freeze windows of the baselines run from\n  \
+         the start of `criu dump` to the end of `criu restore`.",
+        STALL_CAP_MS / 1e3
+    );
+    println!(
+        "  baseline moves that reset connections: {}",
+        baseline_resets.len()
+    );
+    for reset in &baseline_resets {
+        println!("    {reset}");
+    }
+}
