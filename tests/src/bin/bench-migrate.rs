@@ -160,6 +160,9 @@ fn remove_criu_tables(lab: &MigrationLab, host: &str) {
     }
 }
 
+/// One figure of a sample.
+type Metric = fn(&Sample) -> f64;
+
 struct Sample {
     window: f64,
     stall: f64,
@@ -402,7 +405,7 @@ fn main() {
     for conn in lab.current_connections() {
         assert_eq!(conn["error"], serde_json::Value::Null, "{conn}");
     }
-    let field = |samples: &[Sample], f: fn(&Sample) -> f64| -> (f64, f64, f64) {
+    let field = |samples: &[Sample], f: Metric| -> (f64, f64, f64) {
         stats(&mut samples.iter().map(f).collect::<Vec<_>>())
     };
     println!(
@@ -411,7 +414,7 @@ fn main() {
     );
     println!("                                      min     median        max   (ms)");
     let names = ["ours", "baseline", "baseline+announce"];
-    let rows: [(&str, fn(&Sample) -> f64); 3] = [
+    let rows: [(&str, Metric); 3] = [
         ("freeze window", |s| s.window),
         ("peer-visible stall", |s| s.stall),
         ("peer retransmits", |s| s.retransmits as f64),
