@@ -140,6 +140,13 @@ enum Command {
         /// Where the images are written (kept there after a rollback).
         #[arg(long, value_name = "DIR", default_value = "/var/tmp/migrator")]
         work_dir: PathBuf,
+        /// Keep the peers' packets during the freeze (instead of only
+        /// dropping them) and deliver them to the restored sockets right
+        /// after the release: the peers need not wait for their next
+        /// backed-off retransmit. Worth it when the freeze window passes the
+        /// peers' retransmit timeout (200 ms or more).
+        #[arg(long)]
+        hold: bool,
         /// CRIU binary (see `migrator doctor --help`).
         #[arg(long, value_name = "PATH")]
         criu: Option<PathBuf>,
@@ -371,6 +378,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             report,
             json,
             work_dir,
+            hold,
             criu,
         } => {
             require_privileges()?;
@@ -387,6 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 deadline,
                 criu,
                 work_dir,
+                hold,
                 quiet: false,
             }));
             eprint!("{}", result.render());

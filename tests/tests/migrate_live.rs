@@ -110,6 +110,37 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
     }
 }
 
+/// With --hold the peers' packets that arrive during the freeze are kept
+/// and handed to the restored sockets after the release (both families).
+#[test]
+fn hold_delivers_the_peers_packets_to_the_restored_sockets() {
+    let mut lab = MigrationLab::new("hold");
+    let pid = lab.start_workload(true, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let run = lab.migrate(SRC, DST, pid, &["--hold"]);
+    assert!(run.success, "{}", run.stderr);
+    let report = run.report.unwrap();
+    let connections = report["connections"].as_array().unwrap();
+    assert_eq!(connections.len(), 3);
+    for conn in connections {
+        // The peer pushes every 10 ms; the freeze lasts tens of ms at least.
+        assert!(
+            conn["held_delivered"].as_u64().unwrap() > 0,
+            "nothing delivered for {conn}"
+        );
+    }
+    assert!(
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "deliver-held" && p["host"] == "destination"),
+        "{report}"
+    );
+    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}
+
 #[test]
 fn wrong_token_is_refused_before_anything_is_frozen() {
     let mut lab = MigrationLab::new("tok");

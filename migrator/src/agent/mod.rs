@@ -39,6 +39,8 @@ use crate::{
 /// Bounds on what a source may send.
 const MAX_FILES: u64 = 100_000;
 const MAX_TOTAL_BYTES: u64 = 64 << 30;
+/// Held packets a source may hand over (the source's ring holds 16 MiB).
+const MAX_HELD: u64 = 16_384;
 /// How long a neighbour gets to answer a probe from the new owner.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Announcements per address.
@@ -229,8 +231,12 @@ async fn run_session(
         .collect();
     let lock = MigrationLock::observe(&config.iface, &flows)
         .and_then(|mut lock| {
-            lock.freeze(&services, Duration::from_millis(request.deadline_ms))
-                .map(|()| lock)
+            lock.freeze(
+                &services,
+                Duration::from_millis(request.deadline_ms),
+                request.hold,
+            )
+            .map(|()| lock)
         })
         .map_err(|err| err.to_string());
     match lock {
@@ -260,16 +266,24 @@ async fn run_session(
         .await?;
 
     receive_images(channel, images).await?;
-    match channel.receive().await? {
-        Message::Restore => {}
-        other => {
-            return Err(ProtocolError::Unexpected {
-                expected: "restore",
-                got: other.name(),
-            });
+    let mut held = Vec::new();
+    loop {
+        match channel.receive().await? {
+            Message::Held { count } if count <= MAX_HELD => {
+                for _ in 0..count {
+                    held.push(channel.receive_data().await?);
+                }
+            }
+            Message::Restore => break,
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    expected: "held packets or restore",
+                    got: other.name(),
+                });
+            }
         }
     }
-    match restore(config, images, request, netlink, session).await {
+    match restore(config, images, request, netlink, session, held).await {
         Ok(reply) => {
             let pid = reply.pid;
             channel.send(&Message::Restored(Box::new(reply))).await?;
@@ -431,6 +445,7 @@ async fn restore(
     request: &PreflightRequest,
     netlink: &Netlink,
     session: &mut Session,
+    source_held: Vec<Vec<u8>>,
 ) -> Result<RestoreReply, PhaseError> {
     let mut clock = Clock {
         started: Instant::now(),
@@ -553,6 +568,18 @@ async fn restore(
     lock.release()
         .map_err(|e| (report::RELEASE, e.to_string()))?;
     clock.done(report::RELEASE, start, true);
+
+    // Held packets right after the release, so the restored sockets'
+    // acknowledgements can leave: the source's first (older), then those
+    // that reached us before the release.
+    let mut held_delivered = Vec::new();
+    if request.hold {
+        let start = clock.ms();
+        let mut frames = source_held;
+        frames.extend(lock.drain_held().into_iter().map(|packet| packet.frame));
+        held_delivered = deliver_held(&frames);
+        clock.done(report::DELIVER_HELD, start, true);
+    }
     let released_at = Instant::now();
 
     let connections = counters
@@ -572,7 +599,30 @@ async fn restore(
         connections,
         confirmed,
         unconfirmed,
+        held_delivered,
     })
+}
+
+/// Inject held frames into the local stack; count per flow. A packet
+/// that cannot be delivered is only lost the way a dropped one is: the
+/// peer retransmits it.
+fn deliver_held(frames: &[Vec<u8>]) -> Vec<(String, u64)> {
+    let injector = match crate::net::inject::Injector::open() {
+        Ok(injector) => injector,
+        Err(err) => {
+            warn!("held packets not delivered: {err}");
+            return Vec::new();
+        }
+    };
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    for frame in frames {
+        match injector.deliver(frame) {
+            Ok(Some(flow)) => *counts.entry(flow.to_string()).or_default() += 1,
+            Ok(None) => {}
+            Err(err) => warn!("a held packet was not delivered: {err}"),
+        }
+    }
+    counts.into_iter().collect()
 }
 
 /// For each distinct peer of the migrated flows that sits on one of this

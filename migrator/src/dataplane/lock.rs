@@ -44,13 +44,20 @@ impl MigrationLock {
     }
 
     /// Block every flow and all TCP of `services` (new SYNs too) until
-    /// released, or until `deadline` passes (fail-open).
+    /// released, or until `deadline` passes (fail-open). With `hold`, the
+    /// peers' packets are also kept for [`MigrationLock::drain_held`].
     pub fn freeze(
         &mut self,
         services: &[ServiceKey],
         deadline: std::time::Duration,
+        hold: bool,
     ) -> Result<(), DataplaneError> {
-        let policy = FlowPolicy::freeze(boottime_ns() + deadline.as_nanos() as u64);
+        let deadline_ns = boottime_ns() + deadline.as_nanos() as u64;
+        let policy = if hold {
+            FlowPolicy::hold(deadline_ns)
+        } else {
+            FlowPolicy::freeze(deadline_ns)
+        };
         let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
         self.table.set_flows(&keys, policy)?;
         for service in services {
@@ -85,6 +92,11 @@ impl MigrationLock {
                 (*flow, stats)
             })
             .collect()
+    }
+
+    /// Peer packets held so far, oldest first, whole frames.
+    pub fn drain_held(&mut self) -> Vec<super::HeldPacketOwned> {
+        self.table.drain_held()
     }
 
     pub fn iface(&self) -> &str {

@@ -44,6 +44,9 @@ pub struct MigrateOptions {
     pub criu: CriuBinary,
     /// Where images are written; kept after a rollback.
     pub work_dir: PathBuf,
+    /// Hold the peers' packets during the freeze and deliver them to the
+    /// restored sockets right after the release.
+    pub hold: bool,
     pub quiet: bool,
 }
 
@@ -215,7 +218,7 @@ async fn run(
         })
         .collect();
     let mut lock = progress.lock.take();
-    let (deadline, pid) = (options.deadline, options.pid);
+    let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
     let (dumped, lock, frozen_at) = tokio::task::spawn_blocking(move || {
         let mut frozen_at = None;
         let result = swrk.dump(pid, |_script| {
@@ -223,7 +226,7 @@ async fn run(
             // the tree; freeze there.
             if frozen_at.is_none() {
                 if let Some(lock) = lock.as_mut() {
-                    lock.freeze(&services, deadline)
+                    lock.freeze(&services, deadline, hold)
                         .map_err(|e| format!("locking the flows: {e}"))?;
                 }
                 frozen_at = Some(Instant::now());
@@ -294,6 +297,29 @@ async fn run(
         .unwrap_or_default();
     clock.end(phase, true);
 
+    // Held packets go with the restore request: the agent delivers them
+    // to the restored sockets right after its release.
+    if options.hold {
+        let held = progress
+            .lock
+            .as_mut()
+            .map(MigrationLock::drain_held)
+            .unwrap_or_default();
+        let sent: Result<(), ProtocolError> = async {
+            channel
+                .send(&Message::Held {
+                    count: held.len() as u64,
+                })
+                .await?;
+            for packet in &held {
+                channel.send_data(&packet.frame).await?;
+            }
+            Ok(())
+        }
+        .await;
+        sent.map_err(|e| format!("sending held packets: {e}"))?;
+    }
+
     // restore, announce, confirm, release: at the agent.
     let asked_at_ms = clock.now_ms();
     channel
@@ -343,7 +369,11 @@ async fn run(
                 stale_packets_source: stats
                     .packets_in
                     .saturating_sub(packets_at_ip_release.get(i).copied().unwrap_or(0)),
-                held_delivered: 0,
+                held_delivered: reply
+                    .held_delivered
+                    .iter()
+                    .find(|(held_flow, _)| *held_flow == flow.to_string())
+                    .map_or(0, |(_, count)| *count),
             });
         }
     }
@@ -460,6 +490,7 @@ async fn preflight(
                 .map(FlowSpec::to_string)
                 .collect(),
             deadline_ms: options.deadline.as_millis() as u64,
+            hold: options.hold,
         }))
         .await
         .map_err(|e| e.to_string())?;

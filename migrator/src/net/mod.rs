@@ -1,8 +1,10 @@
 //! The host's network as a migration sees it: which connections a process
 //! tree holds ([`discover`]), the service addresses ([`address`], over
 //! rtnetlink) and announcing them on the link ([`announce`], GARP and
-//! unsolicited NA built with pnet).
+//! unsolicited NA built with pnet) and delivering held packets
+//! ([`inject`]).
 
 pub mod address;
 pub mod announce;
 pub mod discover;
+pub mod inject;

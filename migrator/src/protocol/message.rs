@@ -57,6 +57,9 @@ pub struct PreflightRequest {
     pub flows: Vec<String>,
     /// How long the destination's lock may stay on before failing open.
     pub deadline_ms: u64,
+    /// Hold (not only drop) peer packets, to deliver them after release.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -81,6 +84,10 @@ pub struct RestoreReply {
     /// those that did not (not on this link, or silent).
     pub confirmed: Vec<String>,
     pub unconfirmed: Vec<String>,
+    /// Held packets delivered to the restored sockets, per flow (the
+    /// source's and the destination's own).
+    #[serde(default)]
+    pub held_delivered: Vec<(String, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -114,6 +121,11 @@ pub enum Message {
         bytes: u64,
     },
     FilesOk,
+    /// Held packets follow as `count` data frames, one Ethernet frame each,
+    /// oldest first.
+    Held {
+        count: u64,
+    },
     Restore,
     Restored(Box<RestoreReply>),
     Failed {

@@ -24,6 +24,7 @@ pub const RESTORE: &str = "restore";
 pub const ANNOUNCE: &str = "announce";
 pub const CONFIRM: &str = "confirm";
 pub const RELEASE: &str = "release";
+pub const DELIVER_HELD: &str = "deliver-held";
 pub const ROLLBACK: &str = "rollback";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -156,14 +157,17 @@ impl Report {
             ));
         }
         if !self.connections.is_empty() {
-            out.push_str("  connection                                   peer rexmit src/dst  stale at src\n");
+            out.push_str(
+                "  connection                                   peer rexmit src/dst  stale at src  held delivered\n",
+            );
             for c in &self.connections {
                 out.push_str(&format!(
-                    "  {:<44} {:>8} /{:<4} {:>12}\n",
+                    "  {:<44} {:>8} /{:<4} {:>12} {:>15}\n",
                     format!("{} = {}", c.local, c.remote),
                     c.peer_retransmits_source,
                     c.peer_retransmits_destination,
-                    c.stale_packets_source
+                    c.stale_packets_source,
+                    c.held_delivered
                 ));
             }
         }

@@ -169,10 +169,10 @@ struct Sample {
     retransmits: u64,
 }
 
-fn ours(lab: &MigrationLab, from: &str, to: &str, pid: i32) -> (Sample, i32) {
+fn ours(lab: &MigrationLab, from: &str, to: &str, pid: i32, hold: bool) -> (Sample, i32) {
     let retransmits = peer_retransmits(lab);
     let start = unix_ms();
-    let run = lab.migrate(from, to, pid, &[]);
+    let run = lab.migrate(from, to, pid, if hold { &["--hold"] } else { &[] });
     assert!(run.success, "{}", run.stderr);
     let report = run.report.unwrap();
     let sample = Sample {
@@ -364,21 +364,23 @@ fn main() {
     let mut lab = MigrationLab::new("bench");
     let mut pid = lab.start_workload(true, 0);
     std::thread::sleep(std::time::Duration::from_secs(1));
-    // ours, baseline, baseline + announce
-    let mut samples: [Vec<Sample>; 3] = Default::default();
+    // ours, baseline, baseline + announce, ours with --hold
+    let mut samples: [Vec<Sample>; 4] = Default::default();
     let mut baseline_resets = Vec::new();
     for round in 0..rounds {
         // Each round: every method there and back, so all meet the same
         // machine conditions.
-        for (from, to) in [(SRC, DST), (DST, SRC)] {
-            let (sample, next) = ours(&lab, from, to, pid);
-            let broken = broken(&lab);
-            assert!(
-                broken.is_empty(),
-                "our move {from} -> {to} broke {broken:?}"
-            );
-            samples[0].push(sample);
-            pid = next;
+        for (method, hold) in [(0, false), (3, true)] {
+            for (from, to) in [(SRC, DST), (DST, SRC)] {
+                let (sample, next) = ours(&lab, from, to, pid, hold);
+                let broken = broken(&lab);
+                assert!(
+                    broken.is_empty(),
+                    "our move {from} -> {to} broke {broken:?}"
+                );
+                samples[method].push(sample);
+                pid = next;
+            }
         }
         for (method, announce) in [(1, false), (2, true)] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
@@ -413,7 +415,7 @@ fn main() {
         samples[0].len()
     );
     println!("                                      min     median        max   (ms)");
-    let names = ["ours", "baseline", "baseline+announce"];
+    let names = ["ours", "baseline", "baseline+announce", "ours --hold"];
     let rows: [(&str, Metric); 3] = [
         ("freeze window", |s| s.window),
         ("peer-visible stall", |s| s.stall),
@@ -430,9 +432,10 @@ fn main() {
             })
             .collect();
         println!(
-            "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}",
+            "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}, ours --hold/baseline+announce {:.3}",
             medians[0] / medians[1],
-            medians[0] / medians[2]
+            medians[0] / medians[2],
+            medians[3] / medians[2]
         );
     }
     println!(

@@ -1,0 +1,211 @@
+//! Delivering held packets to the local stack after a restore: the peer's
+//! segments that arrived while the connection was frozen, written back as
+//! if they had just been received, so the restored socket acknowledges
+//! them at once instead of waiting for the peer's next backed-off
+//! retransmit.
+//!
+//! Each packet goes through a raw socket with the IP header included (the
+//! source stays the peer) to its local destination, which the kernel
+//! delivers over loopback into TCP. The TCP checksum is recomputed: frames
+//! captured at TC on virtual or offloading NICs carry only a partial one.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::dataplane::spec::FlowSpec;
+
+use pnet::packet::{
+    Packet as _,
+    ethernet::{EtherTypes, EthernetPacket},
+    ip::IpNextHeaderProtocols,
+    ipv4::{self, Ipv4Packet, MutableIpv4Packet},
+    ipv6::Ipv6Packet,
+    tcp::{self, MutableTcpPacket},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("opening a raw {family} socket: {source}")]
+    Socket {
+        family: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sending a held packet to {to}: {source}")]
+    Send {
+        to: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Raw sockets for both families, opened once per delivery batch.
+pub struct Injector {
+    v4: socket_fd::Fd,
+    v6: socket_fd::Fd,
+}
+
+mod socket_fd {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+
+    pub type Fd = OwnedFd;
+
+    /// A raw socket that takes whole IP packets (IPPROTO_RAW implies
+    /// IP_HDRINCL, and IPV6_HDRINCL for IPv6).
+    pub fn raw(domain: i32) -> std::io::Result<OwnedFd> {
+        // SAFETY: plain socket call; the fd is owned from here on.
+        let fd = unsafe {
+            libc::socket(
+                domain,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by socket and is owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+impl Injector {
+    pub fn open() -> Result<Self, InjectError> {
+        Ok(Self {
+            v4: socket_fd::raw(libc::AF_INET).map_err(|source| InjectError::Socket {
+                family: "IPv4",
+                source,
+            })?,
+            v6: socket_fd::raw(libc::AF_INET6).map_err(|source| InjectError::Socket {
+                family: "IPv6",
+                source,
+            })?,
+        })
+    }
+
+    /// Deliver one held Ethernet frame; returns its connection. Frames that
+    /// are not TCP over IPv4 or IPv6 are skipped (None).
+    pub fn deliver(&self, frame: &[u8]) -> Result<Option<FlowSpec>, InjectError> {
+        let Some(packet) = rebuild(frame) else {
+            return Ok(None);
+        };
+        let (fd, to) = match packet.destination {
+            IpAddr::V4(_) => (&self.v4, SocketAddr::new(packet.destination, 0)),
+            IpAddr::V6(_) => (&self.v6, SocketAddr::new(packet.destination, 0)),
+        };
+        send_to(fd, &packet.bytes, to).map_err(|source| InjectError::Send {
+            to: packet.destination,
+            source,
+        })?;
+        Ok(Some(packet.flow))
+    }
+}
+
+fn send_to(fd: &socket_fd::Fd, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: all-zero sockaddr_in6 is valid; filled per family below.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let len = match to {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut addr).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            addr.sin6_family = libc::AF_INET6 as u16;
+            addr.sin6_addr.s6_addr = v6.ip().octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: buffer and address are valid for the lengths given.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (&raw const addr).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// An IP packet ready to send: the frame without its Ethernet header, the
+/// TCP checksum (and the IPv4 header checksum) recomputed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub destination: IpAddr,
+    /// The connection, seen from the receiving host.
+    pub flow: FlowSpec,
+    pub bytes: Vec<u8>,
+}
+
+pub fn rebuild(frame: &[u8]) -> Option<Rebuilt> {
+    let ethernet = EthernetPacket::new(frame)?;
+    match ethernet.get_ethertype() {
+        EtherTypes::Ipv4 => {
+            let ip = Ipv4Packet::new(ethernet.payload())?;
+            if ip.get_next_level_protocol() != IpNextHeaderProtocols::Tcp {
+                return None;
+            }
+            // Trim Ethernet padding: the IP length is the truth.
+            let total = usize::from(ip.get_total_length()).min(ethernet.payload().len());
+            let mut bytes = ethernet.payload()[..total].to_vec();
+            let header_len = usize::from(ip.get_header_length()) * 4;
+            let (source, destination) = (ip.get_source(), ip.get_destination());
+            let ports = {
+                let mut tcp = MutableTcpPacket::new(bytes.get_mut(header_len..)?)?;
+                let checksum = tcp::ipv4_checksum(&tcp.to_immutable(), &source, &destination);
+                tcp.set_checksum(checksum);
+                (tcp.get_source(), tcp.get_destination())
+            };
+            let mut ip = MutableIpv4Packet::new(&mut bytes)?;
+            let checksum = ipv4::checksum(&ip.to_immutable());
+            ip.set_checksum(checksum);
+            Some(Rebuilt {
+                destination: IpAddr::V4(destination),
+                flow: FlowSpec {
+                    local: SocketAddr::new(IpAddr::V4(destination), ports.1),
+                    remote: SocketAddr::new(IpAddr::V4(source), ports.0),
+                },
+                bytes,
+            })
+        }
+        EtherTypes::Ipv6 => {
+            let ip = Ipv6Packet::new(ethernet.payload())?;
+            if ip.get_next_header() != IpNextHeaderProtocols::Tcp {
+                return None;
+            }
+            let total = (40 + usize::from(ip.get_payload_length())).min(ethernet.payload().len());
+            let mut bytes = ethernet.payload()[..total].to_vec();
+            let (source, destination) = (ip.get_source(), ip.get_destination());
+            let ports = {
+                let mut tcp = MutableTcpPacket::new(bytes.get_mut(40..)?)?;
+                let checksum = tcp::ipv6_checksum(&tcp.to_immutable(), &source, &destination);
+                tcp.set_checksum(checksum);
+                (tcp.get_source(), tcp.get_destination())
+            };
+            Some(Rebuilt {
+                destination: IpAddr::V6(destination),
+                flow: FlowSpec {
+                    local: SocketAddr::new(IpAddr::V6(destination), ports.1),
+                    remote: SocketAddr::new(IpAddr::V6(source), ports.0),
+                },
+                bytes,
+            })
+        }
+        _ => None,
+    }
+}
