@@ -256,6 +256,11 @@ fn require_privileges() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CRIU to use, with the fix in the error.
+fn locate_criu(flag: Option<&std::path::Path>) -> anyhow::Result<migrator::criu::CriuBinary> {
+    migrator::criu::locate(flag).map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))
+}
+
 fn not_attached(iface: &str) -> anyhow::Error {
     anyhow::anyhow!("{iface} is not attached in this network namespace (see `migrator status`)")
 }
@@ -383,8 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             require_privileges()?;
             let token = protocol::read_token(&token_file).map_err(anyhow::Error::msg)?;
-            let criu = migrator::criu::locate(criu.as_deref())
-                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?;
+            let criu = locate_criu(criu.as_deref())?;
             let runtime = tokio::runtime::Runtime::new()?;
             let result = runtime.block_on(migrate::migrate(migrate::MigrateOptions {
                 pid,
@@ -426,8 +430,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     images.display()
                 );
             }
-            let criu = migrator::criu::locate(criu.as_deref())
-                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?;
+            let criu = locate_criu(criu.as_deref())?;
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 if let Some(iface) = &iface {
@@ -468,8 +471,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             require_privileges()?;
             let token = protocol::read_token(&token_file).map_err(anyhow::Error::msg)?;
-            let criu = migrator::criu::locate(criu.as_deref())
-                .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?;
+            let criu = locate_criu(criu.as_deref())?;
             let criu_version = criu
                 .supported_version()
                 .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?

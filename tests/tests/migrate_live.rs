@@ -224,15 +224,7 @@ fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
     let killer = std::thread::spawn(move || {
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
-            let bytes: u64 = std::fs::read_dir(&incoming)
-                .map(|dir| {
-                    dir.filter_map(Result::ok)
-                        .filter_map(|e| e.metadata().ok())
-                        .map(|m| m.len())
-                        .sum()
-                })
-                .unwrap_or(0);
-            if bytes > 32 << 20 {
+            if bytes_in(&incoming) > 32 << 20 {
                 // SIGKILL every agent in dst's namespace: mid-transfer.
                 kill_agents_in(&agent_dst);
                 return true;
@@ -260,6 +252,19 @@ fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
     assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
     assert!(!lab.pins_left(SRC), "the source's lock was left behind");
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(500));
+}
+
+/// Bytes written so far into the files of a directory (0 if absent).
+fn bytes_in(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn kill_agents_in(netns: &std::path::Path) {
@@ -365,15 +370,7 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
     let started = std::time::Instant::now();
     let mut killed = false;
     while started.elapsed() < Duration::from_secs(30) {
-        let bytes: u64 = std::fs::read_dir(&incoming)
-            .map(|dir| {
-                dir.filter_map(Result::ok)
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
-        if bytes > 32 << 20 {
+        if bytes_in(&incoming) > 32 << 20 {
             migrate.kill().unwrap();
             killed = true;
             break;

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::{
     criu::{CriuBinary, stats::read_restore_stats, swrk::Swrk},
-    dataplane::{lock::MigrationLock, spec::FlowSpec, spec::ServiceSpec},
+    dataplane::{lock::MigrationLock, spec::FlowSpec},
     net::{address::Netlink, announce::Link},
     protocol::{
         Channel, Message, ProtocolError, auth,
@@ -218,17 +218,7 @@ async fn run_session(
     };
     // Lock before we own the address: from the moment it is added until
     // the restored sockets are ready, our stack must not answer the peers.
-    let services: Vec<_> = request
-        .service_addresses
-        .iter()
-        .map(|a| {
-            ServiceSpec {
-                ip: a.ip,
-                port: None,
-            }
-            .key()
-        })
-        .collect();
+    let services = ServiceAddress::lock_rules(&request.service_addresses);
     let lock = MigrationLock::observe(&config.iface, &flows)
         .and_then(|mut lock| {
             lock.freeze(

@@ -20,10 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     criu::{CriuBinary, stats::read_dump_stats},
-    dataplane::{
-        lock::MigrationLock,
-        spec::{FlowSpec, ServiceSpec},
-    },
+    dataplane::{lock::MigrationLock, spec::FlowSpec},
     net::{address::Netlink, discover},
     protocol::{
         Channel, Message, ProtocolError, auth,
@@ -206,17 +203,7 @@ async fn run(
     // and the service addresses (new SYNs wait too) are locked right before
     // CRIU freezes the tree, and stay locked from there on.
     let phase = clock.begin(report::DUMP);
-    let services: Vec<_> = options
-        .service_addresses
-        .iter()
-        .map(|a| {
-            ServiceSpec {
-                ip: a.ip,
-                port: None,
-            }
-            .key()
-        })
-        .collect();
+    let services = ServiceAddress::lock_rules(&options.service_addresses);
     let mut lock = progress.lock.take();
     let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
     let (dumped, lock, frozen_at) = tokio::task::spawn_blocking(move || {

@@ -17,6 +17,22 @@ pub struct ServiceAddress {
     pub prefix: u8,
 }
 
+impl ServiceAddress {
+    /// The lock rule for all TCP of these addresses (every port).
+    pub fn lock_rules(addresses: &[Self]) -> Vec<migrator_common::ServiceKey> {
+        addresses
+            .iter()
+            .map(|address| {
+                crate::dataplane::spec::ServiceSpec {
+                    ip: address.ip,
+                    port: None,
+                }
+                .key()
+            })
+            .collect()
+    }
+}
+
 impl std::fmt::Display for ServiceAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.ip, self.prefix)
