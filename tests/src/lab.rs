@@ -153,8 +153,28 @@ impl Lab {
             }
             ip(&["netns", "del", &self.netns(host)])?;
         }
+        // What was killed and was ours (directly or as orphans) goes now.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        reap_exited_children();
         Ok(())
     }
+}
+
+/// Make this process the reaper of every process it starts, however deep
+/// (lab workloads outlive their launchers, agents' restored processes
+/// outlive the agents): without it, what the lab kills on the way down is
+/// left to PID 1, which on some machines never reaps it.
+pub fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a plain integer.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// Reap every child that has exited (for a subreaper: orphans too).
+pub fn reap_exited_children() {
+    // SAFETY: waitpid with WNOHANG and no status pointer.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
 }
 
 /// Where migrator pins its data plane for the namespace at `path`.

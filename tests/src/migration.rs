@@ -32,6 +32,7 @@ impl MigrationLab {
     /// Lab up, peer servers on :9000 (v4 and v6), agents on src and dst.
     pub fn new(tag: &str) -> Self {
         crate::require_root();
+        lab::become_subreaper();
         let lab = Lab::new(&format!("mt{tag}{}", std::process::id()));
         lab.up().expect("lab up");
         let dir = TempDir::new(&format!("mig-{tag}"));

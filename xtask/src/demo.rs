@@ -52,6 +52,7 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     let dir = root.join("target/lab");
     std::fs::create_dir_all(&dir)?;
     let lab = lab::Lab::new(prefix);
+    lab::become_subreaper();
     cmd::section("lab up");
     lab.up().map_err(anyhow::Error::msg)?;
     let _guard = LabGuard(lab.clone());
