@@ -649,3 +649,27 @@ async fn on_link_neighbours(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::safe_name;
+
+    #[test]
+    fn image_names_stay_inside_the_work_directory() {
+        for ok in ["inventory.img", "pages-1.img", "stats-dump", "core-42.img"] {
+            assert!(safe_name(ok), "{ok} refused");
+        }
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "a/b.img",
+            "..",
+            ".",
+            "",
+            ".hidden",
+            &"x".repeat(256),
+        ] {
+            assert!(!safe_name(bad), "{bad:?} accepted");
+        }
+    }
+}
