@@ -102,6 +102,9 @@ pub struct FlowPolicy {
     /// CLOCK_BOOTTIME nanoseconds after which a frozen flow passes again
     /// even if userspace never releases it (fail-open). 0: no deadline.
     pub deadline_ns: u64,
+    /// CLOCK_BOOTTIME nanoseconds when userspace set this mode (0: not
+    /// recorded), for "frozen for" and "released" in the live view.
+    pub since_ns: u64,
 }
 
 impl FlowPolicy {
@@ -110,6 +113,7 @@ impl FlowPolicy {
             mode: FlowMode::Observe as u32,
             _pad: 0,
             deadline_ns: 0,
+            since_ns: 0,
         }
     }
 
@@ -118,6 +122,7 @@ impl FlowPolicy {
             mode: FlowMode::Freeze as u32,
             _pad: 0,
             deadline_ns,
+            since_ns: 0,
         }
     }
 
@@ -126,7 +131,14 @@ impl FlowPolicy {
             mode: FlowMode::Hold as u32,
             _pad: 0,
             deadline_ns,
+            since_ns: 0,
         }
+    }
+
+    /// The same policy, stamped with when it was set.
+    pub const fn since(mut self, now_ns: u64) -> Self {
+        self.since_ns = now_ns;
+        self
     }
 
     /// The mode in force at `now_ns`: a frozen flow whose deadline has
@@ -181,6 +193,12 @@ pub struct FlowStats {
     /// 1 when the latest window we advertised was zero.
     pub local_window_zero: u32,
     pub _pad: u32,
+    /// CLOCK_BOOTTIME ns of the peer retransmit before the latest one (0
+    /// if fewer than two): with the latest, the peer's current backoff.
+    pub prev_peer_retransmit_ns: u64,
+    /// Our own side's retransmits (the tcp:tcp_retransmit_skb tracepoint,
+    /// counted while a watcher has it attached).
+    pub local_retransmits: u64,
 }
 
 /// A service-IP rule: all TCP to/from a local address, optionally only one

@@ -15,3 +15,4 @@ pub mod net;
 pub mod protocol;
 pub mod report;
 pub mod system;
+pub mod watch;

@@ -16,7 +16,6 @@ pub struct MigrationLock {
     table: FlowTable,
     root: PathBuf,
     iface: String,
-    attached_here: bool,
     flows: Vec<FlowSpec>,
     services: Vec<ServiceKey>,
 }
@@ -26,12 +25,11 @@ impl MigrationLock {
     pub fn observe(iface: &str, flows: &[FlowSpec]) -> Result<Self, DataplaneError> {
         let root = default_pin_root();
         let mut dataplane = Dataplane::load_pinned(&root)?;
-        let (_, attached_here) = dataplane.attach(iface, AttachMode::Auto)?;
+        dataplane.attach(iface, AttachMode::Auto)?;
         let mut lock = Self {
             table: dataplane.take_table()?,
             root,
             iface: iface.to_owned(),
-            attached_here,
             flows: flows.to_vec(),
             services: Vec::new(),
         };
@@ -103,13 +101,15 @@ impl MigrationLock {
         &self.iface
     }
 
-    /// Remove this migration's entries; detach if this lock attached.
+    /// Remove this migration's entries, and detach once nothing is tracked
+    /// any more (whoever attached: the last user leaves nothing behind; a
+    /// watcher or another migration still tracking keeps it attached).
     /// Best effort: it runs on error paths, where the first error matters.
     pub fn close(mut self) {
         let _ = self.release();
         let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
         let _ = self.table.forget_flows(&keys);
-        if self.attached_here {
+        if self.table.is_empty() {
             let _ = detach(&self.root, &self.iface);
         }
     }

@@ -31,6 +31,7 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub const INGRESS_PROGRAM: &str = "migrator_ingress";
 pub const EGRESS_PROGRAM: &str = "migrator_egress";
+pub const RETRANSMIT_PROGRAM: &str = "migrator_tcp_retransmit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -192,6 +193,25 @@ impl Dataplane {
     pub fn take_table(&mut self) -> Result<FlowTable, DataplaneError> {
         let ebpf = &mut self.ebpf;
         FlowTable::from_maps(|name| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name)))
+    }
+
+    /// Count our own retransmits of tracked flows (tcp:tcp_retransmit_skb)
+    /// for as long as this data plane is loaded.
+    pub fn attach_retransmit_tracepoint(&mut self) -> Result<(), DataplaneError> {
+        let name = RETRANSMIT_PROGRAM;
+        let program: &mut aya::programs::TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        program
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        program
+            .attach("tcp", "tcp_retransmit_skb")
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
     }
 
     pub fn pin_root(&self) -> Option<&Path> {

@@ -30,7 +30,7 @@ pub enum SpecError {
 }
 
 /// A four-tuple as given on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowSpec {
     pub local: SocketAddr,
     pub remote: SocketAddr,

@@ -104,6 +104,7 @@ impl FlowTable {
         keys: &[FlowKey],
         policy: FlowPolicy,
     ) -> Result<(), DataplaneError> {
+        let policy = policy.since(crate::system::boottime_ns());
         for key in keys {
             ensure_counters(&mut self.stats, *key, STATS_MAP)?;
             self.flows
@@ -123,8 +124,9 @@ impl FlowTable {
         if get(&self.flows, key, FLOWS_MAP)?.is_none() {
             return Ok(false);
         }
+        let policy = FlowPolicy::observe().since(crate::system::boottime_ns());
         self.flows
-            .insert(*key, FlowPolicy::observe(), 0)
+            .insert(*key, policy, 0)
             .map_err(map_error(FLOWS_MAP))?;
         Ok(true)
     }
@@ -231,6 +233,11 @@ impl FlowTable {
         }
         self.sweep_local_ports(services.iter().map(service_slot).collect())?;
         Ok((blocking.len(), services.len()))
+    }
+
+    /// True when no flow and no service rule is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.flows.keys().next().is_none() && self.services.keys().next().is_none()
     }
 
     pub fn flow_stats(&self, key: &FlowKey) -> Result<Option<FlowStats>, DataplaneError> {

@@ -61,6 +61,9 @@ struct Progress {
 /// way: every error becomes the report's `error`).
 pub async fn migrate(options: MigrateOptions) -> Report {
     let mut clock = PhaseClock::new("source", options.quiet);
+    clock.publish_to(crate::watch::phase_file(
+        &crate::dataplane::default_pin_root(),
+    ));
     let mut report = Report {
         outcome: Outcome::Failed,
         error: None,
@@ -308,6 +311,7 @@ async fn run(
     }
 
     // restore, announce, confirm, release: at the agent.
+    clock.publish("restore (destination)");
     let asked_at_ms = clock.now_ms();
     channel
         .send(&Message::Restore)

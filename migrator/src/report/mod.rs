@@ -182,6 +182,16 @@ pub struct PhaseClock {
     pub phases: Vec<Phase>,
     host: &'static str,
     quiet: bool,
+    /// File a watcher reads the current phase from (see `watch`).
+    publish: Option<std::path::PathBuf>,
+}
+
+impl Drop for PhaseClock {
+    fn drop(&mut self) {
+        if let Some(path) = &self.publish {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl PhaseClock {
@@ -191,7 +201,16 @@ impl PhaseClock {
             phases: Vec::new(),
             host,
             quiet,
+            publish: None,
         }
+    }
+
+    /// Write each phase's name to `path` as it begins (removed on drop).
+    pub fn publish_to(&mut self, path: std::path::PathBuf) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        self.publish = Some(path);
     }
 
     pub fn started(&self) -> Instant {
@@ -204,6 +223,9 @@ impl PhaseClock {
 
     /// Start a phase; finish it with [`PhaseClock::end`].
     pub fn begin(&self, name: &str) -> (String, f64) {
+        if let Some(path) = &self.publish {
+            let _ = std::fs::write(path, format!("{name}\n"));
+        }
         if !self.quiet {
             eprintln!("[{:>9.1} ms] {name} ...", self.now_ms());
         }
@@ -227,6 +249,13 @@ impl PhaseClock {
             ok,
         });
         duration_ms
+    }
+
+    /// Publish a phase that is not timed here (the destination's work).
+    pub fn publish(&self, name: &str) {
+        if let Some(path) = &self.publish {
+            let _ = std::fs::write(path, format!("{name}\n"));
+        }
     }
 
     /// Record a phase without a progress line (one shown inside another).

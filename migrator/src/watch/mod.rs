@@ -1,0 +1,343 @@
+//! `migrator watch`: live per-connection counters for the people watching
+//! a move. It reads the pinned flow table a migration uses (so it can
+//! watch a move made by another `migrator` process), adds the connections
+//! it is asked to follow in observe mode, counts our own retransmits with
+//! the tcp:tcp_retransmit_skb tracepoint, and shows everything as a live
+//! table, plain tables, JSON lines or Prometheus metrics.
+
+pub mod model;
+pub mod render;
+mod tui;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use std::io::Write as _;
+
+use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+
+use crate::{
+    dataplane::{self, AttachMode, Dataplane, FlowTable, spec::FlowSpec},
+    net::{address::Netlink, discover},
+    system::boottime_ns,
+};
+pub use model::{Row, RowMode, Selection, Snapshot, Watcher};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Live, refreshing table (a terminal).
+    Tui,
+    /// One table per interval, no escape codes.
+    Plain,
+    /// JSON lines, one object per connection per interval.
+    Json,
+    /// Nothing on stdout (metrics only).
+    None,
+}
+
+pub struct WatchOptions {
+    pub selection: Selection,
+    pub pid: Option<i32>,
+    pub iface: Option<String>,
+    pub interval: Duration,
+    pub output: Output,
+    pub once: bool,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Where a running migration publishes its current phase, per network
+/// namespace (a plain file: bpffs takes no regular files).
+pub fn phase_file(pin_root: &std::path::Path) -> PathBuf {
+    let name = pin_root
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    PathBuf::from("/run/migrator").join(format!("{name}.phase"))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The connections this watcher added (observe mode), to remove on exit.
+struct Followed {
+    added: BTreeSet<FlowSpec>,
+}
+
+struct State {
+    root: PathBuf,
+    /// Kept alive: it holds the tracepoint link (our own retransmits).
+    dataplane: Option<Dataplane>,
+    table: Option<FlowTable>,
+    followed: Followed,
+    warned_no_connections: bool,
+}
+
+impl State {
+    /// Open the pinned table (loading the programs to attach the
+    /// tracepoint), attaching to interfaces when there are connections to
+    /// observe. Quiet when nothing is attached yet: a migration may start.
+    fn ensure_open(&mut self, ifaces: &BTreeSet<String>) -> anyhow::Result<()> {
+        let attached = dataplane::attached_interfaces(&self.root);
+        let missing: Vec<&String> = ifaces.iter().filter(|i| !attached.contains(i)).collect();
+        if self.table.is_some() && missing.is_empty() {
+            return Ok(());
+        }
+        if attached.is_empty() && ifaces.is_empty() {
+            // Nothing to read and nothing to attach: wait for a migration.
+            self.table = None;
+            self.dataplane = None;
+            return Ok(());
+        }
+        let mut dp = Dataplane::load_pinned(&self.root)?;
+        for iface in missing {
+            dp.attach(iface, AttachMode::Auto)?;
+        }
+        if let Err(err) = dp.attach_retransmit_tracepoint() {
+            tracing::warn!("local retransmits will not be counted: {err}");
+        }
+        self.table = Some(dp.take_table()?);
+        self.dataplane = Some(dp);
+        Ok(())
+    }
+
+    /// Observe new connections of the followed set; forget the ones that
+    /// closed (only those we added and nobody froze since).
+    fn follow(&mut self, current: &BTreeSet<FlowSpec>) -> anyhow::Result<()> {
+        let Some(table) = self.table.as_mut() else {
+            return Ok(());
+        };
+        let new: Vec<_> = current
+            .difference(&self.followed.added)
+            .filter(|flow| table.flow_stats(&flow.key()).ok().flatten().is_none())
+            .copied()
+            .collect();
+        if !new.is_empty() {
+            let keys: Vec<_> = new.iter().map(FlowSpec::key).collect();
+            table.set_flows(&keys, migrator_common::FlowPolicy::observe())?;
+            self.followed.added.extend(new);
+        }
+        let gone: Vec<FlowSpec> = self.followed.added.difference(current).copied().collect();
+        forget_observed(table, &gone);
+        for flow in gone {
+            self.followed.added.remove(&flow);
+        }
+        Ok(())
+    }
+
+    /// Leave nothing behind: our observed flows, and the attachment once
+    /// nothing is tracked any more.
+    fn close(mut self) {
+        if let Some(table) = self.table.as_mut() {
+            let added: Vec<_> = self.followed.added.iter().copied().collect();
+            forget_observed(table, &added);
+            if table.is_empty() {
+                for iface in dataplane::attached_interfaces(&self.root) {
+                    let _ = dataplane::detach(&self.root, &iface);
+                }
+            }
+        }
+    }
+}
+
+/// Forget flows, except ones someone has frozen meanwhile (a migration
+/// started on them): those are not ours to remove.
+fn forget_observed(table: &mut FlowTable, flows: &[FlowSpec]) {
+    let now = boottime_ns();
+    let entries = table.flows().unwrap_or_default();
+    let keys: Vec<_> = flows
+        .iter()
+        .map(FlowSpec::key)
+        .filter(|key| {
+            entries.iter().any(|e| {
+                e.key == *key && e.policy.effective_mode(now) == migrator_common::FlowMode::Observe
+            })
+        })
+        .collect();
+    let _ = table.forget_flows(&keys);
+}
+
+/// The connections to follow now: `--flow`s, plus the process tree's.
+fn wanted(options: &WatchOptions, warned: &mut bool) -> anyhow::Result<BTreeSet<FlowSpec>> {
+    let mut flows: BTreeSet<FlowSpec> = options.selection.flows.iter().copied().collect();
+    if let Some(pid) = options.pid {
+        match discover::discover(pid) {
+            Ok(network) => {
+                if network.connections.is_empty() && !*warned {
+                    eprintln!("process {pid} has no TCP connections yet; watching for new ones");
+                    *warned = true;
+                }
+                flows.extend(network.connections);
+            }
+            Err(discover::DiscoverError::NoSuchProcess(_)) if flows.is_empty() => {
+                anyhow::bail!(
+                    "process {pid} does not exist (any more): nothing to follow (see `ps -p {pid}`)"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(flows)
+}
+
+/// Interfaces the wanted connections use: `--iface`, or the one holding
+/// each connection's local address.
+async fn interfaces(
+    options: &WatchOptions,
+    flows: &BTreeSet<FlowSpec>,
+    netlink: &Netlink,
+) -> anyhow::Result<BTreeSet<String>> {
+    if let Some(iface) = &options.iface {
+        return Ok(BTreeSet::from([iface.clone()]));
+    }
+    let mut ifaces = BTreeSet::new();
+    for flow in flows {
+        if let Some(found) = netlink.find(flow.local.ip()).await? {
+            let name = netlink.link_name(found.index).await?;
+            if name != "lo" {
+                ifaces.insert(name);
+            }
+        }
+    }
+    Ok(ifaces)
+}
+
+pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
+    let root = dataplane::default_pin_root();
+    let netlink = Netlink::connect()?;
+    let mut state = State {
+        root: root.clone(),
+        dataplane: None,
+        table: None,
+        followed: Followed {
+            added: BTreeSet::new(),
+        },
+        warned_no_connections: false,
+    };
+    let metrics = Arc::new(Mutex::new(String::new()));
+    if let Some(addr) = options.metrics_addr {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+        eprintln!("serving Prometheus metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(listener, metrics.clone()));
+    }
+    let mut tui = match options.output {
+        Output::Tui => Some(tui::Terminal::enter()?),
+        _ => None,
+    };
+    let mut watcher = Watcher::default();
+    let mut ticker = tokio::time::interval(options.interval);
+    // SIGTERM (a service manager, `timeout`) ends the watch as cleanly as q.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let result = loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
+            quit = tui::wait_for_quit(tui.as_mut(), options.interval) => {
+                if quit { break Ok(()); }
+                continue;
+            }
+        }
+        let step: anyhow::Result<Snapshot> = async {
+            let flows = wanted(&options, &mut state.warned_no_connections)?;
+            let ifaces = if flows.is_empty() {
+                BTreeSet::new()
+            } else {
+                interfaces(&options, &flows, &netlink).await?
+            };
+            state.ensure_open(&ifaces)?;
+            state.follow(&flows)?;
+            let entries = match state.table.as_ref() {
+                Some(table) => table.flows()?,
+                None => Vec::new(),
+            };
+            let phase = std::fs::read_to_string(phase_file(&root))
+                .ok()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty());
+            // Following a process: its connections are the selection.
+            let mut selection = options.selection.clone();
+            if options.pid.is_some() {
+                selection.flows.extend(flows.iter().copied());
+                selection.only_listed = true;
+            }
+            Ok(watcher.snapshot(&entries, &selection, boottime_ns(), unix_ms(), phase))
+        }
+        .await;
+        let snapshot = match step {
+            Ok(snapshot) => snapshot,
+            Err(err) => break Err(err),
+        };
+        if let Ok(mut text) = metrics.lock() {
+            *text = render::prometheus(&snapshot);
+        }
+        let mut stdout = std::io::stdout().lock();
+        match options.output {
+            Output::Tui => {
+                if let Some(tui) = tui.as_mut() {
+                    tui.draw(&snapshot)?;
+                }
+            }
+            Output::Plain => {
+                stdout.write_all(render::plain(&snapshot).as_bytes())?;
+                stdout.write_all(b"\n")?;
+            }
+            Output::Json => stdout.write_all(render::json_lines(&snapshot).as_bytes())?,
+            Output::None => {}
+        }
+        stdout.flush()?;
+        drop(stdout);
+        if options.once {
+            break Ok(());
+        }
+    };
+    drop(tui);
+    state.close();
+    result
+}
+
+/// A minimal HTTP/1.1 responder: GET /metrics (or /) answers with the
+/// latest exposition, anything else 404. One request per connection.
+async fn serve_metrics(listener: TcpListener, metrics: Arc<Mutex<String>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&request);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if path == "/metrics" || path == "/" {
+                let text = metrics.lock().map(|t| t.clone()).unwrap_or_default();
+                ("200 OK", text)
+            } else {
+                ("404 Not Found", "not found: try /metrics\n".to_owned())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

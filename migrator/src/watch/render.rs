@@ -1,0 +1,234 @@
+//! Text renderings of a snapshot: the plain table (one per interval, no
+//! escape codes), JSON lines, and the Prometheus text exposition.
+
+use std::fmt::Write as _;
+
+use super::model::{Row, RowMode, Snapshot};
+
+fn opt_ms(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1e3))
+}
+
+fn next_due(value: Option<i64>) -> String {
+    match value {
+        None => "-".to_owned(),
+        Some(ms) if ms < 0 => "overdue".to_owned(),
+        Some(ms) => format!("in {:.1}s", ms as f64 / 1e3),
+    }
+}
+
+/// The header line: totals and the migration phase, if one runs here.
+pub fn header(snapshot: &Snapshot) -> String {
+    let t = &snapshot.totals;
+    let mut line = format!(
+        "{} connections, {} frozen | peer retransmits {} | local retransmits {} | dropped {} | held {}",
+        t.connections,
+        t.frozen,
+        t.peer_retransmits,
+        t.local_retransmits,
+        t.packets_dropped,
+        t.packets_held
+    );
+    if let Some(phase) = &snapshot.migration_phase {
+        let _ = write!(line, " | migration: {phase}");
+    }
+    line
+}
+
+pub const COLUMNS: [&str; 12] = [
+    "LOCAL",
+    "REMOTE",
+    "MODE",
+    "PEER RTX",
+    "RTX/S",
+    "LAST RTX",
+    "LOCAL RTX",
+    "DROPPED",
+    "HELD",
+    "IN",
+    "OUT",
+    "FROZEN / NEXT",
+];
+
+/// One row's cells, in [`COLUMNS`] order.
+pub fn cells(row: &Row) -> [String; 12] {
+    let frozen = match row.mode {
+        RowMode::Frozen | RowMode::Held => format!(
+            "{} / {}",
+            opt_ms(row.frozen_ms),
+            next_due(row.next_peer_retransmit_in_ms)
+        ),
+        _ => "-".to_owned(),
+    };
+    [
+        row.local.clone(),
+        row.remote.clone(),
+        row.mode.name().to_owned(),
+        row.peer_retransmits.to_string(),
+        format!("{:.1}", row.peer_retransmits_per_s),
+        opt_ms(row.ms_since_peer_retransmit),
+        row.local_retransmits.to_string(),
+        row.packets_dropped.to_string(),
+        row.packets_held.to_string(),
+        bytes(row.bytes_in),
+        bytes(row.bytes_out),
+        frozen,
+    ]
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1}G", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1}M", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1}K", n as f64 / 1024.0),
+        n => format!("{n}B"),
+    }
+}
+
+/// The plain table: header line, column titles, one line per connection.
+pub fn plain(snapshot: &Snapshot) -> String {
+    let rows: Vec<[String; 12]> = snapshot.rows.iter().map(cells).collect();
+    let mut widths = COLUMNS.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = format!("{}\n", header(snapshot));
+    let line = |cells: &[String]| {
+        let mut text = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        text.truncate(text.trim_end().len());
+        text
+    };
+    out.push_str(&line(&COLUMNS.map(str::to_owned)));
+    out.push('\n');
+    for row in &rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    if rows.is_empty() {
+        out.push_str("(no tracked connections)\n");
+    }
+    out
+}
+
+/// JSON lines: one object per connection.
+pub fn json_lines(snapshot: &Snapshot) -> String {
+    snapshot
+        .rows
+        .iter()
+        .filter_map(|row| serde_json::to_string(row).ok())
+        .map(|line| line + "\n")
+        .collect()
+}
+
+/// Prometheus text exposition (version 0.0.4). Counters are the kernel's
+/// absolute values, so they are written directly rather than kept in a
+/// client-side registry.
+pub fn prometheus(snapshot: &Snapshot) -> String {
+    type Value = fn(&Row) -> Option<f64>;
+    let families: [(&str, &str, &str, Value); 9] = [
+        (
+            "migrator_peer_retransmits_total",
+            "counter",
+            "Segments the peer sent again (sequence range already seen).",
+            |r| Some(r.peer_retransmits as f64),
+        ),
+        (
+            "migrator_local_retransmits_total",
+            "counter",
+            "Segments this host sent again (tcp:tcp_retransmit_skb).",
+            |r| Some(r.local_retransmits as f64),
+        ),
+        (
+            "migrator_packets_dropped_total",
+            "counter",
+            "Segments the lock dropped, both directions.",
+            |r| Some(r.packets_dropped as f64),
+        ),
+        (
+            "migrator_packets_held_total",
+            "counter",
+            "Peer packets the lock kept for later delivery.",
+            |r| Some(r.packets_held as f64),
+        ),
+        (
+            "migrator_received_bytes_total",
+            "counter",
+            "Bytes received on the connection.",
+            |r| Some(r.bytes_in as f64),
+        ),
+        (
+            "migrator_sent_bytes_total",
+            "counter",
+            "Bytes sent on the connection.",
+            |r| Some(r.bytes_out as f64),
+        ),
+        (
+            "migrator_flow_frozen",
+            "gauge",
+            "1 while the connection is frozen or held.",
+            |r| {
+                Some(f64::from(u8::from(matches!(
+                    r.mode,
+                    RowMode::Frozen | RowMode::Held
+                ))))
+            },
+        ),
+        (
+            "migrator_flow_frozen_seconds",
+            "gauge",
+            "How long the connection has been frozen (absent when not frozen).",
+            |r| r.frozen_ms.map(|ms| ms as f64 / 1e3),
+        ),
+        (
+            "migrator_seconds_since_peer_retransmit",
+            "gauge",
+            "Time since the peer's latest retransmit (absent if none).",
+            |r| r.ms_since_peer_retransmit.map(|ms| ms as f64 / 1e3),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for row in &snapshot.rows {
+            if let Some(v) = value(row) {
+                // Labels stay fixed for a connection's life (no mode label:
+                // a changing label would start a new series).
+                let _ = writeln!(
+                    out,
+                    "{name}{{local=\"{}\",remote=\"{}\"}} {v}",
+                    escape(&row.local),
+                    escape(&row.remote)
+                );
+            }
+        }
+    }
+    if let Some(phase) = &snapshot.migration_phase {
+        let _ = writeln!(
+            out,
+            "# HELP migrator_migration_phase_info The phase of the migration running here."
+        );
+        let _ = writeln!(out, "# TYPE migrator_migration_phase_info gauge");
+        let _ = writeln!(
+            out,
+            "migrator_migration_phase_info{{phase=\"{}\"}} 1",
+            escape(phase)
+        );
+    }
+    out
+}
+
+/// Label values: backslash, double quote and newline escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

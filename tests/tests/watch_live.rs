@@ -1,0 +1,312 @@
+//! `migrator watch` on real connections in a lab: JSON lines through a
+//! freeze and release, the Prometheus endpoint scraped by a real HTTP
+//! client, the live table in a real terminal (tmux), and bad --pid input.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use migrator_tests::{lab::SRC, migration::MigrationLab, migrator_bin};
+use serde_json::Value;
+
+fn watch_in(lab: &MigrationLab, args: &[&str]) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", lab.lab.netns_path(SRC).display()))
+        .arg(migrator_bin())
+        .arg("watch")
+        .args(args);
+    command
+}
+
+fn migrator(lab: &MigrationLab, args: &[&str]) -> String {
+    let out = lab.output(SRC, migrator_bin().to_str().unwrap(), args);
+    assert!(
+        out.status.success(),
+        "migrator {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The workload's flows as `LOCAL=REMOTE` (local = the service side).
+fn flows(lab: &MigrationLab) -> Vec<String> {
+    lab.current_connections()
+        .iter()
+        .map(|c| {
+            format!(
+                "{}={}",
+                c["remote"].as_str().unwrap(),
+                c["local"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+#[test]
+fn json_lines_follow_a_freeze_and_release() {
+    let mut lab = MigrationLab::new("wj");
+    let pid = lab.start_workload(true, 0);
+    let out_path = lab.dir.0.join("watch.json");
+    let mut watch = watch_in(
+        &lab,
+        &["--pid", &pid.to_string(), "--json", "--interval", "100ms"],
+    )
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut freeze = vec!["freeze", "--iface", "eth0", "--deadline", "20s"];
+    let flows = flows(&lab);
+    for flow in &flows {
+        freeze.extend(["--flow", flow.as_str()]);
+    }
+    migrator(&lab, &freeze);
+    std::thread::sleep(Duration::from_millis(2_600));
+    migrator(&lab, &["release", "--iface", "eth0", "--all"]);
+    std::thread::sleep(Duration::from_millis(1_000));
+    terminate(&mut watch);
+
+    let rows: Vec<Value> = std::fs::read_to_string(&out_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let first = flows[0].split('=').next().unwrap().to_owned();
+    let mine: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["local"] == first.as_str())
+        .collect();
+    let frozen: Vec<&&Value> = mine.iter().filter(|r| r["mode"] == "frozen").collect();
+    assert!(
+        frozen.len() >= 10,
+        "too few frozen snapshots: {}",
+        frozen.len()
+    );
+    // The peer's retransmits rise while frozen, at its backoff: at least
+    // three distinct increases within 2.6 s (0.2, 0.6, 1.4 s ...).
+    let mut counts: Vec<u64> = frozen
+        .iter()
+        .map(|r| r["peer_retransmits"].as_u64().unwrap())
+        .collect();
+    counts.dedup();
+    assert!(
+        counts.len() >= 4,
+        "peer retransmits while frozen: {counts:?}"
+    );
+    assert!(frozen.iter().all(|r| r["frozen_ms"].as_u64().is_some()));
+    assert!(
+        frozen
+            .iter()
+            .any(|r| r["next_peer_retransmit_in_ms"].as_i64().is_some()),
+        "no next-retransmit estimate after several retransmits"
+    );
+    // After the release: released, and no further drops.
+    let released: Vec<&&Value> = mine.iter().filter(|r| r["mode"] == "released").collect();
+    assert!(released.len() >= 5, "{released:?}");
+    let dropped: Vec<u64> = released
+        .iter()
+        .map(|r| r["packets_dropped"].as_u64().unwrap())
+        .collect();
+    assert!(
+        dropped.windows(2).all(|w| w[0] == w[1]),
+        "drops after release: {dropped:?}"
+    );
+    // Schema: every documented field is there, with its type.
+    for field in [
+        "ts_ms",
+        "peer_retransmits",
+        "local_retransmits",
+        "packets_dropped",
+        "packets_held",
+        "bytes_in",
+        "bytes_out",
+    ] {
+        assert!(mine[0][field].is_u64(), "{field} in {}", mine[0]);
+    }
+    assert!(mine[0]["peer_retransmits_per_s"].is_f64());
+    // watch removed what it added: the flows it observed are gone.
+    assert!(!lab.pins_left(SRC), "watch left its flows or attachment");
+}
+
+#[test]
+fn metrics_endpoint_matches_status() {
+    let mut lab = MigrationLab::new("wm");
+    let pid = lab.start_workload(true, 0);
+    let mut watch = watch_in(
+        &lab,
+        &[
+            "--pid",
+            &pid.to_string(),
+            "--no-tui",
+            "--interval",
+            "100ms",
+            "--metrics-addr",
+            "127.0.0.1:9464",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut freeze = vec!["freeze", "--iface", "eth0", "--deadline", "20s"];
+    let flows = flows(&lab);
+    for flow in &flows {
+        freeze.extend(["--flow", flow.as_str()]);
+    }
+    migrator(&lab, &freeze);
+    std::thread::sleep(Duration::from_millis(1_000));
+    migrator(&lab, &["release", "--iface", "eth0", "--all"]);
+    // Settled: no more drops after the release.
+    std::thread::sleep(Duration::from_millis(700));
+    let status: Value = serde_json::from_str(&migrator(&lab, &["status", "--json"])).unwrap();
+    let scrape = lab.output(SRC, "curl", &["-sf", "http://127.0.0.1:9464/metrics"]);
+    assert!(scrape.status.success(), "curl failed: {scrape:?}");
+    let text = String::from_utf8(scrape.stdout).unwrap();
+    terminate(&mut watch);
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    let value = |name: &str, local: &str| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get("local") == Some(local))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name}{{local={local}}} missing in:\n{text}"))
+    };
+    let tracked = status["flows"].as_array().unwrap();
+    assert_eq!(tracked.len(), 3);
+    for flow in tracked {
+        let local = flow["local"].as_str().unwrap();
+        let counters = &flow["counters"];
+        assert_eq!(
+            value("migrator_packets_dropped_total", local),
+            counters["dropped"].as_u64().unwrap() as f64
+        );
+        assert!(counters["dropped"].as_u64().unwrap() > 0);
+        assert_eq!(
+            value("migrator_peer_retransmits_total", local),
+            counters["peer_retransmits"].as_u64().unwrap() as f64
+        );
+        assert_eq!(value("migrator_flow_frozen", local), 0.0);
+    }
+    for name in [
+        "migrator_packets_held_total",
+        "migrator_local_retransmits_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} counter")), "{name}");
+    }
+}
+
+#[test]
+fn live_table_in_a_real_terminal_quits_on_q() {
+    let mut lab = MigrationLab::new("wt");
+    let pid = lab.start_workload(true, 0);
+    let session = format!("migrator-watch-{}", std::process::id());
+    let command = format!(
+        "nsenter --net={} {} watch --pid {pid} --interval 200ms; echo WATCH-EXITED-$?; sleep 30",
+        lab.lab.netns_path(SRC).display(),
+        migrator_bin().display()
+    );
+    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux");
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "160",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .output();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned()
+    };
+    let until = |what: &str| {
+        let started = Instant::now();
+        loop {
+            let screen = capture();
+            if screen.contains(what) {
+                return screen;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "no {what:?} on screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let screen = until("198.18.0.100:");
+    assert!(screen.contains("3 connections"), "{screen}");
+    assert!(screen.contains("[2001:db8::100]:"), "{screen}");
+    assert!(screen.contains("PEER RTX"), "{screen}");
+    // A resize redraws; q quits and restores the terminal.
+    tmux(&["resize-window", "-t", &session, "-x", "140", "-y", "25"]);
+    let screen = until("[2001:db8::100]:");
+    assert!(
+        screen.lines().all(|line| line.chars().count() <= 140),
+        "{screen}"
+    );
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let screen = until("WATCH-EXITED-0");
+    assert!(
+        !screen.contains("PEER RTX"),
+        "the table stayed on screen:\n{screen}"
+    );
+    assert!(!lab.pins_left(SRC), "watch left its flows or attachment");
+}
+
+#[test]
+fn bad_pids_are_explained() {
+    let mut lab = MigrationLab::new("wp");
+    let _ = lab.start_workload(true, 0);
+    let out = watch_in(&lab, &["--pid", "999999999", "--once"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("process 999999999 does not exist"),
+        "{stderr}"
+    );
+    // No TCP yet: said once, and it keeps watching (here: one snapshot).
+    let mut idle = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = watch_in(&lab, &["--pid", &idle.id().to_string(), "--once"])
+        .output()
+        .unwrap();
+    let _ = idle.kill();
+    let _ = idle.wait();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("has no TCP connections yet; watching for new ones"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 connections"));
+}
