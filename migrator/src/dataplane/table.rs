@@ -195,6 +195,9 @@ impl FlowTable {
     /// clear the unused slots, then read the tables again and re-mark any
     /// slot an entry appeared for in between.
     fn sweep_local_ports(&mut self, candidates: BTreeSet<u32>) -> Result<(), DataplaneError> {
+        if candidates.is_empty() {
+            return Ok(());
+        }
         let live = self.live_local_ports()?;
         let unused: Vec<u32> = candidates.difference(&live).copied().collect();
         if unused.is_empty() {

@@ -151,6 +151,9 @@ impl State {
 /// Forget flows, except ones someone has frozen meanwhile (a migration
 /// started on them): those are not ours to remove.
 fn forget_observed(table: &mut FlowTable, flows: &[FlowSpec]) {
+    if flows.is_empty() {
+        return;
+    }
     let now = boottime_ns();
     let entries = table.flows().unwrap_or_default();
     let keys: Vec<_> = flows
