@@ -129,6 +129,15 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
             cmd::section(&format!("round {round}: migrate {from} -> {to}"));
             let report = dir.join(format!("report-{round}-{from}-{to}.json"));
             let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+            // The live counters of the moving connections, as an SRE would
+            // watch them on the source (plain tables, between the progress
+            // lines of migrate).
+            let mut watch = in_netns(&lab, from, &bin.join("migrator"))
+                .args(["watch", "--plain", "--interval", "150ms"])
+                .args(["--ip", lab::SERVICE_V4, "--ip", lab::SERVICE_V6])
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting migrator watch")?;
             let status = in_netns(&lab, from, &bin.join("migrator"))
                 .args(["migrate", "--pid", &pid.to_string(), "--to", &target])
                 .args(["--token-file", &token.to_string_lossy()])
@@ -136,6 +145,9 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
                 .args(["--report", &report.to_string_lossy()])
                 .args(["--work-dir", &dir.join("images").to_string_lossy()])
                 .status()?;
+            // SAFETY: kill has no memory preconditions; SIGTERM ends watch cleanly.
+            unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+            let _ = watch.wait();
             eprintln!("    report: {}", report.display());
             let new_pid = read_json(&report)
                 .and_then(|r| r["destination_pid"].as_i64())
