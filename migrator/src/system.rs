@@ -206,3 +206,65 @@ mod tests {
         assert!(!has_capability(1 << CAP_BPF, CAP_NET_ADMIN));
     }
 }
+
+/// Which PID namespace this process sees, as (boot id, namespace inode):
+/// two processes share PIDs exactly when both match.
+pub fn pid_namespace_identity() -> (String, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default();
+    let inode = std::fs::metadata("/proc/self/ns/pid")
+        .map(|meta| meta.ino())
+        .unwrap_or(0);
+    (boot_id, inode)
+}
+
+/// PIDs of `pids` that are still taken (a process or a zombie exists).
+pub fn taken_pids(pids: &[i32]) -> Vec<i32> {
+    pids.iter()
+        .copied()
+        .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect()
+}
+
+/// Wait until every PID of `pids` is free, polling every millisecond, for
+/// at most `limit`. Ok(time waited) or Err(the PIDs still taken).
+pub fn wait_for_free_pids(
+    pids: &[i32],
+    limit: std::time::Duration,
+) -> Result<std::time::Duration, Vec<i32>> {
+    let started = std::time::Instant::now();
+    loop {
+        let taken = taken_pids(pids);
+        if taken.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= limit {
+            return Err(taken);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// "PID 42 (comm, state Z, parent 1)" for error messages.
+pub fn describe_pid(pid: i32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let comm = stat
+        .split_once('(')
+        .and_then(|(_, rest)| rest.rsplit_once(')'))
+        .map(|(comm, _)| comm.to_owned())
+        .unwrap_or_else(|| "?".into());
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let state = fields.first().copied().unwrap_or("?");
+    let parent = fields.get(1).copied().unwrap_or("?");
+    let what = if state == "Z" {
+        format!("a zombie nobody reaped yet; its parent {parent} must wait() for it")
+    } else {
+        format!("state {state}, parent {parent}")
+    };
+    format!("PID {pid} (`{comm}`, {what})")
+}

@@ -22,6 +22,8 @@ pub struct MigrationLab {
     pub dir: TempDir,
     pub token: PathBuf,
     children: Vec<Child>,
+    /// Processes a reaper thread waits for (killed by PID on drop).
+    reaped: Vec<i32>,
 }
 
 fn sibling_bin(name: &str) -> PathBuf {
@@ -43,6 +45,7 @@ impl MigrationLab {
             dir,
             token,
             children: Vec::new(),
+            reaped: Vec::new(),
         };
         let report = this.peer_report_path();
         let peer = this.spawn(
@@ -133,6 +136,17 @@ impl MigrationLab {
     /// otherwise a plain session leader. Returns its PID once the peer
     /// sees every connection.
     pub fn start_workload(&mut self, own_pid_namespace: bool, ballast_mb: u32) -> i32 {
+        self.start_workload_reaped(own_pid_namespace, ballast_mb, true)
+    }
+
+    /// `reap`: false leaves a plain workload's exit unreaped (a launcher
+    /// that does not wait), so its PID stays taken after a dump.
+    pub fn start_workload_reaped(
+        &mut self,
+        own_pid_namespace: bool,
+        ballast_mb: u32,
+        reap: bool,
+    ) -> i32 {
         let v4 = format!("{}:9000", lab::PEER_V4);
         let v6 = format!("[{}]:9000", lab::PEER_V6);
         let mut command = Command::new("nsenter");
@@ -151,9 +165,18 @@ impl MigrationLab {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let before = self.peer_connections().len();
-        let child = command.spawn().unwrap();
+        let mut child = command.spawn().unwrap();
         let launcher = child.id() as i32;
-        self.children.push(child);
+        if own_pid_namespace || !reap {
+            self.children.push(child);
+        } else {
+            // The plain workload is our child: reap it the moment CRIU's
+            // dump ends it, as a launcher must, or its PID stays taken.
+            self.reaped.push(launcher);
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+        }
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
             if self.peer_connections().len() >= before + 3
@@ -164,6 +187,14 @@ impl MigrationLab {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("the workload did not connect");
+    }
+
+    /// Wait for (reap) a child started without a reaper.
+    pub fn reap(&mut self, pid: i32) {
+        if let Some(at) = self.children.iter().position(|c| c.id() as i32 == pid) {
+            let mut child = self.children.remove(at);
+            let _ = child.wait();
+        }
     }
 
     /// The peer's view of the workload's current connections (the last
@@ -262,6 +293,10 @@ pub struct MigrateRun {
 
 impl Drop for MigrationLab {
     fn drop(&mut self) {
+        for pid in &self.reaped {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();

@@ -195,23 +195,98 @@ fn service_address_already_on_the_destination_is_refused_before_freezing() {
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
 
+/// A plain process (no PID namespace of its own, its PIDs shared with
+/// the agents on this one machine): the agent waits until the dumped
+/// tree's PIDs are free (its parent reaps it at once) and restores it with
+/// the same PID, ten times back and forth.
 #[test]
-fn taken_pid_on_the_destination_is_refused_before_freezing() {
-    let mut lab = MigrationLab::new("pid");
-    // A plain process (no PID namespace of its own): CRIU must restore it
-    // with its PID, which on this one machine its own source copy holds.
+fn plain_process_moves_ten_times_between_namespaces_of_one_machine() {
+    let mut lab = MigrationLab::new("plain");
     let pid = lab.start_workload(false, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let tuples = four_tuples(&lab);
+    let mut waits = Vec::new();
+    for round in 0..10 {
+        let (from, to) = if round % 2 == 0 {
+            (SRC, DST)
+        } else {
+            (DST, SRC)
+        };
+        let run = lab.migrate(from, to, pid, &[]);
+        assert!(
+            run.success,
+            "migration {round} {from} -> {to}: {}",
+            run.stderr
+        );
+        let report = run.report.unwrap();
+        // CRIU restores a plain process with its own PID.
+        assert_eq!(report["destination_pid"].as_i64(), Some(i64::from(pid)));
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        let wait = report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "pid-wait")
+            .unwrap_or_else(|| panic!("no pid-wait phase: {report}"))
+            .clone();
+        assert_eq!(wait["ok"], true);
+        waits.push(wait["duration_ms"].as_f64().unwrap());
+        assert_eq!(four_tuples(&lab), tuples);
+        assert!(!lab.pins_left(from) && !lab.pins_left(to), "pins left");
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(200));
+    }
+    eprintln!("pid-wait per move (ms): {waits:.2?}");
+}
+
+/// The dumped process's PID stays taken (its parent never reaps it): the
+/// agent gives up after its bounded wait with an error that names the
+/// zombie and its parent; the source cannot restore under that PID either,
+/// so it keeps the lock and says how to recover, and `recover` works once
+/// the PID is free. Nothing hangs.
+#[test]
+fn pid_that_stays_taken_fails_clearly_and_recover_restores() {
+    let mut lab = MigrationLab::new("ztk");
+    let pid = lab.start_workload_reaped(false, 0, false);
+    let started = std::time::Instant::now();
     let run = lab.migrate(SRC, DST, pid, &[]);
-    assert!(!run.success);
-    assert_eq!(outcome(&run), "failed");
     assert!(
-        run.stderr
-            .contains(&format!("PID {pid} is taken on the destination")),
-        "{}",
-        run.stderr
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
     );
-    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
-    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+    assert!(!run.success);
+    let report = run.report.unwrap();
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("pid-wait"), "{error}");
+    assert!(error.contains("a zombie nobody reaped yet"), "{error}");
+    assert!(error.contains("ROLLBACK FAILED"), "{error}");
+    assert!(error.contains("migrator recover --images"), "{error}");
+    // The destination undid its side.
+    assert!(!lab.pins_left(DST) && !lab.has_address(DST, SERVICE_V4));
+    // Reap the zombie (what the missing parent should have done), then
+    // recover from the images the error names, before the lock's deadline.
+    lab.reap(pid);
+    let images = error
+        .split("migrator recover --images ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap()
+        .to_owned();
+    let out = lab.output(
+        SRC,
+        migrator_tests::migrator_bin().to_str().unwrap(),
+        &[
+            "recover", "--images", &images, "--ip", SERVICE_V4, "--ip", SERVICE_V6, "--iface",
+            "eth0",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lab.pins_left(SRC));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(500));
 }
 
 #[test]

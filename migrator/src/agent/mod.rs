@@ -43,6 +43,9 @@ const MAX_TOTAL_BYTES: u64 = 64 << 30;
 const MAX_HELD: u64 = 16_384;
 /// How long a neighbour gets to answer a probe from the new owner.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the restore waits for the moved tree's PIDs to become free
+/// (same machine, same PID namespace).
+const PID_WAIT_LIMIT: Duration = Duration::from_secs(3);
 /// Announcements per address.
 const ANNOUNCEMENTS: usize = 3;
 
@@ -319,14 +322,14 @@ async fn preflight(
             ));
         }
     }
-    if !request.own_pid_namespace {
-        for pid in &request.pids {
-            if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-                return Err(format!(
-                    "PID {pid} is taken on the destination (by `{}`); CRIU restores a process with its PIDs, so they must be free (or run the workload in its own PID namespace)",
-                    comm.trim()
-                ));
-            }
+    // The tree's PIDs must be free here; on one machine in one PID
+    // namespace they are the tree's own until the dump (then we wait).
+    if !request.shares_pids_with(&crate::system::pid_namespace_identity()) {
+        if let Some(pid) = crate::system::taken_pids(request.pids_needed()).first() {
+            return Err(format!(
+                "{} is taken on the destination; CRIU restores a process with its PIDs, so they must be free (or run the workload in its own PID namespace)",
+                crate::system::describe_pid(*pid)
+            ));
         }
     }
     Ok(flows)
@@ -455,6 +458,36 @@ async fn restore(
         session.added.push(address.ip);
     }
     clock.done(report::IP_TAKEOVER, start, true);
+
+    // Same machine, same PID namespace: the dumped tree's PIDs are free
+    // once its parent reaped it. Wait for that, bounded: a PID that stays
+    // taken fails the restore (and the source rolls back).
+    if request.shares_pids_with(&crate::system::pid_namespace_identity())
+        && !request.pids_needed().is_empty()
+    {
+        let start = clock.ms();
+        let pids = request.pids_needed().to_vec();
+        let waited = tokio::task::spawn_blocking(move || {
+            crate::system::wait_for_free_pids(&pids, PID_WAIT_LIMIT)
+        })
+        .await
+        .map_err(|e| (report::PID_WAIT, e.to_string()))?;
+        clock.done(report::PID_WAIT, start, waited.is_ok());
+        if let Err(taken) = waited {
+            return Err((
+                report::PID_WAIT,
+                format!(
+                    "{} still taken after {:?}",
+                    taken
+                        .iter()
+                        .map(|pid| crate::system::describe_pid(*pid))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    PID_WAIT_LIMIT
+                ),
+            ));
+        }
+    }
 
     let start = clock.ms();
     let swrk = match session.swrk.take() {

@@ -52,6 +52,9 @@ struct Progress {
     lock: Option<MigrationLock>,
     frozen: bool,
     dumped: bool,
+    /// PIDs the tree needs free to be restored (none in its own PID
+    /// namespace).
+    pids_needed: Vec<i32>,
     /// Addresses removed from the source, with where they were.
     removed: Vec<(ServiceAddress, String, u32)>,
     images: PathBuf,
@@ -94,6 +97,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         lock: None,
         frozen: false,
         dumped: false,
+        pids_needed: Vec::new(),
         removed: Vec::new(),
         images: images.clone(),
     };
@@ -466,6 +470,7 @@ async fn preflight(
             )
         })?;
     let _ = stream.set_nodelay(true);
+    let identity = crate::system::pid_namespace_identity();
     let mut channel = Channel::new(stream);
     auth::client(&mut channel, &options.token)
         .await
@@ -482,6 +487,8 @@ async fn preflight(
                 .collect(),
             deadline_ms: options.deadline.as_millis() as u64,
             hold: options.hold,
+            boot_id: identity.0.clone(),
+            pid_namespace: identity.1,
         }))
         .await
         .map_err(|e| e.to_string())?;
@@ -534,6 +541,23 @@ async fn rollback(
         }
     }
     if progress.dumped {
+        // The dumped tree's PIDs come free once its parent reaps it.
+        let pids = progress.pids_needed.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::system::wait_for_free_pids(&pids, std::time::Duration::from_secs(3))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|taken| {
+            format!(
+                "restoring here: {} still taken",
+                taken
+                    .iter()
+                    .map(|pid| crate::system::describe_pid(*pid))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
         let criu = options.criu.clone();
         let dir = progress.images.clone();
         let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| Ok(())))

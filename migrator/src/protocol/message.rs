@@ -76,6 +76,30 @@ pub struct PreflightRequest {
     /// Hold (not only drop) peer packets, to deliver them after release.
     #[serde(default)]
     pub hold: bool,
+    /// The source's boot id and PID namespace: equal to the agent's when
+    /// both run on one machine in one PID namespace (then the tree's PIDs
+    /// are its own until the dump, and the agent waits for them).
+    #[serde(default)]
+    pub boot_id: String,
+    #[serde(default)]
+    pub pid_namespace: u64,
+}
+
+impl PreflightRequest {
+    /// Whether the agent (with this identity) shares PIDs with the source.
+    pub fn shares_pids_with(&self, (boot_id, pid_namespace): &(String, u64)) -> bool {
+        !self.boot_id.is_empty() && self.boot_id == *boot_id && self.pid_namespace == *pid_namespace
+    }
+
+    /// PIDs the restore needs free (none for a tree in its own PID
+    /// namespace: CRIU makes a new one).
+    pub fn pids_needed(&self) -> &[i32] {
+        if self.own_pid_namespace {
+            &[]
+        } else {
+            &self.pids
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

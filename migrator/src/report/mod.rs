@@ -20,6 +20,7 @@ pub const DUMP: &str = "dump";
 pub const TRANSFER: &str = "transfer";
 pub const IP_RELEASE: &str = "ip-release";
 pub const IP_TAKEOVER: &str = "ip-takeover";
+pub const PID_WAIT: &str = "pid-wait";
 pub const RESTORE: &str = "restore";
 pub const ANNOUNCE: &str = "announce";
 pub const CONFIRM: &str = "confirm";
