@@ -165,48 +165,6 @@ pub fn boottime_ns() -> u64 {
     (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_kernel_releases() {
-        assert_eq!(
-            KernelVersion::parse("6.18.44-fc-v669"),
-            Some(KernelVersion {
-                major: 6,
-                minor: 18,
-                patch: 44
-            })
-        );
-        assert_eq!(
-            KernelVersion::parse("6.6-rc1"),
-            Some(KernelVersion {
-                major: 6,
-                minor: 6,
-                patch: 0
-            })
-        );
-        assert_eq!(KernelVersion::parse("garbage"), None);
-        assert!(KernelVersion::parse("6.1.0").is_some_and(|v| v < KernelVersion::TCX));
-    }
-
-    #[test]
-    fn give_up_time_matches_the_kernel_model() {
-        // Default tcp_retries2=15: ~924.6 s (the "about 15 minutes").
-        assert_eq!(retransmit_give_up_ms(15), 924_600);
-        // Below the threshold it is the plain doubling sum.
-        assert_eq!(retransmit_give_up_ms(3), 3_000); // 0.2+0.4+0.8+1.6
-        assert_eq!(retransmit_give_up_ms(9), 204_600);
-    }
-
-    #[test]
-    fn capability_bits() {
-        assert!(has_capability(1 << CAP_BPF, CAP_BPF));
-        assert!(!has_capability(1 << CAP_BPF, CAP_NET_ADMIN));
-    }
-}
-
 /// Which PID namespace this process sees, as (boot id, namespace inode):
 /// two processes share PIDs exactly when both match.
 pub fn pid_namespace_identity() -> (String, u64) {
@@ -267,4 +225,46 @@ pub fn describe_pid(pid: i32) -> String {
         format!("state {state}, parent {parent}")
     };
     format!("PID {pid} (`{comm}`, {what})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(
+            KernelVersion::parse("6.18.44-fc-v669"),
+            Some(KernelVersion {
+                major: 6,
+                minor: 18,
+                patch: 44
+            })
+        );
+        assert_eq!(
+            KernelVersion::parse("6.6-rc1"),
+            Some(KernelVersion {
+                major: 6,
+                minor: 6,
+                patch: 0
+            })
+        );
+        assert_eq!(KernelVersion::parse("garbage"), None);
+        assert!(KernelVersion::parse("6.1.0").is_some_and(|v| v < KernelVersion::TCX));
+    }
+
+    #[test]
+    fn give_up_time_matches_the_kernel_model() {
+        // Default tcp_retries2=15: ~924.6 s (the "about 15 minutes").
+        assert_eq!(retransmit_give_up_ms(15), 924_600);
+        // Below the threshold it is the plain doubling sum.
+        assert_eq!(retransmit_give_up_ms(3), 3_000); // 0.2+0.4+0.8+1.6
+        assert_eq!(retransmit_give_up_ms(9), 204_600);
+    }
+
+    #[test]
+    fn capability_bits() {
+        assert!(has_capability(1 << CAP_BPF, CAP_BPF));
+        assert!(!has_capability(1 << CAP_BPF, CAP_NET_ADMIN));
+    }
 }

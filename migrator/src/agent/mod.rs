@@ -324,13 +324,13 @@ async fn preflight(
     }
     // The tree's PIDs must be free here; on one machine in one PID
     // namespace they are the tree's own until the dump (then we wait).
-    if !request.shares_pids_with(&crate::system::pid_namespace_identity()) {
-        if let Some(pid) = crate::system::taken_pids(request.pids_needed()).first() {
-            return Err(format!(
-                "{} is taken on the destination; CRIU restores a process with its PIDs, so they must be free (or run the workload in its own PID namespace)",
-                crate::system::describe_pid(*pid)
-            ));
-        }
+    if !request.shares_pids_with(&crate::system::pid_namespace_identity())
+        && let Some(pid) = crate::system::taken_pids(request.pids_needed()).first()
+    {
+        return Err(format!(
+            "{} is taken on the destination; CRIU restores a process with its PIDs, so they must be free (or run the workload in its own PID namespace)",
+            crate::system::describe_pid(*pid)
+        ));
     }
     Ok(flows)
 }
