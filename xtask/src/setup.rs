@@ -15,6 +15,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",        // tests turn offloads on and off on veth pairs
     "iputils-arping", // baseline benchmark: the gratuitous ARP a careful user sends
     "ndisc6", // baseline benchmark: ndisc6, the IPv6 neighbour solicitation a careful user sends
+    "curl",   // tests scrape the watch command's metrics with a real HTTP client
 ];
 
 /// One setup step: installs what it finds missing, returns what it did.
