@@ -179,12 +179,20 @@ async fn run(
     let prepared = preflight(options, &network).await.and_then(|prepared| {
         // Attach and observe now: loading the programs takes a while and
         // does not belong in the freeze window.
-        match MigrationLock::observe(&prepared.2, &network.connections) {
+        match MigrationLock::observe(&prepared.iface, &network.connections) {
             Ok(lock) => Ok((prepared, lock)),
-            Err(err) => Err(format!("attaching the data plane to {}: {err}", prepared.2)),
+            Err(err) => Err(format!(
+                "attaching the data plane to {}: {err}",
+                prepared.iface
+            )),
         }
     });
-    let (mut channel, netlink, _iface, removed_plan) = match prepared {
+    let Prepared {
+        mut channel,
+        netlink,
+        addresses: removed_plan,
+        ..
+    } = match prepared {
         Ok((prepared, lock)) => {
             progress.lock = Some(lock);
             clock.end(phase, true);
@@ -283,7 +291,6 @@ async fn run(
             }
         }
     }
-    let released_ip_at = Instant::now();
     let packets_at_ip_release: Vec<u64> = progress
         .lock
         .as_ref()
@@ -349,7 +356,6 @@ async fn run(
     // Stale packets: peers still sending to the old host after it gave
     // up the address (keep counting a moment after the release).
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = released_ip_at;
     if let Some(lock) = progress.lock.as_ref() {
         for (i, (flow, stats)) in lock.counters().into_iter().enumerate() {
             let destination = reply
@@ -415,12 +421,15 @@ fn check_addresses(
     Ok(())
 }
 
-type Prepared = (
-    Channel<TcpStream>,
-    Netlink,
-    String,
-    Vec<(ServiceAddress, String, u32)>,
-);
+/// What preflight leaves ready: the authenticated agent connection, a
+/// netlink handle, the interface to lock on, and where each service
+/// address lives (to remove it later, and put it back on a rollback).
+struct Prepared {
+    channel: Channel<TcpStream>,
+    netlink: Netlink,
+    iface: String,
+    addresses: Vec<(ServiceAddress, String, u32)>,
+}
 
 async fn preflight(
     options: &MigrateOptions,
@@ -497,7 +506,12 @@ async fn preflight(
         Message::Refused { reason } => return Err(format!("agent refused: {reason}")),
         other => return Err(format!("agent answered {}", other.name())),
     }
-    Ok((channel, netlink, iface, plan))
+    Ok(Prepared {
+        channel,
+        netlink,
+        iface,
+        addresses: plan,
+    })
 }
 
 async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64, ProtocolError> {
