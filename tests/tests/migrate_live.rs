@@ -4,7 +4,7 @@
 //! the ways a migration must refuse or roll back.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use migrator_tests::{
     lab::{DST, SERVICE_V4, SERVICE_V6, SRC},
@@ -490,4 +490,58 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
     // The agent noticed the source vanish and undid its side.
     assert!(!lab.pins_left(DST) && !lab.has_address(DST, SERVICE_V4));
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(1500));
+}
+
+/// The peer ignores the new owner (it drops ARP and neighbour
+/// solicitations, as a misconfigured firewall might): the destination
+/// cannot confirm it owns the address, so the migration rolls back and the
+/// process carries on at the source.
+#[test]
+fn unconfirmed_address_rolls_back_with_connections_alive() {
+    let mut lab = MigrationLab::new("ncf");
+    let pid = lab.start_workload(true, 0);
+    let nft = |rules: &str| {
+        let mut child = Command::new("nsenter")
+            .arg(format!(
+                "--net={}",
+                lab.lab.netns_path(migrator_tests::lab::PEER).display()
+            ))
+            .args(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "nft rules refused");
+    };
+    nft(concat!(
+        "table arp deaf {\n",
+        "  chain input {\n",
+        "    type filter hook input priority 0; policy drop;\n",
+        "  }\n",
+        "}\n",
+        "table ip6 deaf {\n",
+        "  chain input {\n",
+        "    type filter hook input priority 0;\n",
+        "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } drop\n",
+        "  }\n",
+        "}\n",
+    ));
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    let report = run.report.unwrap();
+    assert!(
+        report["error"].as_str().unwrap().contains("confirm"),
+        "{report}"
+    );
+    assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
+    assert!(!lab.has_address(DST, SERVICE_V4) && !lab.has_address(DST, SERVICE_V6));
+    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
