@@ -74,6 +74,10 @@ struct Followed {
 
 struct State {
     root: PathBuf,
+    /// Inode of the FLOWS pin our table came from: when a migration
+    /// detaches and another attaches, the pins are new maps and the old
+    /// ones would show stale numbers.
+    opened_pin: Option<u64>,
     /// Kept alive: it holds the tracepoint link (our own retransmits).
     dataplane: Option<Dataplane>,
     table: Option<FlowTable>,
@@ -88,7 +92,8 @@ impl State {
     fn ensure_open(&mut self, ifaces: &BTreeSet<String>) -> anyhow::Result<()> {
         let attached = dataplane::attached_interfaces(&self.root);
         let missing: Vec<&String> = ifaces.iter().filter(|i| !attached.contains(i)).collect();
-        if self.table.is_some() && missing.is_empty() {
+        let pin = self.flows_pin_inode();
+        if self.table.is_some() && missing.is_empty() && pin.is_some() && pin == self.opened_pin {
             return Ok(());
         }
         if attached.is_empty() && ifaces.is_empty() {
@@ -106,7 +111,15 @@ impl State {
         }
         self.table = Some(dp.take_table()?);
         self.dataplane = Some(dp);
+        self.opened_pin = self.flows_pin_inode();
         Ok(())
+    }
+
+    fn flows_pin_inode(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(dataplane::maps_dir(&self.root).join(dataplane::table::FLOWS_MAP))
+            .ok()
+            .map(|meta| meta.ino())
     }
 
     /// Observe new connections of the followed set; forget the ones that
@@ -218,6 +231,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
     let netlink = Netlink::connect()?;
     let mut state = State {
         root: root.clone(),
+        opened_pin: None,
         dataplane: None,
         table: None,
         followed: Followed {
