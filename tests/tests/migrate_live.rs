@@ -63,6 +63,22 @@ fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {
         .unwrap_or_else(|| format!("no report; stderr: {}", run.stderr))
 }
 
+/// Move `pid` there (even rounds) or back (odd rounds); it must succeed.
+fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static str, &'static str) {
+    let (from, to) = if round.is_multiple_of(2) {
+        (SRC, DST)
+    } else {
+        (DST, SRC)
+    };
+    let run = lab.migrate(from, to, pid, &[]);
+    assert!(
+        run.success,
+        "migration {round} {from} -> {to}: {}",
+        run.stderr
+    );
+    (run.report.unwrap(), from, to)
+}
+
 #[test]
 fn ten_migrations_back_and_forth_keep_every_connection() {
     let mut lab = MigrationLab::new("ten");
@@ -71,18 +87,7 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
     let tuples = four_tuples(&lab);
     let mut windows = Vec::new();
     for round in 0..10 {
-        let (from, to) = if round % 2 == 0 {
-            (SRC, DST)
-        } else {
-            (DST, SRC)
-        };
-        let run = lab.migrate(from, to, pid, &[]);
-        assert!(
-            run.success,
-            "migration {round} {from} -> {to}: {}",
-            run.stderr
-        );
-        let report = run.report.unwrap();
+        let (report, from, to) = move_round(&lab, round, pid);
         assert_eq!(report["outcome"], "migrated");
         pid = report["destination_pid"].as_i64().unwrap() as i32;
         // The process runs in the destination's network namespace ...
@@ -207,18 +212,7 @@ fn plain_process_moves_ten_times_between_namespaces_of_one_machine() {
     let tuples = four_tuples(&lab);
     let mut waits = Vec::new();
     for round in 0..10 {
-        let (from, to) = if round % 2 == 0 {
-            (SRC, DST)
-        } else {
-            (DST, SRC)
-        };
-        let run = lab.migrate(from, to, pid, &[]);
-        assert!(
-            run.success,
-            "migration {round} {from} -> {to}: {}",
-            run.stderr
-        );
-        let report = run.report.unwrap();
+        let (report, from, to) = move_round(&lab, round, pid);
         // CRIU restores a plain process with its own PID.
         assert_eq!(report["destination_pid"].as_i64(), Some(i64::from(pid)));
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));

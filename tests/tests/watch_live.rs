@@ -45,6 +45,20 @@ fn flows(lab: &MigrationLab) -> Vec<String> {
         .collect()
 }
 
+/// Freeze the workload's flows with the CLI for `how_long`, then release
+/// them; returns the flows.
+fn freeze_for(lab: &MigrationLab, how_long: Duration) -> Vec<String> {
+    let flows = flows(lab);
+    let mut freeze = vec!["freeze", "--iface", "eth0", "--deadline", "20s"];
+    for flow in &flows {
+        freeze.extend(["--flow", flow.as_str()]);
+    }
+    migrator(lab, &freeze);
+    std::thread::sleep(how_long);
+    migrator(lab, &["release", "--iface", "eth0", "--all"]);
+    flows
+}
+
 fn terminate(child: &mut Child) {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -65,14 +79,7 @@ fn json_lines_follow_a_freeze_and_release() {
     .spawn()
     .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    let mut freeze = vec!["freeze", "--iface", "eth0", "--deadline", "20s"];
-    let flows = flows(&lab);
-    for flow in &flows {
-        freeze.extend(["--flow", flow.as_str()]);
-    }
-    migrator(&lab, &freeze);
-    std::thread::sleep(Duration::from_millis(2_600));
-    migrator(&lab, &["release", "--iface", "eth0", "--all"]);
+    let flows = freeze_for(&lab, Duration::from_millis(2_600));
     std::thread::sleep(Duration::from_millis(1_000));
     terminate(&mut watch);
 
@@ -159,14 +166,7 @@ fn metrics_endpoint_matches_status() {
     .spawn()
     .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    let mut freeze = vec!["freeze", "--iface", "eth0", "--deadline", "20s"];
-    let flows = flows(&lab);
-    for flow in &flows {
-        freeze.extend(["--flow", flow.as_str()]);
-    }
-    migrator(&lab, &freeze);
-    std::thread::sleep(Duration::from_millis(1_000));
-    migrator(&lab, &["release", "--iface", "eth0", "--all"]);
+    freeze_for(&lab, Duration::from_millis(1_000));
     // Settled: no more drops after the release.
     std::thread::sleep(Duration::from_millis(700));
     let status: Value = serde_json::from_str(&migrator(&lab, &["status", "--json"])).unwrap();
