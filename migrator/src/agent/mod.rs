@@ -557,12 +557,15 @@ async fn restore(
     let start = clock.ms();
     let (confirmed, unconfirmed) = tokio::task::spawn_blocking(move || {
         let mut link = link;
-        let mut confirmed = Vec::new();
-        let mut unconfirmed = Vec::new();
-        for (from, neighbour) in neighbours {
-            match link.probe(from, neighbour, CONFIRM_TIMEOUT) {
-                Ok(Some(_)) => confirmed.push(neighbour.to_string()),
-                _ => unconfirmed.push(neighbour.to_string()),
+        let answered = link
+            .probe_all(&neighbours, CONFIRM_TIMEOUT)
+            .unwrap_or_else(|_| vec![false; neighbours.len()]);
+        let (mut confirmed, mut unconfirmed) = (Vec::new(), Vec::new());
+        for ((_, neighbour), answered) in neighbours.iter().zip(answered) {
+            if answered {
+                confirmed.push(neighbour.to_string());
+            } else {
+                unconfirmed.push(neighbour.to_string());
             }
         }
         (confirmed, unconfirmed)

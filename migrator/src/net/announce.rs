@@ -112,35 +112,45 @@ impl Link {
         self.send(&frame)
     }
 
-    /// Ask `neighbour` for its link address from `from` (which must be ours)
-    /// until it answers or `timeout` passes; resends every 100 ms.
-    /// Returns the time to the answer.
-    pub fn probe(
+    /// Ask each neighbour for its link address from the paired local
+    /// address (which must be ours), all at once, resending to the silent
+    /// ones every 100 ms until all answered or `timeout` passed. Returns,
+    /// per pair, whether it answered.
+    pub fn probe_all(
         &mut self,
-        from: IpAddr,
-        neighbour: IpAddr,
+        pairs: &[(IpAddr, IpAddr)],
         timeout: Duration,
-    ) -> Result<Option<Duration>, AnnounceError> {
-        let frame = match (from, neighbour) {
-            (IpAddr::V4(from), IpAddr::V4(to)) => arp_frame(self.mac, from, to),
-            (IpAddr::V6(from), IpAddr::V6(to)) => solicitation(self.mac, from, to),
-            _ => return Ok(None),
-        };
+    ) -> Result<Vec<bool>, AnnounceError> {
+        let frames: Vec<Option<Vec<u8>>> = pairs
+            .iter()
+            .map(|(from, neighbour)| match (from, neighbour) {
+                (IpAddr::V4(from), IpAddr::V4(to)) => Some(arp_frame(self.mac, *from, *to)),
+                (IpAddr::V6(from), IpAddr::V6(to)) => Some(solicitation(self.mac, *from, *to)),
+                _ => None,
+            })
+            .collect();
+        let mut answered = vec![false; pairs.len()];
         let started = Instant::now();
         let mut last_sent = None::<Instant>;
-        while started.elapsed() < timeout {
+        while started.elapsed() < timeout && answered.iter().any(|a| !a) {
             if last_sent.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
-                self.send(&frame)?;
+                for (frame, done) in frames.iter().zip(&answered) {
+                    if let (Some(frame), false) = (frame, done) {
+                        self.send(frame)?;
+                    }
+                }
                 last_sent = Some(Instant::now());
             }
             // Timeouts come back as errors: just poll again.
-            if let Ok(received) = self.rx.next()
-                && answers(received, neighbour)
-            {
-                return Ok(Some(started.elapsed()));
+            if let Ok(received) = self.rx.next() {
+                for ((_, neighbour), done) in pairs.iter().zip(answered.iter_mut()) {
+                    if !*done && answers(received, *neighbour) {
+                        *done = true;
+                    }
+                }
             }
         }
-        Ok(None)
+        Ok(answered)
     }
 }
 
