@@ -221,9 +221,10 @@ async fn run(
     let services = ServiceAddress::lock_rules(&options.service_addresses);
     let mut lock = progress.lock.take();
     let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
+    let (criu, images) = (options.criu.clone(), progress.images.clone());
     let (dumped, lock, frozen_at) = tokio::task::spawn_blocking(move || {
         let mut frozen_at = None;
-        let result = swrk.dump(pid, |_script| {
+        let mut freeze_once = |_script: &str| {
             // The first notification ("pre-dump") comes before CRIU touches
             // the tree; freeze there.
             if frozen_at.is_none() {
@@ -234,7 +235,21 @@ async fn run(
                 frozen_at = Some(Instant::now());
             }
             Ok(())
-        });
+        };
+        let mut result = swrk.dump(pid, &mut freeze_once);
+        // A failed dump leaves the tree running (CRIU resumes it). Some
+        // failures are passing (seen here: the parasite failing to read
+        // /proc/self/cgroup), so try once more, still frozen, from an
+        // empty images directory.
+        if result.is_err() && clear_dir(&images).is_ok() {
+            tracing::warn!(
+                "criu dump failed, retrying once: {:?}",
+                result.as_ref().err()
+            );
+            result = criu
+                .swrk(&images)
+                .and_then(|swrk| swrk.dump(pid, &mut freeze_once));
+        }
         (result, lock, frozen_at)
     })
     .await
@@ -376,6 +391,18 @@ async fn run(
                     .find(|(held_flow, _)| *held_flow == flow.to_string())
                     .map_or(0, |(_, count)| *count),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Remove the files in `dir`, keeping the directory (an open fd may name
+/// it).
+fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
         }
     }
     Ok(())
