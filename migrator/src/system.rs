@@ -205,6 +205,18 @@ pub fn wait_for_free_pids(
     }
 }
 
+/// How long a restore waits for a dumped tree's PIDs to come free (its
+/// parent reaps it; on one machine that is at once when it is ours).
+pub const PID_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Several PIDs described as [`describe_pid`] does, comma-separated.
+pub fn describe_pids(pids: &[i32]) -> String {
+    pids.iter()
+        .map(|pid| describe_pid(*pid))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// "PID 42 (comm, state Z, parent 1)" for error messages.
 pub fn describe_pid(pid: i32) -> String {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

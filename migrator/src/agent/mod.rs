@@ -43,9 +43,6 @@ const MAX_TOTAL_BYTES: u64 = 64 << 30;
 const MAX_HELD: u64 = 16_384;
 /// How long a neighbour gets to answer a probe from the new owner.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the restore waits for the moved tree's PIDs to become free
-/// (same machine, same PID namespace).
-const PID_WAIT_LIMIT: Duration = Duration::from_secs(3);
 /// Announcements per address.
 const ANNOUNCEMENTS: usize = 3;
 
@@ -468,7 +465,7 @@ async fn restore(
         let start = clock.ms();
         let pids = request.pids_needed().to_vec();
         let waited = tokio::task::spawn_blocking(move || {
-            crate::system::wait_for_free_pids(&pids, PID_WAIT_LIMIT)
+            crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
         })
         .await
         .map_err(|e| (report::PID_WAIT, e.to_string()))?;
@@ -478,12 +475,8 @@ async fn restore(
                 report::PID_WAIT,
                 format!(
                     "{} still taken after {:?}",
-                    taken
-                        .iter()
-                        .map(|pid| crate::system::describe_pid(*pid))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    PID_WAIT_LIMIT
+                    crate::system::describe_pids(&taken),
+                    crate::system::PID_WAIT_LIMIT
                 ),
             ));
         }

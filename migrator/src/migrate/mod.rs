@@ -585,18 +585,14 @@ async fn rollback(
         // The dumped tree's PIDs come free once its parent reaps it.
         let pids = progress.pids_needed.clone();
         tokio::task::spawn_blocking(move || {
-            crate::system::wait_for_free_pids(&pids, std::time::Duration::from_secs(3))
+            crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|taken| {
             format!(
                 "restoring here: {} still taken",
-                taken
-                    .iter()
-                    .map(|pid| crate::system::describe_pid(*pid))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                crate::system::describe_pids(&taken)
             )
         })?;
         let criu = options.criu.clone();
