@@ -33,7 +33,7 @@ use crate::{
         Channel, Message, ProtocolError, auth,
         message::{PreflightReply, PreflightRequest, RestoreReply, ServiceAddress},
     },
-    report::{self, ConnectionCounters, Phase},
+    report::{self, ConnectionCounters, PhaseClock},
 };
 
 /// Bounds on what a source may send.
@@ -405,28 +405,6 @@ async fn receive_images(
     }
 }
 
-/// Times the destination's phases from the restore request on.
-struct Clock {
-    started: Instant,
-    phases: Vec<Phase>,
-}
-
-impl Clock {
-    fn ms(&self) -> f64 {
-        self.started.elapsed().as_secs_f64() * 1e3
-    }
-
-    fn done(&mut self, name: &str, start_ms: f64, ok: bool) {
-        self.phases.push(Phase {
-            name: name.to_owned(),
-            host: "destination".into(),
-            start_ms,
-            duration_ms: self.ms() - start_ms,
-            ok,
-        });
-    }
-}
-
 type PhaseError = (&'static str, String);
 
 async fn restore(
@@ -437,12 +415,11 @@ async fn restore(
     session: &mut Session,
     source_held: Vec<Vec<u8>>,
 ) -> Result<RestoreReply, PhaseError> {
-    let mut clock = Clock {
-        started: Instant::now(),
-        phases: Vec::new(),
-    };
+    // Times from the restore request on; the source places them on its
+    // own timeline.
+    let mut clock = PhaseClock::new("destination", true);
 
-    let start = clock.ms();
+    let phase = clock.begin(report::IP_TAKEOVER);
     let index = netlink
         .link_index(&config.iface)
         .await
@@ -454,7 +431,7 @@ async fn restore(
             .map_err(|e| (report::IP_TAKEOVER, e.to_string()))?;
         session.added.push(address.ip);
     }
-    clock.done(report::IP_TAKEOVER, start, true);
+    clock.end(phase, true);
 
     // Same machine, same PID namespace: the dumped tree's PIDs are free
     // once its parent reaped it. Wait for that, bounded: a PID that stays
@@ -462,14 +439,14 @@ async fn restore(
     if request.shares_pids_with(&crate::system::pid_namespace_identity())
         && !request.pids_needed().is_empty()
     {
-        let start = clock.ms();
+        let phase = clock.begin(report::PID_WAIT);
         let pids = request.pids_needed().to_vec();
         let waited = tokio::task::spawn_blocking(move || {
             crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
         })
         .await
         .map_err(|e| (report::PID_WAIT, e.to_string()))?;
-        clock.done(report::PID_WAIT, start, waited.is_ok());
+        clock.end(phase, waited.is_ok());
         if let Err(taken) = waited {
             return Err((
                 report::PID_WAIT,
@@ -482,7 +459,7 @@ async fn restore(
         }
     }
 
-    let start = clock.ms();
+    let phase = clock.begin(report::RESTORE);
     let swrk = match session.swrk.take() {
         Some(swrk) => swrk,
         None => config
@@ -512,7 +489,7 @@ async fn restore(
         .unwrap_or_default();
     let missing: Vec<&String> = expected.difference(&restored).collect();
     if !missing.is_empty() {
-        clock.done(report::RESTORE, start, false);
+        clock.end(phase, false);
         return Err((
             report::RESTORE,
             format!(
@@ -525,11 +502,11 @@ async fn restore(
             ),
         ));
     }
-    clock.done(report::RESTORE, start, true);
+    clock.end(phase, true);
 
     // Announce, then probe the peers from the service address: a reply
     // proves the peer's neighbour entry now points here.
-    let start = clock.ms();
+    let phase = clock.begin(report::ANNOUNCE);
     let iface = config.iface.clone();
     let addresses: Vec<IpAddr> = request.service_addresses.iter().map(|a| a.ip).collect();
     let neighbours = on_link_neighbours(netlink, index, request).await;
@@ -545,9 +522,9 @@ async fn restore(
     .await
     .map_err(|e| (report::ANNOUNCE, e.to_string()))?
     .map_err(|e| (report::ANNOUNCE, e))?;
-    clock.done(report::ANNOUNCE, start, true);
+    clock.end(phase, true);
 
-    let start = clock.ms();
+    let phase = clock.begin(report::CONFIRM);
     let (confirmed, unconfirmed) = tokio::task::spawn_blocking(move || {
         let mut link = link;
         let answered = link
@@ -566,7 +543,7 @@ async fn restore(
     .await
     .map_err(|e| (report::CONFIRM, e.to_string()))?;
     let confirm_ok = unconfirmed.is_empty();
-    clock.done(report::CONFIRM, start, confirm_ok);
+    clock.end(phase, confirm_ok);
     if !confirm_ok {
         return Err((
             report::CONFIRM,
@@ -578,7 +555,7 @@ async fn restore(
         ));
     }
 
-    let start = clock.ms();
+    let phase = clock.begin(report::RELEASE);
     let lock = session
         .lock
         .as_mut()
@@ -586,18 +563,18 @@ async fn restore(
     let counters = lock.counters();
     lock.release()
         .map_err(|e| (report::RELEASE, e.to_string()))?;
-    clock.done(report::RELEASE, start, true);
+    clock.end(phase, true);
 
     // Held packets right after the release, so the restored sockets'
     // acknowledgements can leave: the source's first (older), then those
     // that reached us before the release.
     let mut held_delivered = Vec::new();
     if request.hold {
-        let start = clock.ms();
+        let phase = clock.begin(report::DELIVER_HELD);
         let mut frames = source_held;
         frames.extend(lock.drain_held().into_iter().map(|packet| packet.frame));
         held_delivered = deliver_held(&frames);
-        clock.done(report::DELIVER_HELD, start, true);
+        clock.end(phase, true);
     }
     let released_at = Instant::now();
 
@@ -612,7 +589,7 @@ async fn restore(
         .collect();
     Ok(RestoreReply {
         pid,
-        phases: clock.phases,
+        phases: std::mem::take(&mut clock.phases),
         since_release_ms: released_at.elapsed().as_secs_f64() * 1e3,
         criu_restore: read_restore_stats(images),
         connections,
