@@ -525,13 +525,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(iface) => iface,
                     None => {
                         let netlink = migrator::net::address::Netlink::connect()?;
-                        let found = netlink.find(listen.ip()).await?.ok_or_else(|| {
+                        let (_, name) = netlink.holder(listen.ip()).await?.ok_or_else(|| {
                             anyhow::anyhow!(
                                 "{} is not assigned here; give --iface IF for the interface that takes over service addresses",
                                 listen.ip()
                             )
                         })?;
-                        netlink.link_name(found.index).await?
+                        name
                     }
                 };
                 migrator::agent::serve(migrator::agent::AgentConfig {

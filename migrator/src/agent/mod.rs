@@ -308,11 +308,11 @@ async fn preflight(
         .await
         .map_err(|err| err.to_string())?;
     for address in &request.service_addresses {
-        if let Some(found) = netlink.find(address.ip).await.map_err(|e| e.to_string())? {
-            let iface = netlink
-                .link_name(found.index)
-                .await
-                .unwrap_or_else(|_| format!("#{}", found.index));
+        if let Some((_, iface)) = netlink
+            .holder(address.ip)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             return Err(format!(
                 "service address {} is already assigned on the destination ({iface}); remove it there or pick another destination",
                 address.ip

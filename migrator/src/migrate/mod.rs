@@ -469,8 +469,8 @@ async fn preflight(
     let netlink = Netlink::connect().map_err(|e| e.to_string())?;
     let mut plan = Vec::new();
     for address in &options.service_addresses {
-        let found = netlink
-            .find(address.ip)
+        let (found, name) = netlink
+            .holder(address.ip)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {
@@ -479,10 +479,6 @@ async fn preflight(
                     address.ip
                 )
             })?;
-        let name = netlink
-            .link_name(found.index)
-            .await
-            .map_err(|e| e.to_string())?;
         plan.push((*address, name, found.index));
     }
     let iface = match &options.iface {

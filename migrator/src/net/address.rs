@@ -108,6 +108,34 @@ impl Netlink {
         Ok(self.addresses().await?.into_iter().find(|a| a.ip == ip))
     }
 
+    /// Where `ip` is assigned, with the interface's name.
+    pub async fn holder(&self, ip: IpAddr) -> Result<Option<(Assigned, String)>, AddressError> {
+        match self.find(ip).await? {
+            Some(found) => Ok(Some((found, self.link_name(found.index).await?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Names of the interfaces holding any of `ips` (one address listing
+    /// for all of them).
+    pub async fn interfaces_holding(
+        &self,
+        ips: &std::collections::BTreeSet<IpAddr>,
+    ) -> Result<std::collections::BTreeSet<String>, AddressError> {
+        let indexes: std::collections::BTreeSet<u32> = self
+            .addresses()
+            .await?
+            .into_iter()
+            .filter(|assigned| ips.contains(&assigned.ip))
+            .map(|assigned| assigned.index)
+            .collect();
+        let mut names = std::collections::BTreeSet::new();
+        for index in indexes {
+            names.insert(self.link_name(index).await?);
+        }
+        Ok(names)
+    }
+
     async fn messages(&self) -> Result<Vec<AddressMessage>, AddressError> {
         self.handle
             .address()

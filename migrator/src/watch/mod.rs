@@ -214,15 +214,9 @@ async fn interfaces(
     if let Some(iface) = &options.iface {
         return Ok(BTreeSet::from([iface.clone()]));
     }
-    let mut ifaces = BTreeSet::new();
-    for flow in flows {
-        if let Some(found) = netlink.find(flow.local.ip()).await? {
-            let name = netlink.link_name(found.index).await?;
-            if name != "lo" {
-                ifaces.insert(name);
-            }
-        }
-    }
+    let locals = flows.iter().map(|flow| flow.local.ip()).collect();
+    let mut ifaces = netlink.interfaces_holding(&locals).await?;
+    ifaces.remove("lo");
     Ok(ifaces)
 }
 
