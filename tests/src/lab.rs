@@ -115,26 +115,17 @@ impl Lab {
             ])?;
             ip(&["-n", &ns, "link", "set", IFACE, "up"])?;
         }
-        let src = self.netns(SRC);
-        ip(&[
-            "-n",
-            &src,
-            "addr",
-            "add",
-            &format!("{SERVICE_V4}/32"),
-            "dev",
-            IFACE,
-        ])?;
-        ip(&[
-            "-n",
-            &src,
-            "addr",
-            "add",
-            &format!("{SERVICE_V6}/128"),
-            "dev",
-            IFACE,
-            "nodad",
-        ])?;
+        self.add_service_addresses(SRC)
+    }
+
+    /// Give `host` the service addresses (IPv6 without duplicate address
+    /// detection, so it is usable at once).
+    pub fn add_service_addresses(&self, host: &str) -> Result<(), String> {
+        let ns = self.netns(host);
+        let v4 = format!("{SERVICE_V4}/32");
+        let v6 = format!("{SERVICE_V6}/128");
+        ip(&["-n", &ns, "addr", "add", &v4, "dev", IFACE])?;
+        ip(&["-n", &ns, "addr", "add", &v6, "dev", IFACE, "nodad"])?;
         Ok(())
     }
 
@@ -181,28 +172,36 @@ pub fn reap_exited_children() {
 pub fn pin_root_of(netns_path: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
     let inode = std::fs::metadata(netns_path).ok()?.ino();
+    // The path of migrator's `dataplane::default_pin_root` (this file
+    // builds inside xtask too, which cannot depend on migrator).
     Some(Path::new("/sys/fs/bpf/migrator").join(format!("netns-{inode}")))
 }
 
 /// SIGKILL every process whose network namespace is the one at `path`.
 fn kill_processes_in(netns_path: &Path) {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(target) = std::fs::metadata(netns_path).map(|m| (m.dev(), m.ino())) else {
-        return;
-    };
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let ns = std::fs::metadata(entry.path().join("ns/net")).map(|m| (m.dev(), m.ino()));
-        if ns.is_ok_and(|ns| ns == target) {
-            // SAFETY: kill has no memory preconditions.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+    for pid in processes_in(netns_path) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
         }
     }
+}
+
+/// Every process whose network namespace is the one at `netns_path`.
+pub fn processes_in(netns_path: &Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(target) = std::fs::metadata(netns_path).map(|m| (m.dev(), m.ino())) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let ns = std::fs::metadata(entry.path().join("ns/net")).map(|m| (m.dev(), m.ino()));
+            ns.is_ok_and(|ns| ns == target).then_some(pid)
+        })
+        .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Command, Output},
 };
@@ -79,8 +79,8 @@ impl Netns {
 
     /// Where migrator pins its data plane for this namespace.
     pub fn pin_root(&self) -> PathBuf {
-        let inode = std::fs::metadata(self.path()).map(|m| m.ino()).unwrap_or(0);
-        PathBuf::from(migrator_common::paths::BPF_PIN_ROOT).join(format!("netns-{inode}"))
+        crate::lab::pin_root_of(&self.path())
+            .unwrap_or_else(|| PathBuf::from(migrator_common::paths::BPF_PIN_ROOT).join("netns-0"))
     }
 }
 

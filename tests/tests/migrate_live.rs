@@ -337,15 +337,9 @@ fn bytes_in(dir: &std::path::Path) -> u64 {
 }
 
 fn kill_agents_in(netns: &std::path::Path) {
-    use std::os::unix::fs::MetadataExt as _;
-    let target = std::fs::metadata(netns).unwrap().ino();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let in_ns = std::fs::metadata(entry.path().join("ns/net")).is_ok_and(|m| m.ino() == target);
-        let cmdline = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
-        if in_ns && cmdline.contains("agent") {
+    for pid in migrator_tests::lab::processes_in(netns) {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.contains("agent") {
             // SAFETY: kill has no memory preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }

@@ -119,23 +119,10 @@ fn restart_workload(lab: &mut MigrationLab, pid: i32) -> i32 {
             let _ = lab.output(host, "ip", &["addr", "del", ip, "dev", lab::IFACE]);
         }
     }
-    add_service_addresses(lab, SRC);
+    lab.lab.add_service_addresses(SRC).unwrap();
     let pid = lab.start_workload(true, 0);
     std::thread::sleep(std::time::Duration::from_secs(1));
     pid
-}
-
-/// The service addresses onto `host`'s lab interface (IPv6 without DAD).
-fn add_service_addresses(lab: &MigrationLab, host: &str) {
-    let v4 = format!("{}/32", lab::SERVICE_V4);
-    let v6 = format!("{}/128", lab::SERVICE_V6);
-    run_ok(lab, host, "ip", &["addr", "add", &v4, "dev", lab::IFACE]);
-    run_ok(
-        lab,
-        host,
-        "ip",
-        &["addr", "add", &v6, "dev", lab::IFACE, "nodad"],
-    );
 }
 
 fn remove_criu_tables(lab: &MigrationLab, host: &str) {
@@ -231,7 +218,7 @@ fn baseline(
             &["addr", "del", &format!("{ip}/{prefix}"), "dev", lab::IFACE],
         );
     }
-    add_service_addresses(lab, to);
+    lab.lab.add_service_addresses(to).unwrap();
     run_ok(
         lab,
         to,
