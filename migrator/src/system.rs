@@ -205,6 +205,14 @@ pub fn wait_for_free_pids(
     }
 }
 
+/// Wall-clock time, ms since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// How long a restore waits for a dumped tree's PIDs to come free (its
 /// parent reaps it; on one machine that is at once when it is ours).
 pub const PID_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);

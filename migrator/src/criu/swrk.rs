@@ -238,14 +238,14 @@ impl Drop for Swrk {
         // it either way so it is no zombie (a reaper elsewhere may have
         // already: then wait fails, which is fine).
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = nix_shutdown(&self.socket);
+            let _ = shutdown_socket(&self.socket);
         }
         let _ = self.child.wait();
     }
 }
 
 /// Close our end for writing so a waiting swrk sees EOF and exits.
-fn nix_shutdown(socket: &File) -> std::io::Result<()> {
+fn shutdown_socket(socket: &File) -> std::io::Result<()> {
     // SAFETY: shutdown on a socket fd we own.
     let rc = unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
     if rc == 0 {

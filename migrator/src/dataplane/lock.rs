@@ -97,10 +97,6 @@ impl MigrationLock {
         self.table.drain_held()
     }
 
-    pub fn iface(&self) -> &str {
-        &self.iface
-    }
-
     /// Remove this migration's entries, and detach once nothing is tracked
     /// any more (whoever attached: the last user leaves nothing behind; a
     /// watcher or another migration still tracking keeps it attached).

@@ -213,8 +213,4 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(())
     }
-
-    pub fn pin_root(&self) -> Option<&Path> {
-        self.pin_root.as_deref()
-    }
 }

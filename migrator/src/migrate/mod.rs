@@ -90,9 +90,11 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         confirmed_neighbours: Vec::new(),
         unconfirmed_neighbours: Vec::new(),
     };
-    let images = options
-        .work_dir
-        .join(format!("migrate-{}-{}", options.pid, unix_seconds()));
+    let images = options.work_dir.join(format!(
+        "migrate-{}-{}",
+        options.pid,
+        crate::system::unix_ms() / 1000
+    ));
     let mut progress = Progress {
         lock: None,
         frozen: false,
@@ -144,13 +146,6 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         .sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
     report.total_ms = clock.now_ms();
     report
-}
-
-fn unix_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 async fn run(

@@ -88,10 +88,6 @@ impl Link {
         }
     }
 
-    pub fn mac(&self) -> MacAddr {
-        self.mac
-    }
-
     fn send(&mut self, frame: &[u8]) -> Result<(), AnnounceError> {
         let error = |source| AnnounceError::Send {
             iface: self.name.clone(),

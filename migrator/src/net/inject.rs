@@ -9,7 +9,10 @@
 //! delivers over loopback into TCP. The TCP checksum is recomputed: frames
 //! captured at TC on virtual or offloading NICs carry only a partial one.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use crate::dataplane::spec::FlowSpec;
 
@@ -40,42 +43,36 @@ pub enum InjectError {
 
 /// Raw sockets for both families, opened once per delivery batch.
 pub struct Injector {
-    v4: socket_fd::Fd,
-    v6: socket_fd::Fd,
+    v4: OwnedFd,
+    v6: OwnedFd,
 }
 
-mod socket_fd {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-
-    pub type Fd = OwnedFd;
-
-    /// A raw socket that takes whole IP packets (IPPROTO_RAW implies
-    /// IP_HDRINCL, and IPV6_HDRINCL for IPv6).
-    pub fn raw(domain: i32) -> std::io::Result<OwnedFd> {
-        // SAFETY: plain socket call; the fd is owned from here on.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_RAW,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by socket and is owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A raw socket that takes whole IP packets (IPPROTO_RAW implies
+/// IP_HDRINCL, and IPV6_HDRINCL for IPv6).
+fn raw_socket(domain: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket call; the fd is owned from here on.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: fd was just returned by socket and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Injector {
     pub fn open() -> Result<Self, InjectError> {
         Ok(Self {
-            v4: socket_fd::raw(libc::AF_INET).map_err(|source| InjectError::Socket {
+            v4: raw_socket(libc::AF_INET).map_err(|source| InjectError::Socket {
                 family: "IPv4",
                 source,
             })?,
-            v6: socket_fd::raw(libc::AF_INET6).map_err(|source| InjectError::Socket {
+            v6: raw_socket(libc::AF_INET6).map_err(|source| InjectError::Socket {
                 family: "IPv6",
                 source,
             })?,
@@ -100,8 +97,7 @@ impl Injector {
     }
 }
 
-fn send_to(fd: &socket_fd::Fd, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
+fn send_to(fd: &OwnedFd, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
     // SAFETY: all-zero sockaddr_in6 is valid; filled per family below.
     let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
     let len = match to {

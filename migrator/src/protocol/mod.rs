@@ -143,10 +143,6 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Channel<S> {
         }
         Ok(sent)
     }
-
-    pub fn into_inner(self) -> S {
-        self.stream
-    }
 }
 
 /// Read the shared token: the file's content without surrounding

@@ -60,13 +60,6 @@ pub fn phase_file(pin_root: &std::path::Path) -> PathBuf {
     PathBuf::from("/run/migrator").join(format!("{name}.phase"))
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The connections this watcher added (observe mode), to remove on exit.
 struct Followed {
     added: BTreeSet<FlowSpec>,
@@ -254,7 +247,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
             _ = ticker.tick() => {}
             _ = tokio::signal::ctrl_c() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
-            quit = tui::wait_for_quit(tui.as_mut(), options.interval) => {
+            quit = tui::wait_for_quit(tui.as_mut()) => {
                 if quit { break Ok(()); }
                 continue;
             }
@@ -282,7 +275,13 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
                 selection.flows.extend(flows.iter().copied());
                 selection.only_listed = true;
             }
-            Ok(watcher.snapshot(&entries, &selection, boottime_ns(), unix_ms(), phase))
+            Ok(watcher.snapshot(
+                &entries,
+                &selection,
+                boottime_ns(),
+                crate::system::unix_ms(),
+                phase,
+            ))
         }
         .await;
         let snapshot = match step {

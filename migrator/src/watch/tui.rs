@@ -135,7 +135,7 @@ impl Drop for Terminal {
 
 /// Resolves true when the user asked to quit; false after a resize (the
 /// table is redrawn) or another key. Never resolves without a terminal.
-pub async fn wait_for_quit(tui: Option<&mut Terminal>, _interval: Duration) -> bool {
+pub async fn wait_for_quit(tui: Option<&mut Terminal>) -> bool {
     let Some(tui) = tui else {
         return std::future::pending().await;
     };
