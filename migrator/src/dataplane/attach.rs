@@ -80,6 +80,19 @@ fn interface_exists(iface: &str) -> bool {
     }
 }
 
+/// The rule for whoever stops using the data plane (a migration, a
+/// watcher): once nothing is tracked, nothing stays attached or pinned.
+/// Returns whether it detached.
+pub fn detach_if_unused(root: &Path, table: &super::FlowTable) -> bool {
+    if !table.is_empty() {
+        return false;
+    }
+    for iface in attached_interfaces(root) {
+        let _ = detach(root, &iface);
+    }
+    true
+}
+
 /// How `iface` is attached under `root`, if at all.
 pub fn attachment(root: &Path, iface: &str) -> Option<Attachment> {
     if tcx_pin(root, iface, Direction::Ingress).exists() {

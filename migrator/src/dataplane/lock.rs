@@ -8,14 +8,14 @@ use std::path::PathBuf;
 use migrator_common::{FlowPolicy, FlowStats, ServiceKey};
 
 use super::{
-    AttachMode, Dataplane, DataplaneError, FlowTable, default_pin_root, detach, spec::FlowSpec,
+    AttachMode, Dataplane, DataplaneError, FlowTable, default_pin_root, detach_if_unused,
+    spec::FlowSpec,
 };
 use crate::system::boottime_ns;
 
 pub struct MigrationLock {
     table: FlowTable,
     root: PathBuf,
-    iface: String,
     flows: Vec<FlowSpec>,
     services: Vec<ServiceKey>,
 }
@@ -29,7 +29,6 @@ impl MigrationLock {
         let mut lock = Self {
             table: dataplane.take_table()?,
             root,
-            iface: iface.to_owned(),
             flows: flows.to_vec(),
             services: Vec::new(),
         };
@@ -105,8 +104,6 @@ impl MigrationLock {
         let _ = self.release();
         let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
         let _ = self.table.forget_flows(&keys);
-        if self.table.is_empty() {
-            let _ = detach(&self.root, &self.iface);
-        }
+        detach_if_unused(&self.root, &self.table);
     }
 }

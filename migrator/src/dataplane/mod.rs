@@ -22,7 +22,7 @@ use aya::{
 };
 use migrator_common::paths::BPF_PIN_ROOT;
 
-pub use attach::{AttachMode, Attachment, attached_interfaces, detach};
+pub use attach::{AttachMode, Attachment, attached_interfaces, detach, detach_if_unused};
 pub use table::{Entry, FlowEntry, FlowTable, HeldPacketOwned, ServiceEntry};
 
 /// The eBPF object built by `build.rs` (aya-build) from `migrator-ebpf`.

@@ -145,11 +145,7 @@ impl State {
         if let Some(table) = self.table.as_mut() {
             let added: Vec<_> = self.followed.added.iter().copied().collect();
             forget_observed(table, &added);
-            if table.is_empty() {
-                for iface in dataplane::attached_interfaces(&self.root) {
-                    let _ = dataplane::detach(&self.root, &iface);
-                }
-            }
+            dataplane::detach_if_unused(&self.root, table);
         }
     }
 }
