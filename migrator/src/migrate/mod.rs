@@ -156,18 +156,10 @@ async fn run(
 ) -> Result<(), String> {
     // discover: what the process holds, and that it matches --ip.
     let phase = clock.begin(report::DISCOVER);
-    let network = discover::discover(options.pid).map_err(|e| e.to_string());
-    let network =
-        match network.and_then(|n| check_addresses(&n, &options.service_addresses).map(|()| n)) {
-            Ok(network) => {
-                clock.end(phase, true);
-                network
-            }
-            Err(err) => {
-                clock.end(phase, false);
-                return Err(err);
-            }
-        };
+    let network = discover::discover(options.pid)
+        .map_err(|e| e.to_string())
+        .and_then(|n| check_addresses(&n, &options.service_addresses).map(|()| n));
+    let network = clock.end_with(phase, network)?;
 
     // preflight: here (CRIU, interface, addresses) and at the agent.
     let phase = clock.begin(report::PREFLIGHT);
@@ -182,22 +174,14 @@ async fn run(
             )),
         }
     });
+    let (prepared, lock) = clock.end_with(phase, prepared)?;
+    progress.lock = Some(lock);
     let Prepared {
         mut channel,
         netlink,
         addresses: removed_plan,
         ..
-    } = match prepared {
-        Ok((prepared, lock)) => {
-            progress.lock = Some(lock);
-            clock.end(phase, true);
-            prepared
-        }
-        Err(err) => {
-            clock.end(phase, false);
-            return Err(err);
-        }
-    };
+    } = prepared;
 
     // CRIU, started now: its start-up stays outside the freeze window.
     let swrk = std::fs::create_dir_all(&progress.images)
@@ -262,33 +246,18 @@ async fn run(
         });
     }
     let frozen_at = frozen_at.unwrap_or_else(Instant::now);
-    match dumped {
-        Ok(outcome) => {
-            progress.dumped = true;
-            report.criu_dump_notifications = outcome.notifications;
-            report.criu_dump = read_dump_stats(&progress.images);
-            clock.end(phase, true);
-        }
-        Err(err) => {
-            clock.end(phase, false);
-            // CRIU resumes the tree when a dump fails: only the lock to undo.
-            return Err(format!("dump: {err}"));
-        }
-    }
+    // CRIU resumes the tree when a dump fails: only the lock to undo.
+    let outcome = clock.end_with(phase, dumped.map_err(|err| format!("dump: {err}")))?;
+    progress.dumped = true;
+    report.criu_dump_notifications = outcome.notifications;
+    report.criu_dump = read_dump_stats(&progress.images);
 
     // transfer
     let phase = clock.begin(report::TRANSFER);
-    let sent = send_images(&mut channel, &progress.images).await;
-    match sent {
-        Ok(bytes) => {
-            report.image_bytes = bytes;
-            clock.end(phase, true);
-        }
-        Err(err) => {
-            clock.end(phase, false);
-            return Err(format!("transfer: {err}"));
-        }
-    }
+    let sent = send_images(&mut channel, &progress.images)
+        .await
+        .map_err(|err| format!("transfer: {err}"));
+    report.image_bytes = clock.end_with(phase, sent)?;
 
     // ip-release: the old host stops owning the service addresses.
     let phase = clock.begin(report::IP_RELEASE);
@@ -338,7 +307,7 @@ async fn run(
         .send(&Message::Restore)
         .await
         .map_err(|e| format!("asking for the restore: {e}"))?;
-    let reply: RestoreReply = match channel.receive().await {
+    let mut reply: RestoreReply = match channel.receive().await {
         Ok(Message::Restored(reply)) => *reply,
         Ok(Message::Failed { phase, reason }) => {
             return Err(format!("destination {phase}: {reason}"));
@@ -347,7 +316,7 @@ async fn run(
         Err(err) => return Err(format!("destination: {err}")),
     };
     let answered = Instant::now();
-    for mut phase in reply.phases.clone() {
+    for mut phase in std::mem::take(&mut reply.phases) {
         phase.start_ms += asked_at_ms;
         clock.record(phase);
     }
@@ -359,19 +328,17 @@ async fn run(
             * 1e3,
     );
     report.destination_pid = Some(reply.pid);
-    report.criu_restore = reply.criu_restore.clone();
-    report.confirmed_neighbours = reply.confirmed.clone();
-    report.unconfirmed_neighbours = reply.unconfirmed.clone();
+    report.criu_restore = reply.criu_restore.take();
+    report.confirmed_neighbours = std::mem::take(&mut reply.confirmed);
+    report.unconfirmed_neighbours = std::mem::take(&mut reply.unconfirmed);
 
     // Stale packets: peers still sending to the old host after it gave
     // up the address (keep counting a moment after the release).
     tokio::time::sleep(Duration::from_millis(200)).await;
     if let Some(lock) = progress.lock.as_ref() {
         for (i, (flow, stats)) in lock.counters().into_iter().enumerate() {
-            let destination = reply
-                .connections
-                .iter()
-                .find(|c| c.flow == flow.to_string());
+            let name = flow.to_string();
+            let destination = reply.connections.iter().find(|c| c.flow == name);
             report.connections.push(ConnectionReport {
                 local: flow.local.to_string(),
                 remote: flow.remote.to_string(),
@@ -383,7 +350,7 @@ async fn run(
                 held_delivered: reply
                     .held_delivered
                     .iter()
-                    .find(|(held_flow, _)| *held_flow == flow.to_string())
+                    .find(|(held_flow, _)| *held_flow == name)
                     .map_or(0, |(_, count)| *count),
             });
         }

@@ -252,6 +252,12 @@ impl PhaseClock {
         duration_ms
     }
 
+    /// End a phase with the outcome of its work, which is passed through.
+    pub fn end_with<T, E>(&mut self, phase: (String, f64), result: Result<T, E>) -> Result<T, E> {
+        self.end(phase, result.is_ok());
+        result
+    }
+
     /// Publish a phase that is not timed here (the destination's work).
     pub fn publish(&self, name: &str) {
         if let Some(path) = &self.publish {
