@@ -121,7 +121,7 @@ struct Session {
 }
 
 impl Session {
-    async fn undo(&mut self, netlink: Option<&Netlink>) {
+    async fn undo(&mut self, netlink: &Netlink) {
         self.swrk = None;
         if let Some(pid) = self.restored_pid.take() {
             // The source restores its own copy from the same images: this
@@ -129,10 +129,8 @@ impl Session {
             // SAFETY: kill has no memory preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        if let Some(netlink) = netlink {
-            for ip in self.added.drain(..) {
-                let _ = netlink.remove(ip).await;
-            }
+        for ip in self.added.drain(..) {
+            let _ = netlink.remove(ip).await;
         }
         if let Some(lock) = self.lock.take() {
             lock.close();
@@ -191,7 +189,7 @@ async fn handle(
             Ok(Some(pid))
         }
         Err(err) => {
-            session.undo(Some(&netlink)).await;
+            session.undo(&netlink).await;
             Err(err)
         }
     }
@@ -280,7 +278,10 @@ async fn run_session(
             Ok(pid)
         }
         Err((phase, reason)) => {
-            session.undo(Some(netlink)).await;
+            // Undone before answering: the source puts the address back and
+            // restores its own copy as soon as it hears (handle's undo after
+            // this finds nothing left).
+            session.undo(netlink).await;
             let _ = channel
                 .send(&Message::Failed {
                     phase: phase.to_owned(),
