@@ -10,6 +10,7 @@ pub mod event;
 pub mod flow;
 pub mod paths;
 pub mod seq;
+pub mod sock;
 
 #[cfg(feature = "user")]
 mod user;
@@ -20,3 +21,4 @@ pub use event::{
 pub use flow::{
     ANY_LOCAL_PORT_SLOT, FlowKey, FlowMode, FlowPolicy, FlowStats, LOCAL_PORT_SLOTS, ServiceKey,
 };
+pub use sock::SockLayout;

@@ -1,8 +1,8 @@
 //! Userspace-only glue: lets the shared types live in aya maps.
 
-use crate::{FlowKey, FlowPolicy, FlowStats, ServiceKey};
+use crate::{FlowKey, FlowPolicy, FlowStats, ServiceKey, SockLayout};
 
-// SAFETY: all three are #[repr(C)], Copy, padding-free (explicit pad
+// SAFETY: all of them are #[repr(C)], Copy, padding-free (explicit pad
 // fields), and every bit pattern is a valid value.
 unsafe impl aya::Pod for FlowKey {}
 // SAFETY: as above.
@@ -11,3 +11,5 @@ unsafe impl aya::Pod for FlowPolicy {}
 unsafe impl aya::Pod for FlowStats {}
 // SAFETY: as above.
 unsafe impl aya::Pod for ServiceKey {}
+// SAFETY: as above (nine u32 fields).
+unsafe impl aya::Pod for SockLayout {}

@@ -7,18 +7,20 @@
 //! lookup or three.
 //!
 //! Userspace pins the maps when it attaches, so a second `migrator`
-//! process sees the same flows and counters.
+//! process sees the same flows and counters. Our own side's retransmits
+//! are counted by tracepoint programs in `retransmit`.
 #![no_std]
 #![no_main]
 
 mod packet;
+mod retransmit;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_ktime_get_boot_ns, bpf_skb_load_bytes},
-    macros::{classifier, map, tracepoint},
+    macros::{classifier, map},
     maps::{Array, HashMap, RingBuf},
-    programs::{TcContext, TracePointContext},
+    programs::TcContext,
 };
 use migrator_common::{
     ANY_LOCAL_PORT_SLOT, EVENT_DROP, EVENT_HOLD, EVENT_PEER_RETRANSMIT, Event, FlowKey, FlowMode,
@@ -66,67 +68,6 @@ pub fn migrator_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn migrator_egress(ctx: TcContext) -> i32 {
     classify(&ctx, Direction::Egress)
-}
-
-/// Our own retransmits, from `tcp:tcp_retransmit_skb`, counted for tracked
-/// flows only (field offsets from the tracepoint's format file, stable
-/// since Linux 4.16).
-#[tracepoint]
-pub fn migrator_tcp_retransmit(ctx: TracePointContext) -> u32 {
-    let _ = count_local_retransmit(&ctx);
-    0
-}
-
-#[inline(always)]
-fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
-}
-
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
-
-#[inline(always)]
-fn count_local_retransmit(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: reads at the offsets the tracepoint's format declares; the
-    // helper checks the bounds of the record.
-    let (sport, dport, family) = unsafe {
-        (
-            ctx.read_at::<u16>(28)?,
-            ctx.read_at::<u16>(30)?,
-            ctx.read_at::<u16>(32)?,
-        )
-    };
-    let key = match family {
-        AF_INET => {
-            // SAFETY: as above.
-            let (saddr, daddr) =
-                unsafe { (ctx.read_at::<[u8; 4]>(34)?, ctx.read_at::<[u8; 4]>(38)?) };
-            FlowKey::v4(saddr, sport, daddr, dport)
-        }
-        AF_INET6 => {
-            // SAFETY: as above.
-            let (saddr, daddr) =
-                unsafe { (ctx.read_at::<[u8; 16]>(42)?, ctx.read_at::<[u8; 16]>(58)?) };
-            // A dual-stack socket talking IPv4 reports v4-mapped addresses;
-            // the data plane keys that traffic as IPv4.
-            if is_v4_mapped(&saddr) && is_v4_mapped(&daddr) {
-                FlowKey::v4(
-                    [saddr[12], saddr[13], saddr[14], saddr[15]],
-                    sport,
-                    [daddr[12], daddr[13], daddr[14], daddr[15]],
-                    dport,
-                )
-            } else {
-                FlowKey::v6(saddr, sport, daddr, dport)
-            }
-        }
-        _ => return Ok(()),
-    };
-    if let Some(stats) = STATS.get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup, valid for this run.
-        unsafe { (*stats).local_retransmits += 1 };
-    }
-    Ok(())
 }
 
 /// Verdicts: no opinion (pass to the next program / the stack) or drop.

@@ -7,6 +7,7 @@
 //! - [`doctor`]: the preflight report.
 
 pub mod agent;
+pub mod console;
 pub mod criu;
 pub mod dataplane;
 pub mod doctor;

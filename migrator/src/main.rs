@@ -274,7 +274,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("MIGRATOR_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        // Through `console`, so that a live view can keep log lines off
+        // the screen it draws.
+        .with_writer(migrator::console::writer)
         .init();
     let cli = Cli::parse();
     match run(cli) {

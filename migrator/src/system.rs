@@ -60,6 +60,24 @@ pub const REQUIRED_CAPABILITIES: [(u32, &str); 3] = [
     (CAP_BPF, "CAP_BPF"),
 ];
 
+pub const CAP_SYS_RESOURCE: u32 = 24;
+pub const CAP_CHECKPOINT_RESTORE: u32 = 40;
+
+/// Capabilities root usually has, whose absence limits what can be
+/// moved (not whether anything can), with what that means.
+pub const LIMITING_CAPABILITIES: [(u32, &str, &str); 2] = [
+    (
+        CAP_SYS_RESOURCE,
+        "CAP_SYS_RESOURCE",
+        "CRIU cannot read the resource limits of processes running under another uid (\"Can't get rlimit 0: Operation not permitted\"), so a tree with such processes (nginx's www-data workers) cannot be moved to or from this host",
+    ),
+    (
+        CAP_CHECKPOINT_RESTORE,
+        "CAP_CHECKPOINT_RESTORE",
+        "CRIU relies on CAP_SYS_ADMIN instead to restore processes under their PIDs",
+    ),
+];
+
 /// This process's effective capability set.
 pub fn effective_capabilities() -> io::Result<u64> {
     let status = fs::read_to_string("/proc/self/status")?;

@@ -359,10 +359,7 @@ fn bad_input_is_refused_with_nothing_frozen() {
     };
     let pid_text = pid.to_string();
     // A process with no sockets at all.
-    let mut idle = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
+    let mut idle = Command::new("sleep").arg("60").spawn().unwrap();
     let idle_pid = idle.id().to_string();
     let checks: [(&[&str], &str); 4] = [
         (
@@ -413,7 +410,7 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
     let images_root = lab.dir.0.join("images");
     let incoming = lab.dir.0.join("agent-dst/incoming-1");
     let migrator = migrator_tests::migrator_bin();
-    let mut migrate = std::process::Command::new("nsenter")
+    let mut migrate = Command::new("nsenter")
         .arg(format!("--net={}", lab.lab.netns_path(SRC).display()))
         .arg(&migrator)
         .args([
@@ -480,6 +477,23 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(1500));
 }
 
+/// nftables rules for the peer: it ignores ARP and neighbour
+/// solicitations (as a misconfigured firewall might), so a new owner of the
+/// service address cannot confirm it.
+const DEAF_TO_NEIGHBOUR_PROBES: &str = concat!(
+    "table arp deaf {\n",
+    "  chain input {\n",
+    "    type filter hook input priority 0; policy drop;\n",
+    "  }\n",
+    "}\n",
+    "table ip6 deaf {\n",
+    "  chain input {\n",
+    "    type filter hook input priority 0;\n",
+    "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } drop\n",
+    "  }\n",
+    "}\n",
+);
+
 /// The peer ignores the new owner (it drops ARP and neighbour
 /// solicitations, as a misconfigured firewall might): the destination
 /// cannot confirm it owns the address, so the migration rolls back and the
@@ -488,38 +502,7 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
 fn unconfirmed_address_rolls_back_with_connections_alive() {
     let mut lab = MigrationLab::new("ncf");
     let pid = lab.start_workload(true, 0);
-    let nft = |rules: &str| {
-        let mut child = Command::new("nsenter")
-            .arg(format!(
-                "--net={}",
-                lab.lab.netns_path(migrator_tests::lab::PEER).display()
-            ))
-            .args(["nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "nft rules refused");
-    };
-    nft(concat!(
-        "table arp deaf {\n",
-        "  chain input {\n",
-        "    type filter hook input priority 0; policy drop;\n",
-        "  }\n",
-        "}\n",
-        "table ip6 deaf {\n",
-        "  chain input {\n",
-        "    type filter hook input priority 0;\n",
-        "    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } drop\n",
-        "  }\n",
-        "}\n",
-    ));
+    lab.nft(migrator_tests::lab::PEER, DEAF_TO_NEIGHBOUR_PROBES);
     let run = lab.migrate(SRC, DST, pid, &[]);
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);

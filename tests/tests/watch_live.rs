@@ -213,45 +213,49 @@ fn metrics_endpoint_matches_status() {
     }
 }
 
-#[test]
-fn live_table_in_a_real_terminal_quits_on_q() {
-    let mut lab = MigrationLab::new("wt");
-    let pid = lab.start_workload(true, 0);
-    let session = format!("migrator-watch-{}", std::process::id());
-    let command = format!(
-        "nsenter --net={} {} watch --pid {pid} --interval 200ms; echo WATCH-EXITED-$?; sleep 30",
-        lab.lab.netns_path(SRC).display(),
-        migrator_bin().display()
-    );
-    let tmux = |args: &[&str]| Command::new("tmux").args(args).output().expect("tmux");
-    let started = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "160",
-        "-y",
-        "30",
-        &command,
-    ]);
-    assert!(started.status.success(), "{started:?}");
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = Command::new("tmux")
-                .args(["kill-session", "-t", &self.0])
-                .output();
-        }
+/// A command running in a detached tmux session of its own (a real
+/// terminal), killed on drop.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start(tag: &str, command: &str) -> Self {
+        let session = format!("migrator-{tag}-{}", std::process::id());
+        let this = Self { session };
+        let started = this.tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &this.session,
+            "-x",
+            "160",
+            "-y",
+            "30",
+            command,
+        ]);
+        assert!(started.status.success(), "{started:?}");
+        this
     }
-    let _kill = Kill(session.clone());
-    let capture = || {
-        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned()
-    };
-    let until = |what: &str| {
+
+    fn tmux(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").args(args).output().expect("tmux")
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .tmux(&["capture-pane", "-p", "-t", &self.session])
+                .stdout,
+        )
+        .into_owned()
+    }
+
+    /// The screen once it shows `what` (fails after 15 s).
+    fn until(&self, what: &str) -> String {
         let started = Instant::now();
         loop {
-            let screen = capture();
+            let screen = self.screen();
             if screen.contains(what) {
                 return screen;
             }
@@ -261,25 +265,118 @@ fn live_table_in_a_real_terminal_quits_on_q() {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    };
-    let screen = until("198.18.0.100:");
+    }
+
+    fn keys(&self, keys: &str) {
+        self.tmux(&["send-keys", "-t", &self.session, keys]);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.tmux(&["kill-session", "-t", &self.session]);
+    }
+}
+
+/// `migrator watch ARGS` in src, then a marker with its exit status.
+fn watch_command(lab: &MigrationLab, args: &str) -> String {
+    format!(
+        "nsenter --net={} {} watch {args}; echo WATCH-EXITED-$?; sleep 30",
+        lab.lab.netns_path(SRC).display(),
+        migrator_bin().display()
+    )
+}
+
+#[test]
+fn live_table_in_a_real_terminal_quits_on_q() {
+    let mut lab = MigrationLab::new("wt");
+    let pid = lab.start_workload(true, 0);
+    let tmux = Tmux::start(
+        "watch",
+        &watch_command(&lab, &format!("--pid {pid} --interval 200ms")),
+    );
+    let screen = tmux.until("198.18.0.100:");
     assert!(screen.contains("3 connections"), "{screen}");
     assert!(screen.contains("[2001:db8::100]:"), "{screen}");
     assert!(screen.contains("PEER RTX"), "{screen}");
+    assert!(
+        screen.lines().next().unwrap_or("").contains("connections"),
+        "{screen}"
+    );
     // A resize redraws; q quits and restores the terminal.
-    tmux(&["resize-window", "-t", &session, "-x", "140", "-y", "25"]);
-    let screen = until("[2001:db8::100]:");
+    tmux.tmux(&[
+        "resize-window",
+        "-t",
+        &tmux.session,
+        "-x",
+        "140",
+        "-y",
+        "25",
+    ]);
+    let screen = tmux.until("[2001:db8::100]:");
     assert!(
         screen.lines().all(|line| line.chars().count() <= 140),
         "{screen}"
     );
-    tmux(&["send-keys", "-t", &session, "q"]);
-    let screen = until("WATCH-EXITED-0");
+    tmux.keys("q");
+    let screen = tmux.until("WATCH-EXITED-0");
     assert!(
         !screen.contains("PEER RTX"),
         "the table stayed on screen:\n{screen}"
     );
     assert!(!lab.pins_left(SRC), "watch left its flows or attachment");
+}
+
+/// A process with no TCP connections, killed on drop.
+struct Idle(Child);
+
+impl Idle {
+    fn start() -> Self {
+        Self(Command::new("sleep").arg("60").spawn().unwrap())
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A message while the table is up (here: the followed process has no
+/// connections yet) goes to the table's status line, not over the table,
+/// and is printed in full once the terminal is restored.
+#[test]
+fn messages_during_the_live_table_go_to_its_status_line() {
+    let lab = MigrationLab::new("ws");
+    let idle = Idle::start();
+    let pid = idle.0.id();
+    let tmux = Tmux::start(
+        "watch-msg",
+        &watch_command(&lab, &format!("--pid {pid} --interval 200ms")),
+    );
+    let message = format!("process {pid} has no TCP connections yet");
+    let screen = tmux.until("1 message");
+    let lines: Vec<&str> = screen.lines().collect();
+    // The table's own lines come first and stay whole: header, status
+    // line (with the message), then the bordered table.
+    assert!(lines[0].starts_with("0 connections"), "{screen}");
+    assert!(
+        lines[1].starts_with("q quits | 1 message") && lines[1].contains(&message),
+        "{screen}"
+    );
+    assert!(lines[2].contains("migrator watch"), "{screen}");
+    assert_eq!(
+        screen.matches(&message).count(),
+        1,
+        "the message was drawn more than once:\n{screen}"
+    );
+    tmux.keys("q");
+    let screen = tmux.until("WATCH-EXITED-0");
+    assert!(
+        screen.contains(&format!("{message}; watching for new ones")),
+        "the kept message was not printed after the table closed:\n{screen}"
+    );
 }
 
 #[test]
@@ -296,12 +393,11 @@ fn bad_pids_are_explained() {
         "{stderr}"
     );
     // No TCP yet: said once, and it keeps watching (here: one snapshot).
-    let mut idle = Command::new("sleep").arg("30").spawn().unwrap();
-    let out = watch_in(&lab, &["--pid", &idle.id().to_string(), "--once"])
+    let idle = Idle::start();
+    let out = watch_in(&lab, &["--pid", &idle.0.id().to_string(), "--once"])
         .output()
         .unwrap();
-    let _ = idle.kill();
-    let _ = idle.wait();
+    drop(idle);
     assert!(out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -309,4 +405,106 @@ fn bad_pids_are_explained() {
         "{stderr}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 connections"));
+}
+
+/// Whether any tracefs is mounted where `pid` lives.
+fn tracefs_mounted_for(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap()
+        .lines()
+        .any(|line| line.contains(" - tracefs "))
+}
+
+/// `migrator ARGS` in `src`'s network namespace and in a mount namespace
+/// of its own where no tracefs is mounted, as on a fresh VM, whatever this
+/// machine has mounted.
+fn migrator_without_tracefs(lab: &MigrationLab, args: &[&str]) -> Command {
+    // Every tracefs mount point (innermost first), lazily unmounted; the
+    // field after "-" in mountinfo is the filesystem type.
+    const UNMOUNT_TRACEFS: &str = r#"awk '{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) == "tracefs") print $5; break } }' /proc/self/mountinfo | sort -r | while read -r point; do umount -l "$point" || exit 1; done; exec "$@""#;
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(UNMOUNT_TRACEFS)
+        .arg("sh")
+        .arg("nsenter")
+        .arg(format!("--net={}", lab.lab.netns_path(SRC).display()))
+        .arg(migrator_bin())
+        .args(args);
+    command
+}
+
+/// Our own side's retransmits are counted with no tracefs mounted: the
+/// peer's packets (data and ACKs) are dropped at the peer for 1.5 s, so the
+/// workload's echoes go unacknowledged and its kernel sends them again;
+/// `migrator watch`, in a mount namespace without tracefs, must see that.
+#[test]
+fn local_retransmits_are_counted_without_tracefs() {
+    let mut lab = MigrationLab::new("wr");
+    let pid = lab.start_workload(true, 0);
+    let doctor = migrator_without_tracefs(&lab, &["doctor", "--json"])
+        .output()
+        .unwrap();
+    let doctor: Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let check = doctor["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "local retransmits")
+        .cloned()
+        .unwrap_or_else(|| panic!("no local retransmits check: {doctor}"));
+    assert_eq!(check["status"], "ok", "{check}");
+
+    let out_path = lab.dir.0.join("watch.json");
+    let err_path = lab.dir.0.join("watch.err");
+    let mut watch = migrator_without_tracefs(
+        &lab,
+        &[
+            "watch",
+            "--pid",
+            &pid.to_string(),
+            "--json",
+            "--interval",
+            "100ms",
+        ],
+    )
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    .stderr(std::fs::File::create(&err_path).unwrap())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !tracefs_mounted_for(watch.id()),
+        "tracefs is still mounted where watch runs"
+    );
+    lab.nft(
+        migrator_tests::lab::PEER,
+        "table inet lossy {\n  chain output {\n    type filter hook output priority 0;\n    tcp sport 9000 drop\n  }\n}\n",
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    lab.nft(migrator_tests::lab::PEER, "delete table inet lossy\n");
+    std::thread::sleep(Duration::from_millis(500));
+    terminate(&mut watch);
+
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    let rows: Vec<Value> = std::fs::read_to_string(&out_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(!rows.is_empty(), "no snapshots; stderr:\n{stderr}");
+    let counted: Vec<u64> = rows
+        .iter()
+        .map(|r| {
+            r["local_retransmits"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("local retransmits not counted: {r}\n{stderr}"))
+        })
+        .collect();
+    let highest = counted.iter().max().copied().unwrap_or(0);
+    assert!(
+        highest > 0,
+        "no local retransmit counted while the peer dropped everything for 1.5 s; stderr:\n{stderr}"
+    );
+    assert!(!lab.pins_left(SRC), "watch left its flows or attachment");
 }

@@ -8,19 +8,23 @@
 //! `links/<iface>@netlink` recording clsact filters on older kernels.
 
 mod attach;
+pub mod btf;
 pub mod lock;
 pub mod spec;
 pub mod status;
 pub mod table;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::MapError,
     programs::{ProgramError, SchedClassifier},
 };
-use migrator_common::paths::BPF_PIN_ROOT;
+use migrator_common::{SockLayout, paths::BPF_PIN_ROOT};
 
 pub use attach::{AttachMode, Attachment, attached_interfaces, detach, detach_if_unused};
 pub use table::{Entry, FlowEntry, FlowTable, HeldPacketOwned, ServiceEntry};
@@ -31,7 +35,10 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub const INGRESS_PROGRAM: &str = "migrator_ingress";
 pub const EGRESS_PROGRAM: &str = "migrator_egress";
-pub const RETRANSMIT_PROGRAM: &str = "migrator_tcp_retransmit";
+pub const RETRANSMIT_BTF_PROGRAM: &str = "migrator_tcp_retransmit_btf";
+pub const RETRANSMIT_TRACEFS_PROGRAM: &str = "migrator_tcp_retransmit";
+/// The kernel tracepoint both retransmit programs follow.
+const RETRANSMIT_TRACEPOINT: &str = "tcp_retransmit_skb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -134,7 +141,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Load with private maps (tests, doctor): nothing is pinned.
     pub fn load() -> Result<Self, DataplaneError> {
-        Self::from_ebpf(Ebpf::load(EBPF_OBJECT)?, None)
+        Self::from_ebpf(loader().load(EBPF_OBJECT)?, None)
     }
 
     /// Load with maps pinned under `pin_root/maps`, reusing maps already
@@ -151,7 +158,7 @@ impl Dataplane {
             path: maps_dir.clone(),
             source,
         })?;
-        let mut loader = EbpfLoader::new();
+        let mut loader = loader();
         let paths: Vec<(&'static str, PathBuf)> = table::ALL_MAPS
             .iter()
             .map(|name| (*name, maps_dir.join(name)))
@@ -195,22 +202,115 @@ impl Dataplane {
         FlowTable::from_maps(|name| ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name)))
     }
 
-    /// Count our own retransmits of tracked flows (tcp:tcp_retransmit_skb)
-    /// for as long as this data plane is loaded.
-    pub fn attach_retransmit_tracepoint(&mut self) -> Result<(), DataplaneError> {
-        let name = RETRANSMIT_PROGRAM;
+    /// Count our own retransmits of tracked flows for as long as this data
+    /// plane is loaded: through the BTF tracepoint (no tracefs needed),
+    /// else the classic one (needs tracefs mounted).
+    pub fn attach_retransmit_counter(
+        &mut self,
+    ) -> Result<RetransmitCounter, RetransmitCounterError> {
+        let btf = self.attach_btf_retransmit_counter();
+        if btf.is_ok() {
+            return Ok(RetransmitCounter::BtfTracepoint);
+        }
+        let classic = self.attach_tracefs_retransmit_counter();
+        match (btf, classic) {
+            (_, Ok(())) => Ok(RetransmitCounter::TracefsTracepoint),
+            (Err(btf), Err(tracefs)) => Err(RetransmitCounterError { btf, tracefs }),
+            (Ok(()), Err(_)) => Ok(RetransmitCounter::BtfTracepoint),
+        }
+    }
+
+    fn attach_btf_retransmit_counter(&mut self) -> Result<(), String> {
+        let layout = sock_layout().as_ref().map_err(Clone::clone)?;
+        if layout.known == 0 {
+            return Err("the socket layout is unknown".into());
+        }
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+        let name = RETRANSMIT_BTF_PROGRAM;
+        let program: &mut aya::programs::BtfTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| DataplaneError::MissingProgram(name).to_string())?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        program
+            .load(RETRANSMIT_TRACEPOINT, &kernel_btf)
+            .map_err(|e| format!("loading: {e}"))?;
+        program.attach().map_err(|e| format!("attaching: {e}"))?;
+        Ok(())
+    }
+
+    fn attach_tracefs_retransmit_counter(&mut self) -> Result<(), String> {
+        let name = RETRANSMIT_TRACEFS_PROGRAM;
         let program: &mut aya::programs::TracePoint = self
             .ebpf
             .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
+            .ok_or_else(|| DataplaneError::MissingProgram(name).to_string())?
             .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+            .map_err(|e: ProgramError| e.to_string())?;
+        program.load().map_err(|e| format!("loading: {e}"))?;
         program
-            .load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        program
-            .attach("tcp", "tcp_retransmit_skb")
-            .map_err(|source| DataplaneError::Program { name, source })?;
+            .attach("tcp", RETRANSMIT_TRACEPOINT)
+            .map_err(|e| format!("attaching: {e}"))?;
         Ok(())
     }
 }
+
+/// How our own side's retransmits are being counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetransmitCounter {
+    /// `tp_btf/tcp_retransmit_skb`: a BPF link, no tracefs involved.
+    BtfTracepoint,
+    /// `tcp:tcp_retransmit_skb` through tracefs (kernels whose BTF we
+    /// cannot use).
+    TracefsTracepoint,
+}
+
+impl RetransmitCounter {
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::BtfTracepoint => "BTF tracepoint tp_btf/tcp_retransmit_skb (no tracefs needed)",
+            Self::TracefsTracepoint => {
+                "classic tracepoint tcp:tcp_retransmit_skb through tracefs (this kernel's BTF could not be used)"
+            }
+        }
+    }
+}
+
+/// Neither retransmit program could be attached: why, for each.
+#[derive(Debug, thiserror::Error)]
+#[error("local retransmits are not counted: BTF tracepoint: {btf}; classic tracepoint: {tracefs}")]
+pub struct RetransmitCounterError {
+    pub btf: String,
+    pub tracefs: String,
+}
+
+impl RetransmitCounterError {
+    pub const fn fix(&self) -> &'static str {
+        "run a kernel with BTF (CONFIG_DEBUG_INFO_BTF, /sys/kernel/btf/vmlinux), or mount tracefs: `mount -t tracefs tracefs /sys/kernel/tracing`"
+    }
+}
+
+/// Where `struct sock` keeps addresses and ports on this kernel, read from
+/// its BTF once per process.
+fn sock_layout() -> &'static Result<SockLayout, String> {
+    static LAYOUT: OnceLock<Result<SockLayout, String>> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        btf::Btf::from_sys_fs()
+            .and_then(|btf| btf.sock_layout())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A loader with the socket layout filled in for the BTF retransmit
+/// counter (left unknown, the program counts nothing).
+fn loader() -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    if let Ok(layout) = sock_layout() {
+        loader.override_global(SOCK_LAYOUT_GLOBAL, layout, true);
+    }
+    loader
+}
+
+/// The load-time constant in the eBPF object (retransmit.rs).
+const SOCK_LAYOUT_GLOBAL: &str = "SOCK_LAYOUT";

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     criu,
-    dataplane::Dataplane,
+    dataplane::{Dataplane, RetransmitCounter},
     system::{self, KernelVersion},
 };
 
@@ -94,11 +94,16 @@ impl Report {
 
 /// Run every check. `criu_flag` is `--criu PATH`, if given.
 pub fn run(criu_flag: Option<&Path>) -> Report {
-    let mut checks = vec![privileges()];
+    let mut checks = vec![privileges(), limiting_capabilities()];
     checks.extend(kernel());
     checks.push(btf());
     checks.push(bpffs());
-    checks.push(ebpf_load());
+    let loads = ebpf_load();
+    let loaded = loads.status == Status::Ok;
+    checks.push(loads);
+    if loaded {
+        checks.push(local_retransmits());
+    }
     checks.extend(criu_checks(criu_flag));
     checks.push(tcp_retries2());
     let ok = checks.iter().all(|c| c.status != Status::Fail);
@@ -136,6 +141,54 @@ fn privileges() -> Check {
             "run migrator as root (CRIU needs full root to dump and restore)",
         )
     }
+}
+
+/// What a missing capability costs: some trees cannot be moved.
+fn limiting_capabilities() -> Check {
+    const NAME: &str = "capabilities";
+    let Ok(caps) = system::effective_capabilities() else {
+        return Check::warn(
+            NAME,
+            "cannot read this process's capabilities",
+            "check /proc is mounted",
+        );
+    };
+    let missing: Vec<_> = system::LIMITING_CAPABILITIES
+        .iter()
+        .filter(|(cap, ..)| !system::has_capability(caps, *cap))
+        .collect();
+    // Without CAP_CHECKPOINT_RESTORE, CAP_SYS_ADMIN does the same for CRIU.
+    let limiting: Vec<_> = missing
+        .iter()
+        .filter(|(cap, ..)| {
+            *cap != system::CAP_CHECKPOINT_RESTORE
+                || !system::has_capability(caps, system::CAP_SYS_ADMIN)
+        })
+        .collect();
+    if limiting.is_empty() {
+        let names = system::LIMITING_CAPABILITIES.map(|(_, name, _)| name);
+        return Check::ok(
+            NAME,
+            if missing.is_empty() {
+                format!("{} effective", names.join(" "))
+            } else {
+                format!(
+                    "{} effective (CAP_SYS_ADMIN stands in for CAP_CHECKPOINT_RESTORE)",
+                    names[0]
+                )
+            },
+        );
+    }
+    let detail = limiting
+        .iter()
+        .map(|(_, name, meaning)| format!("missing {name}: {meaning}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Check::warn(
+        NAME,
+        detail,
+        "run migrator with the full root capability set (outside a sandbox or container that drops them), or move only trees whose processes all run as root",
+    )
 }
 
 fn kernel() -> Vec<Check> {
@@ -231,6 +284,31 @@ fn ebpf_load() -> Check {
             NAME,
             err.to_string(),
             "run as root on a kernel with BPF and BTF",
+        ),
+    }
+}
+
+/// Our own retransmits (the live view's LOCAL RTX) need one of the two
+/// tracepoint programs attached; try, and detach again.
+fn local_retransmits() -> Check {
+    const NAME: &str = "local retransmits";
+    let mut dataplane = match Dataplane::load() {
+        Ok(dataplane) => dataplane,
+        Err(err) => return Check::warn(NAME, err.to_string(), "run as root"),
+    };
+    match dataplane.attach_retransmit_counter() {
+        Ok(counter @ RetransmitCounter::BtfTracepoint) => Check::ok(NAME, counter.describe()),
+        Ok(counter @ RetransmitCounter::TracefsTracepoint) => Check::warn(
+            NAME,
+            counter.describe(),
+            "works while tracefs stays mounted; with a kernel whose BTF has tcp_retransmit_skb and struct sock, tracefs is not needed",
+        ),
+        Err(err) => Check::warn(
+            NAME,
+            format!(
+                "{err} (`migrator watch` shows them as not counted; migrations are unaffected)"
+            ),
+            err.fix(),
         ),
     }
 }

@@ -2,8 +2,10 @@
 //! a move. It reads the pinned flow table a migration uses (so it can
 //! watch a move made by another `migrator` process), adds the connections
 //! it is asked to follow in observe mode, counts our own retransmits with
-//! the tcp:tcp_retransmit_skb tracepoint, and shows everything as a live
-//! table, plain tables, JSON lines or Prometheus metrics.
+//! the tcp_retransmit_skb tracepoint (BTF, else tracefs), and shows
+//! everything as a live table, plain tables, JSON lines or Prometheus
+//! metrics. While the live table owns the terminal, messages go to its
+//! status line and are printed in full when it closes (`console`).
 
 pub mod model;
 pub mod render;
@@ -22,7 +24,8 @@ use std::io::Write as _;
 use tokio::{io::AsyncWriteExt as _, net::TcpListener};
 
 use crate::{
-    dataplane::{self, AttachMode, Dataplane, FlowTable, spec::FlowSpec},
+    console,
+    dataplane::{self, AttachMode, Dataplane, FlowTable, RetransmitCounter, spec::FlowSpec},
     net::{address::Netlink, discover},
     system::boottime_ns,
 };
@@ -76,6 +79,9 @@ struct State {
     table: Option<FlowTable>,
     followed: Followed,
     warned_no_connections: bool,
+    /// How our own retransmits are counted, or why they are not (as of
+    /// the latest open).
+    retransmit_counter: Option<Result<RetransmitCounter, String>>,
 }
 
 impl State {
@@ -99,9 +105,15 @@ impl State {
         for iface in missing {
             dp.attach(iface, AttachMode::Auto)?;
         }
-        if let Err(err) = dp.attach_retransmit_tracepoint() {
-            tracing::warn!("local retransmits will not be counted: {err}");
+        let counter = dp
+            .attach_retransmit_counter()
+            .map_err(|err| format!("{err}; {}", err.fix()));
+        if let Err(why) = &counter
+            && !matches!(self.retransmit_counter, Some(Err(_)))
+        {
+            console::say(format!("migrator watch: {why}"));
         }
+        self.retransmit_counter = Some(counter);
         self.table = Some(dp.take_table()?);
         self.dataplane = Some(dp);
         self.opened_pin = self.flows_pin_inode();
@@ -177,7 +189,9 @@ fn wanted(options: &WatchOptions, warned: &mut bool) -> anyhow::Result<BTreeSet<
         match discover::discover(pid) {
             Ok(network) => {
                 if network.connections.is_empty() && !*warned {
-                    eprintln!("process {pid} has no TCP connections yet; watching for new ones");
+                    console::say(format!(
+                        "process {pid} has no TCP connections yet; watching for new ones"
+                    ));
                     *warned = true;
                 }
                 flows.extend(network.connections);
@@ -221,15 +235,21 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
             added: BTreeSet::new(),
         },
         warned_no_connections: false,
+        retransmit_counter: None,
     };
     let metrics = Arc::new(Mutex::new(String::new()));
     if let Some(addr) = options.metrics_addr {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
-        eprintln!("serving Prometheus metrics on http://{addr}/metrics");
+        console::say(format!(
+            "serving Prometheus metrics on http://{addr}/metrics"
+        ));
         tokio::spawn(serve_metrics(listener, metrics.clone()));
     }
+    // Taken before the terminal and dropped after it: messages kept
+    // while the table is up are printed once the screen is restored.
+    let hold = matches!(options.output, Output::Tui).then(console::Hold::begin);
     let mut tui = match options.output {
         Output::Tui => Some(tui::Terminal::enter()?),
         _ => None,
@@ -271,13 +291,17 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
                 selection.flows.extend(flows.iter().copied());
                 selection.only_listed = true;
             }
-            Ok(watcher.snapshot(
+            let snapshot = watcher.snapshot(
                 &entries,
                 &selection,
                 boottime_ns(),
                 crate::system::unix_ms(),
                 phase,
-            ))
+            );
+            Ok(match &state.retransmit_counter {
+                Some(Err(why)) => snapshot.without_local_retransmits(why),
+                _ => snapshot,
+            })
         }
         .await;
         let snapshot = match step {
@@ -291,7 +315,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
         match options.output {
             Output::Tui => {
                 if let Some(tui) = tui.as_mut() {
-                    tui.draw(&snapshot)?;
+                    tui.draw(&snapshot, hold.as_ref().and_then(console::Hold::status))?;
                 }
             }
             Output::Plain => {
@@ -309,6 +333,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
     };
     drop(tui);
     state.close();
+    drop(hold);
     result
 }
 

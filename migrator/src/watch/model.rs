@@ -46,7 +46,9 @@ pub struct Row {
     pub peer_retransmits_per_s: f64,
     /// Since the peer's latest retransmit; null if it never retransmitted.
     pub ms_since_peer_retransmit: Option<u64>,
-    pub local_retransmits: u64,
+    /// Our own side's; null when this host cannot count them (the
+    /// snapshot's `local_retransmits_uncounted` says why).
+    pub local_retransmits: Option<u64>,
     pub packets_dropped: u64,
     pub packets_held: u64,
     pub bytes_in: u64,
@@ -63,7 +65,7 @@ pub struct Totals {
     pub connections: usize,
     pub frozen: usize,
     pub peer_retransmits: u64,
-    pub local_retransmits: u64,
+    pub local_retransmits: Option<u64>,
     pub packets_dropped: u64,
     pub packets_held: u64,
 }
@@ -75,6 +77,21 @@ pub struct Snapshot {
     pub totals: Totals,
     /// The phase of a migration running in this network namespace.
     pub migration_phase: Option<String>,
+    /// Why our own retransmits are not counted here, if they are not.
+    pub local_retransmits_uncounted: Option<String>,
+}
+
+impl Snapshot {
+    /// Our own retransmits cannot be counted on this host: show them as
+    /// unknown, not as zero.
+    pub fn without_local_retransmits(mut self, why: &str) -> Self {
+        for row in &mut self.rows {
+            row.local_retransmits = None;
+        }
+        self.totals.local_retransmits = None;
+        self.local_retransmits_uncounted = Some(why.to_owned());
+        self
+    }
 }
 
 /// Which connections to show.
@@ -162,7 +179,7 @@ impl Watcher {
                 peer_retransmits_per_s: rate,
                 ms_since_peer_retransmit: (stats.last_peer_retransmit_ns != 0)
                     .then(|| ms(now_ns.saturating_sub(stats.last_peer_retransmit_ns))),
-                local_retransmits: stats.local_retransmits,
+                local_retransmits: Some(stats.local_retransmits),
                 packets_dropped: stats.dropped,
                 packets_held: stats.held,
                 bytes_in: stats.bytes_in,
@@ -195,6 +212,7 @@ impl Watcher {
             rows,
             totals,
             migration_phase,
+            local_retransmits_uncounted: None,
         }
     }
 }

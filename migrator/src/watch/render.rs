@@ -20,14 +20,12 @@ fn next_due(value: Option<i64>) -> String {
 /// The header line: totals and the migration phase, if one runs here.
 pub fn header(snapshot: &Snapshot) -> String {
     let t = &snapshot.totals;
+    let local = t
+        .local_retransmits
+        .map_or_else(|| "not counted".to_owned(), |n| n.to_string());
     let mut line = format!(
-        "{} connections, {} frozen | peer retransmits {} | local retransmits {} | dropped {} | held {}",
-        t.connections,
-        t.frozen,
-        t.peer_retransmits,
-        t.local_retransmits,
-        t.packets_dropped,
-        t.packets_held
+        "{} connections, {} frozen | peer retransmits {} | local retransmits {local} | dropped {} | held {}",
+        t.connections, t.frozen, t.peer_retransmits, t.packets_dropped, t.packets_held
     );
     if let Some(phase) = &snapshot.migration_phase {
         let _ = write!(line, " | migration: {phase}");
@@ -67,7 +65,8 @@ pub fn cells(row: &Row) -> [String; 12] {
         row.peer_retransmits.to_string(),
         format!("{:.1}", row.peer_retransmits_per_s),
         opt_ms(row.ms_since_peer_retransmit),
-        row.local_retransmits.to_string(),
+        row.local_retransmits
+            .map_or_else(|| "-".to_owned(), |n| n.to_string()),
         row.packets_dropped.to_string(),
         row.packets_held.to_string(),
         bytes(row.bytes_in),
@@ -142,8 +141,8 @@ pub fn prometheus(snapshot: &Snapshot) -> String {
         (
             "migrator_local_retransmits_total",
             "counter",
-            "Segments this host sent again (tcp:tcp_retransmit_skb).",
-            |r| Some(r.local_retransmits as f64),
+            "Segments this host sent again (tcp_retransmit_skb; absent where not counted).",
+            |r| r.local_retransmits.map(|n| n as f64),
         ),
         (
             "migrator_packets_dropped_total",

@@ -28,6 +28,8 @@ pub struct Terminal {
     terminal: RatatuiTerminal<CrosstermBackend<Stdout>>,
     events: mpsc::UnboundedReceiver<Event>,
     last: Option<Snapshot>,
+    /// Messages kept while the table is up: how many, and the latest.
+    messages: Option<(usize, String)>,
 }
 
 impl Terminal {
@@ -66,11 +68,19 @@ impl Terminal {
             terminal,
             events,
             last: None,
+            messages: None,
         })
     }
 
-    pub fn draw(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
+    /// `messages`: how many were kept while the table is up, and the
+    /// latest (all of them are printed when the terminal is restored).
+    pub fn draw(
+        &mut self,
+        snapshot: &Snapshot,
+        messages: Option<(usize, String)>,
+    ) -> anyhow::Result<()> {
         self.last = Some(snapshot.clone());
+        self.messages = messages;
         self.redraw()
     }
 
@@ -78,13 +88,26 @@ impl Terminal {
         let Some(snapshot) = self.last.as_ref() else {
             return Ok(());
         };
+        let dim = Style::default().fg(Color::DarkGray);
+        let mut top_lines = vec![Line::from(render::header(snapshot))];
+        if let Some(why) = &snapshot.local_retransmits_uncounted {
+            top_lines.push(Line::from(why.clone()).style(Style::default().fg(Color::Yellow)));
+        }
+        top_lines.push(match &self.messages {
+            Some((count, last)) => Line::from(format!(
+                "q quits | {count} message{} (all shown on exit), latest: {last}",
+                if *count == 1 { "" } else { "s" }
+            ))
+            .style(dim),
+            None => Line::from("q quits").style(dim),
+        });
         self.terminal.draw(|frame| {
-            let [top, body] =
-                Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(frame.area());
-            let header = Paragraph::new(vec![
-                Line::from(render::header(snapshot)),
-                Line::from("q quits").style(Style::default().fg(Color::DarkGray)),
-            ]);
+            let [top, body] = Layout::vertical([
+                Constraint::Length(top_lines.len() as u16),
+                Constraint::Min(1),
+            ])
+            .areas(frame.area());
+            let header = Paragraph::new(top_lines);
             frame.render_widget(header, top);
             let rows: Vec<TableRow> = snapshot
                 .rows
