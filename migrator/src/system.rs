@@ -196,6 +196,54 @@ pub fn pid_namespace_identity() -> (String, u64) {
     (boot_id, inode)
 }
 
+/// The root and all its descendants (threads' children included).
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut pids = vec![root];
+    let mut next = 0;
+    while next < pids.len() {
+        let pid = pids[next];
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if !pids.contains(&child) {
+                    pids.push(child);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// Kill a process tree for good: stop every process first (so none can
+/// fork a replacement for one that dies), then SIGKILL them all. Returns
+/// the PIDs signalled; they are free once their parent reaps them.
+pub fn kill_tree(root: i32) -> Vec<i32> {
+    let signal_all = |pids: &[i32], signal: i32| {
+        for pid in pids {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(*pid, signal) };
+        }
+    };
+    let mut pids = process_tree(root);
+    // A fork racing one pass shows up in the next.
+    for _ in 0..3 {
+        signal_all(&pids, libc::SIGSTOP);
+        let again = process_tree(root);
+        if again.len() == pids.len() {
+            break;
+        }
+        pids = again;
+    }
+    signal_all(&pids, libc::SIGKILL);
+    pids
+}
+
 /// PIDs of `pids` that are still taken (a process or a zombie exists).
 pub fn taken_pids(pids: &[i32]) -> Vec<i32> {
     pids.iter()

@@ -24,6 +24,8 @@ pub struct MigrationLab {
     children: Vec<Child>,
     /// Processes a reaper thread waits for (killed by PID on drop).
     reaped: Vec<i32>,
+    /// Set on drop: the orphan reaper stops.
+    stop_reaping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn sibling_bin(name: &str) -> PathBuf {
@@ -46,6 +48,7 @@ impl MigrationLab {
             token,
             children: Vec::new(),
             reaped: Vec::new(),
+            stop_reaping: Default::default(),
         };
         let report = this.peer_report_path();
         let peer = this.spawn(
@@ -165,6 +168,22 @@ impl MigrationLab {
         ballast_mb: u32,
         reap: bool,
     ) -> i32 {
+        self.spawn_workload(own_pid_namespace, ballast_mb, reap, 0)
+    }
+
+    /// A plain (reaped) workload with `children` idle child processes: a
+    /// tree of several processes, its PIDs shared with the agents.
+    pub fn start_workload_tree(&mut self, ballast_mb: u32, children: u32) -> i32 {
+        self.spawn_workload(false, ballast_mb, true, children)
+    }
+
+    fn spawn_workload(
+        &mut self,
+        own_pid_namespace: bool,
+        ballast_mb: u32,
+        reap: bool,
+        children: u32,
+    ) -> i32 {
         let v4 = format!("{}:9000", lab::PEER_V4);
         let v6 = format!("[{}]:9000", lab::PEER_V6);
         let mut command = Command::new("nsenter");
@@ -178,6 +197,7 @@ impl MigrationLab {
             .args(["--from", lab::SERVICE_V4, "--from", lab::SERVICE_V6])
             .args(["--connect", &v4, "--connect", &v6, "--connect", &v4])
             .args(["--ballast-mb", &ballast_mb.to_string()])
+            .args(["--children", &children.to_string()])
             // Never a log file: CRIU refuses files that changed size.
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -200,11 +220,35 @@ impl MigrationLab {
             if self.peer_connections().len() >= before + 3
                 && let Some(pid) = workload_pid(launcher)
             {
+                if reap && !own_pid_namespace {
+                    self.reap_orphans(descendants(pid));
+                }
                 return pid;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("the workload did not connect");
+    }
+
+    /// Play init for the workload's descendants: when CRIU's dump ends the
+    /// tree, they are orphans of ours (we are a subreaper), and their PIDs
+    /// stay taken until someone reaps them. Polls those PIDs only, so the
+    /// tests' own child processes keep their exit statuses.
+    fn reap_orphans(&self, pids: Vec<i32>) {
+        if pids.is_empty() {
+            return;
+        }
+        let stop = self.stop_reaping.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for pid in &pids {
+                    // SAFETY: waitpid with WNOHANG and no status pointer;
+                    // fails harmlessly for a PID that is not our child.
+                    unsafe { libc::waitpid(*pid, std::ptr::null_mut(), libc::WNOHANG) };
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
     }
 
     /// Wait for (reap) a child started without a reaper.
@@ -291,6 +335,26 @@ impl MigrationLab {
     }
 }
 
+/// Every descendant of `pid` (children first found, then theirs).
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(child);
+                queue.push(child);
+            }
+        }
+    }
+    found
+}
+
 /// The workload process under its launcher (nsenter execs into unshare or
 /// setsid; with unshare, the workload is its child).
 fn workload_pid(launcher: i32) -> Option<i32> {
@@ -311,9 +375,14 @@ pub struct MigrateRun {
 
 impl Drop for MigrationLab {
     fn drop(&mut self) {
+        self.stop_reaping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for pid in &self.reaped {
-            // SAFETY: kill has no memory preconditions.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            // The workload's tree, wherever it was last restored.
+            for pid in descendants(*pid).into_iter().chain([*pid]) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
         for child in &mut self.children {
             let _ = child.kill();

@@ -516,3 +516,50 @@ fn unconfirmed_address_rolls_back_with_connections_alive() {
     assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
+
+/// A plain process tree (a parent and a child, PIDs shared with both
+/// agents on this machine) whose destination fails after its restore: the
+/// peer cannot confirm the new owner, so the agent kills the copy it
+/// restored. That copy holds the tree's PIDs until it is reaped; the
+/// source's rollback must wait for them and then restore the tree under
+/// the same PIDs, connections alive.
+#[test]
+fn rollback_after_the_destination_restored_waits_for_its_pids() {
+    let mut lab = MigrationLab::new("rbw");
+    let pid = lab.start_workload_tree(100, 1);
+    let tree = |pid: i32| {
+        let mut tree = migrator_tests::migration::descendants(pid);
+        tree.push(pid);
+        tree.sort_unstable();
+        tree
+    };
+    let before = tree(pid);
+    assert_eq!(before.len(), 2, "workload and its child: {before:?}");
+    lab.nft(migrator_tests::lab::PEER, DEAF_TO_NEIGHBOUR_PROBES);
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    let report = run.report.unwrap();
+    // The agent confirms after its restore: it had restored the tree.
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("destination confirm"), "{report}");
+    let waited = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "pid-wait" && p["host"] == "source")
+        .unwrap_or_else(|| panic!("the rollback did not wait for the PIDs: {report}"));
+    assert_eq!(waited["ok"], true, "{report}");
+    assert_eq!(report["restored_here_pid"].as_i64(), Some(i64::from(pid)));
+    assert_eq!(tree(pid), before, "not the same PIDs after the rollback");
+    for pid in &before {
+        assert_eq!(MigrationLab::netns_of(*pid), Some(lab.netns_inode(SRC)));
+    }
+    assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
+    assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
+    lab.nft(
+        migrator_tests::lab::PEER,
+        "delete table arp deaf\ndelete table ip6 deaf\n",
+    );
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}

@@ -121,13 +121,31 @@ struct Session {
 }
 
 impl Session {
-    async fn undo(&mut self, netlink: &Netlink) {
+    /// Undo everything; `Err` when the copy restored here could not be
+    /// shown gone (the source must hear that).
+    async fn undo(&mut self, netlink: &Netlink) -> Result<(), String> {
         self.swrk = None;
+        let mut gone = Ok(());
         if let Some(pid) = self.restored_pid.take() {
             // The source restores its own copy from the same images: this
-            // one must not run. Its traffic never left (still locked).
-            // SAFETY: kill has no memory preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // one must not run, and must be gone (reaped: we are its
+            // subreaper) before the source hears, so that two copies never
+            // run and the source finds the PIDs free when it shares them.
+            // Its traffic never left (still locked).
+            let pids = crate::system::kill_tree(pid);
+            gone = tokio::task::spawn_blocking(move || {
+                crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|waited| {
+                waited.map(|_| ()).map_err(|taken| {
+                    format!(
+                        "the copy restored here was killed but {} still taken",
+                        crate::system::describe_pids(&taken)
+                    )
+                })
+            });
         }
         for ip in self.added.drain(..) {
             let _ = netlink.remove(ip).await;
@@ -135,6 +153,7 @@ impl Session {
         if let Some(lock) = self.lock.take() {
             lock.close();
         }
+        gone
     }
 }
 
@@ -189,7 +208,9 @@ async fn handle(
             Ok(Some(pid))
         }
         Err(err) => {
-            session.undo(&netlink).await;
+            if let Err(problem) = session.undo(&netlink).await {
+                warn!("undoing the session: {problem}");
+            }
             Err(err)
         }
     }
@@ -281,7 +302,10 @@ async fn run_session(
             // Undone before answering: the source puts the address back and
             // restores its own copy as soon as it hears (handle's undo after
             // this finds nothing left).
-            session.undo(netlink).await;
+            let reason = match session.undo(netlink).await {
+                Ok(()) => reason,
+                Err(problem) => format!("{reason}; {problem}"),
+            };
             let _ = channel
                 .send(&Message::Failed {
                     phase: phase.to_owned(),

@@ -113,7 +113,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             report.error = Some(error);
             if progress.frozen || progress.dumped {
                 let phase = clock.begin(report::ROLLBACK);
-                let rolled = rollback(&options, &mut progress).await;
+                let rolled = rollback(&options, &mut progress, &mut clock).await;
                 clock.end(phase, rolled.is_ok());
                 match rolled {
                     Ok(pid) => {
@@ -160,6 +160,11 @@ async fn run(
         .map_err(|e| e.to_string())
         .and_then(|n| check_addresses(&n, &options.service_addresses).map(|()| n));
     let network = clock.end_with(phase, network)?;
+    // Restoring here after a dump needs the tree's PIDs free again; in a
+    // PID namespace of its own the tree gets a fresh namespace instead.
+    if !network.own_pid_namespace {
+        progress.pids_needed = network.pids.clone();
+    }
 
     // preflight: here (CRIU, interface, addresses) and at the agent.
     let phase = clock.begin(report::PREFLIGHT);
@@ -528,6 +533,7 @@ async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64
 async fn rollback(
     options: &MigrateOptions,
     progress: &mut Progress,
+    clock: &mut PhaseClock,
 ) -> Result<Option<i32>, String> {
     let mut restored = None;
     if !progress.removed.is_empty() {
@@ -540,19 +546,24 @@ async fn rollback(
         }
     }
     if progress.dumped {
-        // The dumped tree's PIDs come free once its parent reaps it.
-        let pids = progress.pids_needed.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|taken| {
-            format!(
-                "restoring here: {} still taken",
-                crate::system::describe_pids(&taken)
-            )
-        })?;
+        // The dumped tree's PIDs come free once its parent reaps it, and a
+        // copy the destination restored and undid once the agent reaps it.
+        if !progress.pids_needed.is_empty() {
+            let phase = clock.begin(report::PID_WAIT);
+            let pids = progress.pids_needed.clone();
+            let waited = tokio::task::spawn_blocking(move || {
+                crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|taken| {
+                format!(
+                    "restoring here: {} still taken",
+                    crate::system::describe_pids(&taken)
+                )
+            });
+            clock.end_with(phase, waited)?;
+        }
         let criu = options.criu.clone();
         let dir = progress.images.clone();
         let outcome = tokio::task::spawn_blocking(move || criu.restore(&dir, |_| Ok(())))

@@ -59,7 +59,7 @@ pub fn discover(root: i32) -> Result<ProcessNetwork, DiscoverError> {
     if root <= 0 || !Path::new(&format!("/proc/{root}")).exists() {
         return Err(DiscoverError::NoSuchProcess(root));
     }
-    let pids = process_tree(root);
+    let pids = crate::system::process_tree(root);
     let mut inodes = HashSet::new();
     for pid in &pids {
         let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -99,30 +99,6 @@ pub fn discover(root: i32) -> Result<ProcessNetwork, DiscoverError> {
         }
     }
     Ok(network)
-}
-
-/// The root and all its descendants (threads' children included).
-fn process_tree(root: i32) -> Vec<i32> {
-    let mut pids = vec![root];
-    let mut next = 0;
-    while next < pids.len() {
-        let pid = pids[next];
-        next += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
-                continue;
-            };
-            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                if !pids.contains(&child) {
-                    pids.push(child);
-                }
-            }
-        }
-    }
-    pids
 }
 
 /// True when `/proc/PID/status` lists the process as PID 1 of its

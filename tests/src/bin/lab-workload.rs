@@ -4,9 +4,11 @@
 //! CRIU-specific: any process like it can be moved.
 //!
 //! `lab-workload --from IP [--from IP] --connect ADDR:PORT [--connect ...]
-//! [--ballast-mb N]` binds each connection to the `--from` address of its
-//! family; `--ballast-mb` keeps N MiB of written memory, for a process
-//! whose images take a while to dump and send.
+//! [--ballast-mb N] [--children N]` binds each connection to the `--from`
+//! address of its family; `--ballast-mb` keeps N MiB of written memory,
+//! for a process whose images take a while to dump and send; `--children`
+//! forks N idle child processes first, so the tree has more than one
+//! process (they hold no sockets and outlive a parent that is killed).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
@@ -72,15 +74,27 @@ fn main() {
     let mut from = Vec::<IpAddr>::new();
     let mut connect = Vec::<SocketAddr>::new();
     let mut ballast_mb = 0usize;
+    let mut children = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--from" => from.push(args.next().unwrap().parse().expect("--from IP")),
             "--connect" => connect.push(args.next().unwrap().parse().expect("--connect ADDR:PORT")),
             "--ballast-mb" => ballast_mb = args.next().unwrap().parse().expect("--ballast-mb N"),
+            "--children" => children = args.next().unwrap().parse().expect("--children N"),
             other => panic!(
                 "unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"
             ),
+        }
+    }
+    // Before any thread exists, so each child is a plain copy.
+    for _ in 0..children {
+        // SAFETY: single-threaded here; the child only calls pause().
+        if unsafe { libc::fork() } == 0 {
+            loop {
+                // SAFETY: pause has no preconditions.
+                unsafe { libc::pause() };
+            }
         }
     }
     // Distinct bytes per page, so no page is the zero page.
