@@ -214,7 +214,7 @@ impl Btf {
             let bits = base_bits + bits;
             if name == wanted {
                 // A bitfield is not a field we can read whole.
-                if bits % 8 != 0 {
+                if !bits.is_multiple_of(8) {
                     return None;
                 }
                 return Some(Member {
