@@ -157,7 +157,11 @@ impl MigrationLab {
     /// otherwise a plain session leader. Returns its PID once the peer
     /// sees every connection.
     pub fn start_workload(&mut self, own_pid_namespace: bool, ballast_mb: u32) -> i32 {
-        self.start_workload_reaped(own_pid_namespace, ballast_mb, true)
+        self.start(Workload {
+            own_pid_namespace,
+            ballast_mb,
+            ..Workload::default()
+        })
     }
 
     /// `reap`: false leaves a plain workload's exit unreaped (a launcher
@@ -168,22 +172,37 @@ impl MigrationLab {
         ballast_mb: u32,
         reap: bool,
     ) -> i32 {
-        self.spawn_workload(own_pid_namespace, ballast_mb, reap, 0)
+        self.start(Workload {
+            own_pid_namespace,
+            ballast_mb,
+            unreaped: !reap,
+            ..Workload::default()
+        })
     }
 
     /// A plain (reaped) workload with `children` idle child processes: a
     /// tree of several processes, its PIDs shared with the agents.
     pub fn start_workload_tree(&mut self, ballast_mb: u32, children: u32) -> i32 {
-        self.spawn_workload(false, ballast_mb, true, children)
+        self.start(Workload {
+            ballast_mb,
+            children,
+            ..Workload::default()
+        })
     }
 
-    fn spawn_workload(
-        &mut self,
-        own_pid_namespace: bool,
-        ballast_mb: u32,
-        reap: bool,
-        children: u32,
-    ) -> i32 {
+    /// Start a workload as `workload` says; returns its PID once the peer
+    /// sees its three connections.
+    pub fn start(&mut self, workload: Workload) -> i32 {
+        let Workload {
+            own_pid_namespace,
+            ballast_mb,
+            unreaped,
+            children,
+            no_setsid,
+            stdout,
+            uid,
+        } = workload;
+        let reap = !unreaped;
         let v4 = format!("{}:9000", lab::PEER_V4);
         let v6 = format!("[{}]:9000", lab::PEER_V6);
         let mut command = Command::new("nsenter");
@@ -191,16 +210,36 @@ impl MigrationLab {
         if own_pid_namespace {
             command.args(["unshare", "--pid", "--fork"]);
         }
+        if !no_setsid {
+            command.arg("setsid");
+        }
+        if let Some(uid) = uid {
+            command.args([
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ]);
+        }
+        let stdout = match stdout {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            // Never a shared log file: CRIU refuses files that changed size.
+            None => Stdio::null(),
+        };
         command
-            .arg("setsid")
             .arg(sibling_bin("lab-workload"))
             .args(["--from", lab::SERVICE_V4, "--from", lab::SERVICE_V6])
             .args(["--connect", &v4, "--connect", &v6, "--connect", &v4])
             .args(["--ballast-mb", &ballast_mb.to_string()])
             .args(["--children", &children.to_string()])
-            // Never a log file: CRIU refuses files that changed size.
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::null());
         let before = self.peer_connections().len();
         let mut child = command.spawn().unwrap();
@@ -365,6 +404,26 @@ fn workload_pid(launcher: i32) -> Option<i32> {
     let children =
         std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
     children.split_whitespace().next()?.parse().ok()
+}
+
+/// How to start a lab workload; the default is the lab's: a plain
+/// process in a session of its own, reaped by its launcher, no ballast.
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    /// In a PID namespace of its own (`unshare --pid --fork`).
+    pub own_pid_namespace: bool,
+    /// MiB of written memory, for images that take a while.
+    pub ballast_mb: u32,
+    /// A launcher that never waits: the PID stays taken after a dump.
+    pub unreaped: bool,
+    /// Idle child processes (a tree of several processes).
+    pub children: u32,
+    /// Started as from a shell: no session of its own.
+    pub no_setsid: bool,
+    /// Standard output appended to this file instead of /dev/null.
+    pub stdout: Option<PathBuf>,
+    /// Run as this uid (and gid) instead of root.
+    pub uid: Option<u32>,
 }
 
 pub struct MigrateRun {

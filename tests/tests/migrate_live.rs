@@ -563,3 +563,90 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
     );
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
+
+/// Trees CRIU would refuse are refused at preflight, with what to change,
+/// before anything is frozen (CRIU has no dry run of a dump): a process
+/// started as from a shell (no session of its own), one whose output file
+/// another process also writes, and one under another uid when this host
+/// lacks CAP_SYS_RESOURCE (ours does; where it does not, that tree moves).
+#[test]
+fn trees_criu_would_refuse_are_refused_before_anything_is_frozen() {
+    use migrator_tests::migration::Workload;
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap();
+    let has_sys_resource = caps & (1 << 24) != 0;
+    let scratch = migrator_tests::TempDir::new("refusals");
+    let log = scratch.0.join("shared.log");
+    // Another process with the log open for writing, as a logger would.
+    let _writer = migrator_tests::KillOnDrop(
+        Command::new("sleep")
+            .arg("120")
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap(),
+    );
+    let cases: [(&str, Workload, Option<&str>); 3] = [
+        (
+            "shell",
+            Workload {
+                no_setsid: true,
+                ..Workload::default()
+            },
+            Some("does not lead its own session"),
+        ),
+        (
+            "log",
+            Workload {
+                stdout: Some(log.clone()),
+                ..Workload::default()
+            },
+            Some("outside the tree has it open for writing"),
+        ),
+        (
+            "uid",
+            Workload {
+                uid: Some(65_534),
+                ..Workload::default()
+            },
+            (!has_sys_resource).then_some("lacks CAP_SYS_RESOURCE"),
+        ),
+    ];
+    for (tag, workload, refusal) in cases {
+        let mut lab = MigrationLab::new(&format!("ref{tag}"));
+        let pid = lab.start(workload);
+        let run = lab.migrate(SRC, DST, pid, &[]);
+        match refusal {
+            Some(expected) => {
+                assert!(!run.success, "{tag}: migrated");
+                assert!(
+                    run.stderr.contains(expected) && run.stderr.contains("nothing was frozen"),
+                    "{tag}: {}",
+                    run.stderr
+                );
+                let report = run.report.unwrap();
+                let frozen = report["phases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["name"] == "freeze" || p["name"] == "dump");
+                assert!(!frozen, "{tag}: froze or dumped: {report}");
+                assert!(
+                    !lab.pins_left(SRC) && !lab.pins_left(DST),
+                    "{tag}: pins left"
+                );
+                assert_streams_intact_and_flowing(&lab, Duration::from_millis(200));
+            }
+            None => assert!(run.success, "{tag}: {}", run.stderr),
+        }
+    }
+}

@@ -328,19 +328,8 @@ fn live_table_in_a_real_terminal_quits_on_q() {
 }
 
 /// A process with no TCP connections, killed on drop.
-struct Idle(Child);
-
-impl Idle {
-    fn start() -> Self {
-        Self(Command::new("sleep").arg("60").spawn().unwrap())
-    }
-}
-
-impl Drop for Idle {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn idle() -> migrator_tests::KillOnDrop {
+    migrator_tests::KillOnDrop(Command::new("sleep").arg("60").spawn().unwrap())
 }
 
 /// A message while the table is up (here: the followed process has no
@@ -349,7 +338,7 @@ impl Drop for Idle {
 #[test]
 fn messages_during_the_live_table_go_to_its_status_line() {
     let lab = MigrationLab::new("ws");
-    let idle = Idle::start();
+    let idle = idle();
     let pid = idle.0.id();
     let tmux = Tmux::start(
         "watch-msg",
@@ -393,7 +382,7 @@ fn bad_pids_are_explained() {
         "{stderr}"
     );
     // No TCP yet: said once, and it keeps watching (here: one snapshot).
-    let idle = Idle::start();
+    let idle = idle();
     let out = watch_in(&lab, &["--pid", &idle.0.id().to_string(), "--once"])
         .output()
         .unwrap();

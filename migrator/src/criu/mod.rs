@@ -1,5 +1,6 @@
 //! CRIU: finding it, checking it can work on this kernel ([`swrk`] drives
-//! it, [`stats`] reads its timings).
+//! it, [`stats`] reads its timings, [`precheck`] finds what it would refuse
+//! about a process tree before anything is frozen).
 //!
 //! Lookup order: `--criu PATH`, then `MIGRATOR_CRIU`, then the launcher
 //! `cargo xtask setup` installs, then `criu` on `PATH`. An explicit choice
@@ -12,6 +13,7 @@ use std::{
     process::Command,
 };
 
+pub mod precheck;
 pub mod stats;
 pub mod swrk;
 

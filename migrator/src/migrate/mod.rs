@@ -433,6 +433,7 @@ async fn preflight(
         .criu
         .supported_version()
         .map_err(|e| format!("{e}; {}", e.fix()))?;
+    refuse_what_criu_would(&network.pids)?;
     let netlink = Netlink::connect().map_err(|e| e.to_string())?;
     let mut plan = Vec::new();
     for address in &options.service_addresses {
@@ -502,6 +503,30 @@ async fn preflight(
         iface,
         addresses: plan,
     })
+}
+
+/// CRIU has no dry run of a dump: check the refusals users meet most
+/// here, before anything is frozen, rather than fail mid-dump.
+fn refuse_what_criu_would(pids: &[i32]) -> Result<(), String> {
+    const SHOWN: usize = 5;
+    let caps = crate::system::effective_capabilities().unwrap_or(0);
+    let has_sys_resource = crate::system::has_capability(caps, crate::system::CAP_SYS_RESOURCE);
+    let refusals = crate::criu::precheck::check_pids(pids, has_sys_resource);
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    let mut reasons: Vec<String> = refusals
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect();
+    if refusals.len() > SHOWN {
+        reasons.push(format!("and {} more", refusals.len() - SHOWN));
+    }
+    Err(format!(
+        "CRIU would refuse to dump this process tree (nothing was frozen): {}",
+        reasons.join("; ")
+    ))
 }
 
 async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64, ProtocolError> {
