@@ -129,6 +129,47 @@ impl Lab {
         Ok(())
     }
 
+    /// Load nftables rules into `host`'s namespace (`nft -f -`).
+    pub fn nft(&self, host: &str, rules: &str) -> Result<(), String> {
+        use std::io::Write as _;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path(host).display()))
+            .args(["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running nft: {e} (is nftables installed?)"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(rules.as_bytes())
+                .map_err(|e| format!("nft: {e}"))?;
+        }
+        let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nft in {host} refused:\n{rules}\n{}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// A network hiccup at the peer: everything its servers send is
+    /// dropped until [`Lab::end_hiccup`], so the workload's data goes
+    /// unacknowledged and its kernel retransmits.
+    pub fn start_hiccup(&self) -> Result<(), String> {
+        self.nft(
+            PEER,
+            "table inet hiccup {\n  chain output {\n    type filter hook output priority 0;\n    tcp sport 9000 drop\n  }\n}\n",
+        )
+    }
+
+    pub fn end_hiccup(&self) -> Result<(), String> {
+        self.nft(PEER, "delete table inet hiccup\n")
+    }
+
     /// Remove everything: processes still in the lab's namespaces, the
     /// data plane pins made for them, the namespaces (and with them every
     /// link). Safe to run at any time, also after a crash.

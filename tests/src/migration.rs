@@ -136,20 +136,7 @@ impl MigrationLab {
 
     /// Load nftables rules into a host's namespace (`nft -f -`).
     pub fn nft(&self, host: &str, rules: &str) {
-        use std::io::Write as _;
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.lab.netns_path(host).display()))
-            .args(["nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "nft refused:\n{rules}");
+        self.lab.nft(host, rules).unwrap();
     }
 
     /// Start the workload in `src` with connections to the peer (v4, v6,

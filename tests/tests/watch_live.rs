@@ -466,12 +466,9 @@ fn local_retransmits_are_counted_without_tracefs() {
         !tracefs_mounted_for(watch.id()),
         "tracefs is still mounted where watch runs"
     );
-    lab.nft(
-        migrator_tests::lab::PEER,
-        "table inet lossy {\n  chain output {\n    type filter hook output priority 0;\n    tcp sport 9000 drop\n  }\n}\n",
-    );
+    lab.lab.start_hiccup().unwrap();
     std::thread::sleep(Duration::from_millis(1_500));
-    lab.nft(migrator_tests::lab::PEER, "delete table inet lossy\n");
+    lab.lab.end_hiccup().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     terminate(&mut watch);
 

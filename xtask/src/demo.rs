@@ -201,7 +201,32 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
             dir.display()
         );
     }
-    Ok(())
+    hiccup(&lab, &bin, pid)
+}
+
+/// After the verdict (so its stall is not counted as the migrations'):
+/// what retransmits look like in the live view. The peer's packets are
+/// dropped for 1.5 s; the workload's echoes go unacknowledged and our
+/// side retransmits (LOCAL RTX), counted without tracefs.
+fn hiccup(lab: &lab::Lab, bin: &Path, pid: i32) -> Result<()> {
+    cmd::section("live counters through a network hiccup (the peer's packets dropped for 1.5 s)");
+    let mut watch = in_netns(lab, lab::SRC, &bin.join("migrator"))
+        .args(["watch", "--plain", "--interval", "500ms"])
+        .args(["--pid", &pid.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting migrator watch")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let dropped = lab.start_hiccup().map_err(anyhow::Error::msg);
+    if dropped.is_ok() {
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let ended = lab.end_hiccup().map_err(anyhow::Error::msg);
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: kill has no memory preconditions; SIGTERM ends watch cleanly.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    let _ = watch.wait();
+    dropped.and(ended)
 }
 
 /// The workload's PID (the init of its PID namespace, child of `unshare`)
