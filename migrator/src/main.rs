@@ -34,11 +34,13 @@ enum Command {
     /// Check that this host can take part in a migration.
     ///
     /// One line per check with OK, WARN or FAIL, and the fix for anything
-    /// not OK: privileges, kernel version, BTF, TC attach mode (TCX or the
+    /// not OK: privileges, capabilities whose absence limits what can move
+    /// (CAP_SYS_RESOURCE), kernel version, BTF, TC attach mode (TCX or the
     /// clsact fallback), bpffs (mounted if missing), the eBPF programs
-    /// passing the verifier, CRIU (where it was found, its version, `criu
-    /// check`), and the freeze window tcp_retries2 allows. Exits non-zero
-    /// when a migration cannot work here.
+    /// passing the verifier, how our own retransmits are counted (BTF
+    /// tracepoint, or tracefs), CRIU (where it was found, its version,
+    /// `criu check`), and the freeze window tcp_retries2 allows. Exits
+    /// non-zero when a migration cannot work here.
     Doctor {
         /// CRIU binary to use instead of MIGRATOR_CRIU, the launcher from
         /// `cargo xtask setup` (/opt/migrator/bin/criu) or `criu` on PATH.

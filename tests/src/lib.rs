@@ -70,3 +70,17 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// CAP_SYS_RESOURCE: some trees cannot be dumped without it.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Whether this process has a capability in its effective set.
+pub fn has_capability(bit: u32) -> bool {
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .expect("/proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("a CapEff line");
+    caps & (1 << bit) != 0
+}

@@ -572,13 +572,7 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
 #[test]
 fn trees_criu_would_refuse_are_refused_before_anything_is_frozen() {
     use migrator_tests::migration::Workload;
-    let caps = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap();
-    let has_sys_resource = caps & (1 << 24) != 0;
+    let has_sys_resource = migrator_tests::has_capability(migrator_tests::CAP_SYS_RESOURCE);
     let scratch = migrator_tests::TempDir::new("refusals");
     let log = scratch.0.join("shared.log");
     // Another process with the log open for writing, as a logger would.
