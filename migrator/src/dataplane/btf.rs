@@ -37,11 +37,17 @@ const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
+const KIND_FWD: u32 = 7;
 const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_FLOAT: u32 = 16;
+const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
@@ -307,16 +313,12 @@ impl Btf {
 fn extra_len(kind: u32, vlen: u32) -> Result<usize, BtfError> {
     let vlen = vlen as usize;
     Ok(match kind {
-        KIND_INT => 4,
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
         KIND_ARRAY => 12,
-        KIND_STRUCT | KIND_UNION => 12 * vlen,
-        KIND_ENUM => 8 * vlen,
-        KIND_FUNC_PROTO => 8 * vlen,
-        14 | 17 => 4,    // VAR (linkage), DECL_TAG (component index)
-        15 => 12 * vlen, // DATASEC
-        KIND_ENUM64 => 12 * vlen,
-        KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-        | KIND_TYPE_TAG => 0, // FWD, FUNC, FLOAT carry nothing more
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
         _ => return Err(BtfError::Malformed("unknown type kind")),
     })
 }

@@ -188,7 +188,14 @@ impl Dataplane {
         &mut self,
         direction: Direction,
     ) -> Result<&mut SchedClassifier, DataplaneError> {
-        let name = direction.program_name();
+        self.program(direction.program_name())
+    }
+
+    /// A program of the object, as the type it must be.
+    fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, DataplaneError>
+    where
+        &'a mut aya::programs::Program: TryInto<&'a mut T, Error = ProgramError>,
+    {
         self.ebpf
             .program_mut(name)
             .ok_or(DataplaneError::MissingProgram(name))?
@@ -208,15 +215,13 @@ impl Dataplane {
     pub fn attach_retransmit_counter(
         &mut self,
     ) -> Result<RetransmitCounter, RetransmitCounterError> {
-        let btf = self.attach_btf_retransmit_counter();
-        if btf.is_ok() {
-            return Ok(RetransmitCounter::BtfTracepoint);
-        }
-        let classic = self.attach_tracefs_retransmit_counter();
-        match (btf, classic) {
-            (_, Ok(())) => Ok(RetransmitCounter::TracefsTracepoint),
-            (Err(btf), Err(tracefs)) => Err(RetransmitCounterError { btf, tracefs }),
-            (Ok(()), Err(_)) => Ok(RetransmitCounter::BtfTracepoint),
+        let btf = match self.attach_btf_retransmit_counter() {
+            Ok(()) => return Ok(RetransmitCounter::BtfTracepoint),
+            Err(why) => why,
+        };
+        match self.attach_tracefs_retransmit_counter() {
+            Ok(()) => Ok(RetransmitCounter::TracefsTracepoint),
+            Err(tracefs) => Err(RetransmitCounterError { btf, tracefs }),
         }
     }
 
@@ -226,13 +231,9 @@ impl Dataplane {
             return Err("the socket layout is unknown".into());
         }
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
-        let name = RETRANSMIT_BTF_PROGRAM;
         let program: &mut aya::programs::BtfTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DataplaneError::MissingProgram(name).to_string())?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
+            .program(RETRANSMIT_BTF_PROGRAM)
+            .map_err(|e| e.to_string())?;
         program
             .load(RETRANSMIT_TRACEPOINT, &kernel_btf)
             .map_err(|e| format!("loading: {e}"))?;
@@ -241,13 +242,9 @@ impl Dataplane {
     }
 
     fn attach_tracefs_retransmit_counter(&mut self) -> Result<(), String> {
-        let name = RETRANSMIT_TRACEFS_PROGRAM;
         let program: &mut aya::programs::TracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DataplaneError::MissingProgram(name).to_string())?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
+            .program(RETRANSMIT_TRACEFS_PROGRAM)
+            .map_err(|e| e.to_string())?;
         program.load().map_err(|e| format!("loading: {e}"))?;
         program
             .attach("tcp", RETRANSMIT_TRACEPOINT)
