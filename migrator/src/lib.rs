@@ -7,13 +7,13 @@
 //! - [`doctor`]: the preflight report.
 
 pub mod agent;
+pub mod channel;
 pub mod console;
 pub mod criu;
 pub mod dataplane;
 pub mod doctor;
 pub mod migrate;
 pub mod net;
-pub mod protocol;
 pub mod report;
 pub mod system;
 pub mod watch;

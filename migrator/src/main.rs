@@ -5,14 +5,13 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use migrator::{
+    channel::{Credentials, message::ServiceAddress, token::Token},
     dataplane::{
         self, AttachMode, Dataplane, FlowTable,
         spec::{FlowSpec, ServiceSpec, parse_duration},
         status::Snapshot,
     },
-    migrate,
-    protocol::{self, message::ServiceAddress},
-    system,
+    migrate, system,
 };
 use migrator_common::FlowPolicy;
 
@@ -119,10 +118,12 @@ enum Command {
         /// The agent: ADDR:PORT.
         #[arg(long, value_name = "ADDR:PORT")]
         to: std::net::SocketAddr,
-        /// File with the token shared with the agent (at least 16
-        /// characters).
-        #[arg(long, value_name = "FILE")]
-        token_file: PathBuf,
+        #[command(flatten)]
+        auth: AuthArgs,
+        /// With --cert: the name the agent's certificate must carry
+        /// (default: the address of --to).
+        #[arg(long, value_name = "NAME", requires = "cert")]
+        server_name: Option<String>,
         /// A service address that moves with the process: IP or IP/PREFIX
         /// (default /32, /128). Every connection must use one. Repeatable.
         #[arg(long = "ip", value_name = "CIDR", required = true)]
@@ -186,9 +187,8 @@ enum Command {
         /// Address and port to listen on (a management address).
         #[arg(long, value_name = "ADDR:PORT")]
         listen: std::net::SocketAddr,
-        /// File with the shared token.
-        #[arg(long, value_name = "FILE")]
-        token_file: PathBuf,
+        #[command(flatten)]
+        auth: AuthArgs,
         /// Interface that takes over the service addresses (default: the
         /// one holding the listen address).
         #[arg(long = "iface", value_name = "IF")]
@@ -256,6 +256,49 @@ struct IfaceArg {
     /// Network interface (in this network namespace).
     #[arg(long = "iface", value_name = "IF")]
     name: String,
+}
+
+/// How the two hosts prove who they are, inside TLS 1.3 (every byte
+/// between them is encrypted either way): a shared token, or certificates.
+#[derive(Args)]
+struct AuthArgs {
+    /// File with the token both hosts share: owned by root, mode 0600, at
+    /// least 128 bits once decoded (hex, base64 or raw), e.g. `head -c 32
+    /// /dev/urandom | base64`. It never crosses the wire: each side proves
+    /// it with an HMAC bound to the TLS session.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "cert",
+        conflicts_with = "cert"
+    )]
+    token_file: Option<PathBuf>,
+    /// This host's certificate chain (PEM), for fleets with a PKI; needs
+    /// --key and --ca.
+    #[arg(long, value_name = "PEM", requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The CA the other host's certificate must come from (PEM). The agent
+    /// accepts only clients it issued; the source only an agent certificate
+    /// it issued that names the host or address dialled.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    ca: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        match (&self.token_file, &self.cert, &self.key, &self.ca) {
+            (Some(file), ..) => Ok(Credentials::Token(
+                Token::from_file(file).map_err(anyhow::Error::msg)?,
+            )),
+            (None, Some(cert), Some(key), Some(ca)) => {
+                Ok(Credentials::from_pem_files(cert, key, ca)?)
+            }
+            _ => bail!("give --token-file, or --cert with --key and --ca"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -423,7 +466,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate {
             pid,
             to,
-            token_file,
+            auth,
+            server_name,
             ips,
             iface,
             deadline,
@@ -434,13 +478,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             criu,
         } => {
             require_privileges()?;
-            let token = protocol::read_token(&token_file).map_err(anyhow::Error::msg)?;
+            let credentials = auth.credentials()?;
             let criu = locate_criu(criu.as_deref())?;
             let runtime = tokio::runtime::Runtime::new()?;
             let result = runtime.block_on(migrate::migrate(migrate::MigrateOptions {
                 pid,
                 to,
-                token,
+                credentials,
+                server_name,
                 service_addresses: ips,
                 iface,
                 deadline,
@@ -511,13 +556,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Agent {
             listen,
-            token_file,
+            auth,
             iface,
             work_dir,
             criu,
         } => {
             require_privileges()?;
-            let token = protocol::read_token(&token_file).map_err(anyhow::Error::msg)?;
+            let credentials = auth.credentials()?;
             let criu = locate_criu(criu.as_deref())?;
             let criu_version = criu
                 .supported_version()
@@ -538,14 +583,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         name
                     }
                 };
-                migrator::agent::serve(migrator::agent::AgentConfig {
-                    listen,
-                    token,
-                    iface,
-                    work_dir,
-                    criu,
-                    criu_version,
-                })
+                migrator::agent::serve(
+                    migrator::agent::AgentConfig {
+                        listen,
+                        iface,
+                        work_dir,
+                        criu,
+                        criu_version,
+                    },
+                    credentials,
+                )
                 .await
             })?;
         }

@@ -42,6 +42,25 @@ pub fn host_addresses(host: &str) -> (&'static str, &'static str) {
     }
 }
 
+/// Write a fresh random token (32 bytes, hex) that only root can read,
+/// as `migrator` requires of a token file.
+pub fn write_token(path: &Path) -> Result<(), String> {
+    use std::{io::Read as _, io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut random))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(hex.as_bytes()))
+        .map_err(|e| format!("writing the token {}: {e}", path.display()))
+}
+
 #[derive(Clone, Debug)]
 pub struct Lab {
     pub prefix: String,

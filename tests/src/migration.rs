@@ -41,7 +41,7 @@ impl MigrationLab {
         lab.up().expect("lab up");
         let dir = TempDir::new(&format!("mig-{tag}"));
         let token = dir.0.join("token");
-        std::fs::write(&token, "lab-token-0123456789abcdef").unwrap();
+        lab::write_token(&token).unwrap();
         let mut this = Self {
             lab,
             dir,

@@ -151,7 +151,7 @@ fn wrong_token_is_refused_before_anything_is_frozen() {
     let mut lab = MigrationLab::new("tok");
     let pid = lab.start_workload(true, 0);
     let wrong = lab.dir.0.join("wrong-token");
-    std::fs::write(&wrong, "not-the-lab-token-at-all").unwrap();
+    migrator_tests::lab::write_token(&wrong).unwrap();
     let good = lab.token.clone();
     lab.token = wrong;
     let run = lab.migrate(SRC, DST, pid, &[]);

@@ -65,10 +65,7 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     );
 
     let token = dir.join("token");
-    let mut random = [0u8; 24];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut random)?;
-    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&token, hex)?;
+    lab::write_token(&token).map_err(anyhow::Error::msg)?;
 
     cmd::section("workload");
     let peer_report = dir.join("peer.json");

@@ -26,13 +26,13 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    channel::{
+        Acceptor, ChannelError, Credentials, Message, TlsChannel,
+        message::{PreflightReply, PreflightRequest, RestoreReply, ServiceAddress},
+    },
     criu::{CriuBinary, stats::read_restore_stats, swrk::Swrk},
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     net::{address::Netlink, announce::Link},
-    protocol::{
-        Channel, Message, ProtocolError, auth,
-        message::{PreflightReply, PreflightRequest, RestoreReply, ServiceAddress},
-    },
     report::{self, ConnectionCounters, PhaseClock},
 };
 
@@ -48,7 +48,6 @@ const ANNOUNCEMENTS: usize = 3;
 
 pub struct AgentConfig {
     pub listen: SocketAddr,
-    pub token: Vec<u8>,
     pub iface: String,
     pub work_dir: PathBuf,
     pub criu: CriuBinary,
@@ -56,7 +55,8 @@ pub struct AgentConfig {
 }
 
 /// Serve migrations until the process is stopped.
-pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+/// `credentials`: how the agent and its sources prove who they are.
+pub async fn serve(config: AgentConfig, credentials: Credentials) -> anyhow::Result<()> {
     become_subreaper();
     tokio::spawn(reap_children());
     std::fs::create_dir_all(&config.work_dir)?;
@@ -67,12 +67,13 @@ pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         )
     })?;
     info!(listen = %config.listen, iface = %config.iface, "agent ready");
+    let acceptor = Acceptor::new(credentials)?;
     let mut serial = 0u64;
     loop {
         let (stream, from) = listener.accept().await?;
         serial += 1;
         let images = config.work_dir.join(format!("incoming-{serial}"));
-        match handle(stream, &config, &images).await {
+        match handle(stream, &acceptor, &config, &images).await {
             Ok(Some(pid)) => info!(%from, pid, "migration in: process restored, traffic released"),
             Ok(None) => info!(%from, "session ended without a restore"),
             Err(err) => warn!(%from, "session failed: {err}"),
@@ -159,29 +160,29 @@ impl Session {
 
 async fn handle(
     stream: TcpStream,
+    acceptor: &Acceptor,
     config: &AgentConfig,
     images: &Path,
-) -> Result<Option<i32>, ProtocolError> {
-    let _ = stream.set_nodelay(true);
-    let mut channel = Channel::new(stream);
-    if let Err(err) = auth::server(&mut channel, &config.token).await {
-        return Err(match err {
-            ProtocolError::Closed => ProtocolError::Auth(
+) -> Result<Option<i32>, ChannelError> {
+    let mut channel = match acceptor.accept(stream).await {
+        Ok(channel) => channel,
+        Err(ChannelError::Closed) => {
+            return Err(ChannelError::Auth(
                 "the source hung up during authentication (its token differs from ours?)".into(),
-            ),
-            other => other,
-        });
-    }
+            ));
+        }
+        Err(other) => return Err(other),
+    };
     let request = match channel.receive().await? {
         Message::Preflight(request) => request,
         other => {
-            return Err(ProtocolError::Unexpected {
+            return Err(ChannelError::Unexpected {
                 expected: "preflight",
                 got: other.name(),
             });
         }
     };
-    let netlink = Netlink::connect().map_err(|err| ProtocolError::Refused(err.to_string()))?;
+    let netlink = Netlink::connect().map_err(|err| ChannelError::Refused(err.to_string()))?;
     let mut session = Session {
         lock: None,
         swrk: None,
@@ -221,18 +222,18 @@ fn refuse(reason: String) -> Message {
 }
 
 async fn run_session(
-    channel: &mut Channel<TcpStream>,
+    channel: &mut TlsChannel,
     config: &AgentConfig,
     images: &Path,
     request: &PreflightRequest,
     netlink: &Netlink,
     session: &mut Session,
-) -> Result<i32, ProtocolError> {
+) -> Result<i32, ChannelError> {
     let flows = match preflight(config, request, netlink).await {
         Ok(flows) => flows,
         Err(reason) => {
             channel.send(&refuse(reason.clone())).await?;
-            return Err(ProtocolError::Refused(reason));
+            return Err(ChannelError::Refused(reason));
         }
     };
     // Lock before we own the address: from the moment it is added until
@@ -253,7 +254,7 @@ async fn run_session(
         Err(reason) => {
             let reason = format!("locking the flows on {}: {reason}", config.iface);
             channel.send(&refuse(reason.clone())).await?;
-            return Err(ProtocolError::Refused(reason));
+            return Err(ChannelError::Refused(reason));
         }
     }
     // Start CRIU now, so its start-up is not part of the freeze window.
@@ -264,7 +265,7 @@ async fn run_session(
         Ok(swrk) => session.swrk = Some(swrk),
         Err(reason) => {
             channel.send(&refuse(reason.clone())).await?;
-            return Err(ProtocolError::Refused(reason));
+            return Err(ChannelError::Refused(reason));
         }
     }
     channel
@@ -285,7 +286,7 @@ async fn run_session(
             }
             Message::Restore => break,
             other => {
-                return Err(ProtocolError::Unexpected {
+                return Err(ChannelError::Unexpected {
                     expected: "held packets or restore",
                     got: other.name(),
                 });
@@ -312,7 +313,7 @@ async fn run_session(
                     reason: reason.clone(),
                 })
                 .await;
-            Err(ProtocolError::Refused(format!("{phase}: {reason}")))
+            Err(ChannelError::Refused(format!("{phase}: {reason}")))
         }
     }
 }
@@ -366,10 +367,7 @@ fn safe_name(name: &str) -> bool {
         && name.len() <= 255
 }
 
-async fn receive_images(
-    channel: &mut Channel<TcpStream>,
-    images: &Path,
-) -> Result<(), ProtocolError> {
+async fn receive_images(channel: &mut TlsChannel, images: &Path) -> Result<(), ChannelError> {
     tokio::fs::create_dir_all(images).await?;
     let (mut files, mut total) = (0u64, 0u64);
     let mut names = BTreeSet::new();
@@ -382,7 +380,7 @@ async fn receive_images(
                     let reason =
                         format!("image name `{name}` refused (not a plain, new file name)");
                     channel.send(&refuse(reason.clone())).await?;
-                    return Err(ProtocolError::Refused(reason));
+                    return Err(ChannelError::Refused(reason));
                 }
                 if files > MAX_FILES || total > MAX_TOTAL_BYTES {
                     let reason = format!(
@@ -390,14 +388,14 @@ async fn receive_images(
                         MAX_TOTAL_BYTES >> 30
                     );
                     channel.send(&refuse(reason.clone())).await?;
-                    return Err(ProtocolError::Refused(reason));
+                    return Err(ChannelError::Refused(reason));
                 }
                 let mut file = tokio::fs::File::create(images.join(&name)).await?;
                 let mut left = size;
                 while left > 0 {
                     let chunk = channel.receive_data().await?;
                     if chunk.len() as u64 > left {
-                        return Err(ProtocolError::Frame(format!(
+                        return Err(ChannelError::Frame(format!(
                             "{name}: more bytes than announced"
                         )));
                     }
@@ -415,13 +413,13 @@ async fn receive_images(
                         "image stream incomplete: got {files} files / {total} bytes, source sent {sent_files} / {bytes}"
                     );
                     channel.send(&refuse(reason.clone())).await?;
-                    return Err(ProtocolError::Refused(reason));
+                    return Err(ChannelError::Refused(reason));
                 }
                 channel.send(&Message::FilesOk).await?;
                 return Ok(());
             }
             other => {
-                return Err(ProtocolError::Unexpected {
+                return Err(ChannelError::Unexpected {
                     expected: "file or files-done",
                     got: other.name(),
                 });
@@ -438,7 +436,7 @@ async fn restore(
     request: &PreflightRequest,
     netlink: &Netlink,
     session: &mut Session,
-    source_held: Vec<Vec<u8>>,
+    source_held: Vec<bytes::Bytes>,
 ) -> Result<RestoreReply, PhaseError> {
     // Times from the restore request on; the source places them on its
     // own timeline.
@@ -597,7 +595,11 @@ async fn restore(
     if request.hold {
         let phase = clock.begin(report::DELIVER_HELD);
         let mut frames = source_held;
-        frames.extend(lock.drain_held().into_iter().map(|packet| packet.frame));
+        frames.extend(
+            lock.drain_held()
+                .into_iter()
+                .map(|packet| bytes::Bytes::from(packet.frame)),
+        );
         held_delivered = deliver_held(&frames);
         clock.end(phase, true);
     }
@@ -627,7 +629,7 @@ async fn restore(
 /// Inject held frames into the local stack; count per flow. A packet
 /// that cannot be delivered is only lost the way a dropped one is: the
 /// peer retransmits it.
-fn deliver_held(frames: &[Vec<u8>]) -> Vec<(String, u64)> {
+fn deliver_held(frames: &[bytes::Bytes]) -> Vec<(String, u64)> {
     let injector = match crate::net::inject::Injector::open() {
         Ok(injector) => injector,
         Err(err) => {

@@ -16,23 +16,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpStream;
-
 use crate::{
+    channel::{
+        self, ChannelError, Credentials, Message, TlsChannel,
+        message::{PreflightRequest, RestoreReply, ServiceAddress},
+    },
     criu::{CriuBinary, stats::read_dump_stats},
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     net::{address::Netlink, discover},
-    protocol::{
-        Channel, Message, ProtocolError, auth,
-        message::{PreflightRequest, RestoreReply, ServiceAddress},
-    },
     report::{self, ConnectionReport, Outcome, PhaseClock, Report},
 };
+
+/// TCP connect, TLS handshake and proofs, all together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct MigrateOptions {
     pub pid: i32,
     pub to: SocketAddr,
-    pub token: Vec<u8>,
+    /// How this host and the agent prove who they are.
+    pub credentials: Credentials,
+    /// What the agent's certificate must name (certificate mode); the
+    /// address of `to` if not given.
+    pub server_name: Option<String>,
     pub service_addresses: Vec<ServiceAddress>,
     /// Interface the service addresses live on (found if not given).
     pub iface: Option<String>,
@@ -290,14 +295,16 @@ async fn run(
             .as_mut()
             .map(MigrationLock::drain_held)
             .unwrap_or_default();
-        let sent: Result<(), ProtocolError> = async {
+        let sent: Result<(), ChannelError> = async {
             channel
                 .send(&Message::Held {
                     count: held.len() as u64,
                 })
                 .await?;
             for packet in &held {
-                channel.send_data(&packet.frame).await?;
+                channel
+                    .send_data(bytes::Bytes::copy_from_slice(&packet.frame))
+                    .await?;
             }
             Ok(())
         }
@@ -315,7 +322,11 @@ async fn run(
     let mut reply: RestoreReply = match channel.receive().await {
         Ok(Message::Restored(reply)) => *reply,
         Ok(Message::Failed { phase, reason }) => {
-            return Err(format!("destination {phase}: {reason}"));
+            return Err(format!(
+                "destination {}: {}",
+                channel::printable(&phase),
+                channel::printable(&reason)
+            ));
         }
         Ok(other) => return Err(format!("destination answered {}", other.name())),
         Err(err) => return Err(format!("destination: {err}")),
@@ -419,7 +430,7 @@ fn check_addresses(
 /// netlink handle, the interface to lock on, and where each service
 /// address lives (to remove it later, and put it back on a rollback).
 struct Prepared {
-    channel: Channel<TcpStream>,
+    channel: TlsChannel,
     netlink: Netlink,
     iface: String,
     addresses: Vec<(ServiceAddress, String, u32)>,
@@ -460,21 +471,15 @@ async fn preflight(
             .ok_or("no service address given (--ip)")?,
     };
 
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(options.to))
-        .await
-        .map_err(|_| format!("agent {}: no answer within 5 s", options.to))?
-        .map_err(|e| {
-            format!(
-                "agent {}: {e} (is `migrator agent` running there?)",
-                options.to
-            )
-        })?;
-    let _ = stream.set_nodelay(true);
     let identity = crate::system::pid_namespace_identity();
-    let mut channel = Channel::new(stream);
-    auth::client(&mut channel, &options.token)
-        .await
-        .map_err(|e| format!("agent {}: {e}", options.to))?;
+    let mut channel = channel::connect(
+        options.to,
+        options.server_name.as_deref(),
+        &options.credentials,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| format!("agent {}: {e}", options.to))?;
     channel
         .send(&Message::Preflight(PreflightRequest {
             pids: network.pids.clone(),
@@ -494,7 +499,9 @@ async fn preflight(
         .map_err(|e| e.to_string())?;
     match channel.receive().await.map_err(|e| e.to_string())? {
         Message::PreflightOk(_) => {}
-        Message::Refused { reason } => return Err(format!("agent refused: {reason}")),
+        Message::Refused { reason } => {
+            return Err(format!("agent refused: {}", channel::printable(&reason)));
+        }
         other => return Err(format!("agent answered {}", other.name())),
     }
     Ok(Prepared {
@@ -529,7 +536,7 @@ fn refuse_what_criu_would(pids: &[i32]) -> Result<(), String> {
     ))
 }
 
-async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64, ProtocolError> {
+async fn send_images(channel: &mut TlsChannel, dir: &Path) -> Result<u64, ChannelError> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
@@ -544,8 +551,8 @@ async fn send_images(channel: &mut Channel<TcpStream>, dir: &Path) -> Result<u64
     channel.send(&Message::FilesDone { files, bytes }).await?;
     match channel.receive().await? {
         Message::FilesOk => Ok(bytes),
-        Message::Refused { reason } => Err(ProtocolError::Refused(reason)),
-        other => Err(ProtocolError::Unexpected {
+        Message::Refused { reason } => Err(ChannelError::Refused(channel::printable(&reason))),
+        other => Err(ChannelError::Unexpected {
             expected: "files-ok",
             got: other.name(),
         }),

@@ -135,14 +135,14 @@ pub struct RestoreReply {
 pub enum Message {
     Hello {
         version: u32,
-        nonce: String,
     },
+    /// The agent's proof of the token (hex); none with certificates.
     Challenge {
-        nonce: String,
-        proof: String,
+        proof: Option<String>,
     },
+    /// The source's proof of the token (hex); none with certificates.
     Auth {
-        proof: String,
+        proof: Option<String>,
     },
     AuthOk,
     Refused {

@@ -1,0 +1,291 @@
+//! The channel between `migrator migrate` (source) and `migrator agent`
+//! (destination): one TLS 1.3 connection (`tls`) carrying every byte,
+//! control messages (JSON) and image bytes alike, in frames (`codec`).
+//! There is no plaintext mode. Before both sides are authenticated
+//! (`auth`: token proofs bound to the session, or certificates) only a
+//! hello and proofs in small frames pass.
+
+pub mod auth;
+pub mod codec;
+pub mod message;
+pub mod tls;
+pub mod token;
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+use tokio_util::codec::Framed;
+
+pub use codec::DATA_CHUNK;
+use codec::{Frame, FrameCodec};
+pub use message::Message;
+pub use tls::Credentials;
+
+pub const PROTOCOL_VERSION: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("the other side closed the connection")]
+    Closed,
+    #[error("malformed frame: {0}")]
+    Frame(String),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unexpected message: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("the other side refused: {0}")]
+    Refused(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error(
+        "TLS handshake with {peer} failed: {reason} (both hosts must use the same --token-file, or certificates from the same --ca)"
+    )]
+    Handshake { peer: SocketAddr, reason: String },
+    #[error("no answer from the other side within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Setup(#[from] tls::TlsSetupError),
+}
+
+/// One end of the connection, framed; `S` is the TLS stream (or, in unit
+/// tests, an in-memory pipe).
+pub struct Channel<S> {
+    framed: Framed<S, FrameCodec>,
+    /// This session's TLS exporter value, which token proofs are bound to.
+    exporter: [u8; token::EXPORTER_LEN],
+    /// Every receive gives up after this long without a frame.
+    idle_timeout: Duration,
+}
+
+/// The channel as used between hosts.
+pub type TlsChannel = Channel<TlsStream<TcpStream>>;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
+    fn new(stream: S, exporter: [u8; token::EXPORTER_LEN]) -> Self {
+        Self {
+            framed: Framed::new(stream, FrameCodec::pre_auth()),
+            exporter,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// How long any receive waits for the other side.
+    pub fn set_idle_timeout(&mut self, timeout: Duration) {
+        self.idle_timeout = timeout;
+    }
+
+    fn authenticated(&mut self) {
+        self.framed.codec_mut().authenticated();
+    }
+
+    pub async fn send(&mut self, message: &Message) -> Result<(), ChannelError> {
+        let bytes = serde_json::to_vec(message)?;
+        self.framed.send(Frame::Message(bytes.into())).await
+    }
+
+    pub async fn send_data(&mut self, data: Bytes) -> Result<(), ChannelError> {
+        self.framed.send(Frame::Data(data)).await
+    }
+
+    async fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Frame, ChannelError> {
+        let wait = match deadline {
+            Some(at) => at
+                .saturating_duration_since(Instant::now())
+                .min(self.idle_timeout),
+            None => self.idle_timeout,
+        };
+        match tokio::time::timeout(wait, self.framed.next()).await {
+            Err(_) => Err(ChannelError::Timeout(wait)),
+            Ok(None) => Err(ChannelError::Closed),
+            Ok(Some(frame)) => frame,
+        }
+    }
+
+    pub async fn receive(&mut self) -> Result<Message, ChannelError> {
+        self.receive_before(None).await
+    }
+
+    /// Receive a message, giving up at `deadline` (or the idle timeout,
+    /// whichever comes first).
+    pub async fn receive_before(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Message, ChannelError> {
+        match self.next_frame(deadline).await? {
+            Frame::Message(payload) => Ok(serde_json::from_slice(&payload)?),
+            Frame::Data(_) => Err(ChannelError::Frame(
+                "data where a message was expected".into(),
+            )),
+        }
+    }
+
+    pub async fn receive_data(&mut self) -> Result<Bytes, ChannelError> {
+        match self.next_frame(None).await? {
+            Frame::Data(payload) => Ok(payload),
+            Frame::Message(payload) => match serde_json::from_slice::<Message>(&payload) {
+                Ok(Message::Failed { reason, .. } | Message::Refused { reason }) => {
+                    Err(ChannelError::Refused(reason))
+                }
+                _ => Err(ChannelError::Frame(
+                    "a message where data was expected".into(),
+                )),
+            },
+        }
+    }
+
+    /// Send a whole file: a `File` message, then its bytes in chunks.
+    /// Returns the bytes sent.
+    pub async fn send_file(&mut self, path: &Path, name: &str) -> Result<u64, ChannelError> {
+        let mut file = tokio::fs::File::open(path).await?;
+        let size = file.metadata().await?.len();
+        self.send(&Message::File {
+            name: name.to_owned(),
+            size,
+        })
+        .await?;
+        let mut sent = 0u64;
+        while sent < size {
+            let mut chunk = bytes::BytesMut::zeroed(DATA_CHUNK);
+            let n = file.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(ChannelError::Frame(format!(
+                    "{} shrank while being sent",
+                    path.display()
+                )));
+            }
+            chunk.truncate(n);
+            self.send_data(chunk.freeze()).await?;
+            sent += n as u64;
+        }
+        Ok(sent)
+    }
+}
+
+/// The source's side: TCP connect, TLS, then proof of who both ends are.
+/// `server_name`: what the agent's certificate must name (certificate
+/// mode); the address dialled if not given.
+pub async fn connect(
+    to: SocketAddr,
+    server_name: Option<&str>,
+    credentials: &Credentials,
+    timeout: Duration,
+) -> Result<TlsChannel, ChannelError> {
+    let config = tls::client_config(credentials)?;
+    let name = match (credentials, server_name) {
+        (Credentials::Certificates { .. }, Some(name)) => {
+            rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|_| {
+                ChannelError::Auth(format!(
+                    "--server-name {name:?} is not a DNS name or address"
+                ))
+            })?
+        }
+        (Credentials::Certificates { .. }, None) => to.ip().into(),
+        // Token mode: the certificate proves nothing, any valid name.
+        (Credentials::Token(_), _) => rustls::pki_types::ServerName::try_from("migrator")
+            .map_err(|_| ChannelError::Auth("server name".into()))?,
+    };
+    let handshake = async {
+        let tcp = TcpStream::connect(to).await.map_err(|e| {
+            ChannelError::Io(io::Error::new(
+                e.kind(),
+                format!("agent {to}: {e} (is `migrator agent` running there?)"),
+            ))
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let stream = TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ChannelError::Handshake {
+                peer: to,
+                reason: e.to_string(),
+            })?;
+        let exporter = stream
+            .get_ref()
+            .1
+            .export_keying_material([0u8; token::EXPORTER_LEN], token::EXPORTER_LABEL, None)
+            .map_err(|e| ChannelError::Auth(format!("TLS exporter: {e}")))?;
+        let mut channel = Channel::new(TlsStream::Client(stream), exporter);
+        auth::client(&mut channel, credentials).await?;
+        Ok(channel)
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| ChannelError::Timeout(timeout))?
+}
+
+/// The agent's side of the handshake, shared by every connection.
+#[derive(Clone)]
+pub struct Acceptor {
+    tls: TlsAcceptor,
+    credentials: Arc<Credentials>,
+}
+
+impl Acceptor {
+    pub fn new(credentials: Credentials) -> Result<Self, ChannelError> {
+        let config = tls::server_config(&credentials)?;
+        Ok(Self {
+            tls: TlsAcceptor::from(config),
+            credentials: Arc::new(credentials),
+        })
+    }
+
+    /// TLS, then proof of who both ends are; the caller bounds it in time.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<TlsChannel, ChannelError> {
+        let peer = tcp.peer_addr()?;
+        let _ = tcp.set_nodelay(true);
+        let stream = self
+            .tls
+            .accept(tcp)
+            .await
+            .map_err(|e| ChannelError::Handshake {
+                peer,
+                reason: e.to_string(),
+            })?;
+        let exporter = stream
+            .get_ref()
+            .1
+            .export_keying_material([0u8; token::EXPORTER_LEN], token::EXPORTER_LABEL, None)
+            .map_err(|e| ChannelError::Auth(format!("TLS exporter: {e}")))?;
+        let mut channel = Channel::new(TlsStream::Server(stream), exporter);
+        auth::server(&mut channel, &self.credentials).await?;
+        Ok(channel)
+    }
+}
+
+/// Text from the other side, safe to print: control characters escaped.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_the_peer_are_escaped() {
+        assert_eq!(printable("ok\u{1b}[2J\nx"), "ok\\u{1b}[2J\\nx");
+        assert_eq!(printable("plain text é"), "plain text é");
+    }
+}
