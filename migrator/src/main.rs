@@ -179,10 +179,16 @@ enum Command {
     },
     /// Receive migrations: run this on the destination host.
     ///
-    /// Serves one migration at a time, from sources that prove the shared
-    /// token. Leaves no lock, address, pinned object or image behind after
-    /// a migration, whatever its outcome. It is the parent (subreaper) of
-    /// the processes it restores and reaps them when they move on.
+    /// Every byte with a source travels in TLS 1.3; a source proves the
+    /// shared token (or a certificate from --ca) within --handshake-timeout
+    /// or is dropped. Each connection is served on its own, up to
+    /// --max-sessions at once, one restoring at a time. The restored
+    /// process stays stopped until the source commits the hand-over, so at
+    /// most one copy ever runs. Leaves no lock, address, pinned object or
+    /// image behind after a migration, whatever its outcome. It is the
+    /// parent (subreaper) of the processes it restores and reaps them when
+    /// they move on. SIGTERM: no new sessions, running ones finish or
+    /// undo, exit 0. Tells systemd when ready (Type=notify).
     Agent {
         /// Address and port to listen on (a management address).
         #[arg(long, value_name = "ADDR:PORT")]
@@ -196,6 +202,23 @@ enum Command {
         /// Where incoming images are kept during a migration.
         #[arg(long, value_name = "DIR", default_value = "/var/tmp/migrator-agent")]
         work_dir: PathBuf,
+        /// Service addresses a source may move here must lie in one of
+        /// these networks (CIDR, repeatable); others are refused at
+        /// preflight. Default: any.
+        #[arg(long = "allow-ip", value_name = "CIDR")]
+        allow_ips: Vec<ServiceAddress>,
+        /// The longest lock deadline a source may ask for.
+        #[arg(long, value_parser = parse_duration, default_value = "120s")]
+        max_deadline: Duration,
+        /// Authenticated sessions at once.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        max_sessions: u16,
+        /// Time a new connection has to finish TLS and the proofs.
+        #[arg(long, value_parser = parse_duration, default_value = "5s")]
+        handshake_timeout: Duration,
+        /// Longest silence from a source inside a session.
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        idle_timeout: Duration,
         /// CRIU binary (see `migrator doctor --help`).
         #[arg(long, value_name = "PATH")]
         criu: Option<PathBuf>,
@@ -559,6 +582,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             auth,
             iface,
             work_dir,
+            allow_ips,
+            max_deadline,
+            max_sessions,
+            handshake_timeout,
+            idle_timeout,
             criu,
         } => {
             require_privileges()?;
@@ -590,6 +618,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         work_dir,
                         criu,
                         criu_version,
+                        limits: migrator::agent::AgentLimits {
+                            max_sessions: usize::from(max_sessions),
+                            handshake_timeout,
+                            idle_timeout,
+                            ..Default::default()
+                        },
+                        policy: migrator::agent::AgentPolicy {
+                            allow: allow_ips,
+                            max_deadline,
+                        },
                     },
                     credentials,
                 )

@@ -244,6 +244,33 @@ pub fn kill_tree(root: i32) -> Vec<i32> {
     pids
 }
 
+/// Let a stopped tree run (SIGCONT to every process of it).
+pub fn resume_tree(root: i32) {
+    for pid in process_tree(root) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
+}
+
+/// Tell a service manager (systemd's `Type=notify`) how we are, e.g.
+/// "READY=1"; nothing when none asked ($NOTIFY_SOCKET unset).
+pub fn notify_service_manager(state: &str) {
+    use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let address = match path.strip_prefix('@') {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    let sent = address
+        .and_then(|address| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address));
+    if let Err(err) = sent {
+        tracing::warn!("telling the service manager {state:?} at {path}: {err}");
+    }
+}
+
 /// PIDs of `pids` that are still taken (a process or a zombie exists).
 pub fn taken_pids(pids: &[i32]) -> Vec<i32> {
     pids.iter()

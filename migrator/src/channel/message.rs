@@ -167,6 +167,13 @@ pub enum Message {
         count: u64,
     },
     Restore,
+    /// The agent restored the process (stopped), owns the addresses and
+    /// the neighbours answer it; the lock still holds. It resumes and
+    /// releases only on `Commit`.
+    Ready,
+    /// The source gives up its claim: it will not restore its own copy
+    /// unless the agent answers `Failed` (its copy removed).
+    Commit,
     Restored(Box<RestoreReply>),
     Failed {
         phase: String,

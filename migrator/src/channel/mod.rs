@@ -94,11 +94,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
 
     pub async fn send(&mut self, message: &Message) -> Result<(), ChannelError> {
         let bytes = serde_json::to_vec(message)?;
-        self.framed.send(Frame::Message(bytes.into())).await
+        self.send_frame(Frame::Message(bytes.into())).await
     }
 
     pub async fn send_data(&mut self, data: Bytes) -> Result<(), ChannelError> {
-        self.framed.send(Frame::Data(data)).await
+        self.send_frame(Frame::Data(data)).await
+    }
+
+    /// A peer that stops reading makes a send wait: not longer than the
+    /// idle timeout.
+    async fn send_frame(&mut self, frame: Frame) -> Result<(), ChannelError> {
+        let wait = self.idle_timeout;
+        tokio::time::timeout(wait, self.framed.send(frame))
+            .await
+            .map_err(|_| ChannelError::Timeout(wait))?
     }
 
     async fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Frame, ChannelError> {

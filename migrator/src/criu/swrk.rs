@@ -174,6 +174,18 @@ impl Swrk {
         self.call(Criu_req_type::RESTORE, "restore", opts, on_notify)
     }
 
+    /// Like [`Swrk::restore`], but every process is left stopped (SIGSTOP)
+    /// once restored: it runs when someone sends SIGCONT.
+    pub fn restore_stopped(
+        self,
+        on_notify: impl FnMut(&str) -> NotifyResult,
+    ) -> Result<Outcome, SwrkError> {
+        let mut opts = base_opts(RESTORE_LOG);
+        opts.set_rst_sibling(true);
+        opts.set_leave_stopped(true);
+        self.call(Criu_req_type::RESTORE, "restore", opts, on_notify)
+    }
+
     fn call(
         mut self,
         kind: Criu_req_type,

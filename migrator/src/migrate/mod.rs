@@ -57,6 +57,9 @@ struct Progress {
     lock: Option<MigrationLock>,
     frozen: bool,
     dumped: bool,
+    /// We sent the commit: the destination may run the process, so we must
+    /// never restore ours unless it says it removed its copy.
+    committed: bool,
     /// PIDs the tree needs free to be restored (none in its own PID
     /// namespace).
     pids_needed: Vec<i32>,
@@ -104,6 +107,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         lock: None,
         frozen: false,
         dumped: false,
+        committed: false,
         pids_needed: Vec::new(),
         removed: Vec::new(),
         images: images.clone(),
@@ -113,6 +117,18 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         Ok(()) => {
             report.outcome = Outcome::Migrated;
             let _ = std::fs::remove_dir_all(&images);
+        }
+        Err(error) if progress.committed => {
+            // At most one copy: never restore here after the commit. The
+            // images and the lock (until its deadline) stay for `recover`.
+            report.outcome = Outcome::InDoubt;
+            progress.lock = None;
+            report.error = Some(format!(
+                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it here before the lock's deadline ({} s) with `migrator recover --images {}`",
+                options.to,
+                options.deadline.as_secs(),
+                images.display()
+            ));
         }
         Err(error) => {
             report.error = Some(error);
@@ -312,15 +328,18 @@ async fn run(
         sent.map_err(|e| format!("sending held packets: {e}"))?;
     }
 
-    // restore, announce, confirm, release: at the agent.
+    // restore, announce, confirm: at the agent, which then waits,
+    // the process stopped and the lock on, for our commit.
     clock.publish("restore (destination)");
     let asked_at_ms = clock.now_ms();
     channel
         .send(&Message::Restore)
         .await
         .map_err(|e| format!("asking for the restore: {e}"))?;
-    let mut reply: RestoreReply = match channel.receive().await {
-        Ok(Message::Restored(reply)) => *reply,
+    let margin = crate::agent::handover_margin(options.deadline);
+    let ready_by = frozen_at + options.deadline.saturating_sub(margin);
+    match channel.receive_before(Some(ready_by)).await {
+        Ok(Message::Ready) => {}
         Ok(Message::Failed { phase, reason }) => {
             return Err(format!(
                 "destination {}: {}",
@@ -328,8 +347,45 @@ async fn run(
                 channel::printable(&reason)
             ));
         }
+        Ok(Message::Refused { reason }) => {
+            return Err(format!(
+                "destination refused: {}",
+                channel::printable(&reason)
+            ));
+        }
         Ok(other) => return Err(format!("destination answered {}", other.name())),
-        Err(err) => return Err(format!("destination: {err}")),
+        // The agent resumes nothing without our commit, and removes its
+        // copy when we hang up: rolling back is safe.
+        Err(err) => return Err(format!("destination not ready for the hand-over: {err}")),
+    }
+    // The commit: from here on the process is the destination's.
+    progress.committed = true;
+    let answer = match channel.send(&Message::Commit).await {
+        Ok(()) => {
+            channel
+                .receive_before(Some(frozen_at + options.deadline))
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    let mut reply: RestoreReply = match answer {
+        Ok(Message::Restored(reply)) => *reply,
+        Ok(Message::Failed { phase, reason }) => {
+            // It says its copy is gone: ours may run again.
+            progress.committed = false;
+            return Err(format!(
+                "destination {}: {}",
+                channel::printable(&phase),
+                channel::printable(&reason)
+            ));
+        }
+        Ok(other) => {
+            return Err(format!(
+                "after the commit the destination answered {}",
+                other.name()
+            ));
+        }
+        Err(err) => return Err(format!("after the commit: {err}")),
     };
     let answered = Instant::now();
     for mut phase in std::mem::take(&mut reply.phases) {
@@ -570,12 +626,32 @@ async fn rollback(
     let mut restored = None;
     if !progress.removed.is_empty() {
         let netlink = Netlink::connect().map_err(|e| e.to_string())?;
+        let mut back = Vec::new();
         for (address, iface, index) in progress.removed.drain(..) {
             netlink
                 .add(&iface, index, address.ip, address.prefix)
                 .await
                 .map_err(|e| format!("re-adding {address}: {e}"))?;
+            back.push((address.ip, iface));
         }
+        // The destination may have announced the addresses already: win
+        // the peers' neighbour caches back (best effort; they re-learn
+        // within seconds anyway).
+        let _ = tokio::task::spawn_blocking(move || {
+            for (ip, iface) in back {
+                match crate::net::announce::Link::open(&iface) {
+                    Ok(mut link) => {
+                        for _ in 0..2 {
+                            if let Err(err) = link.announce(ip) {
+                                tracing::warn!("announcing {ip} again on {iface}: {err}");
+                            }
+                        }
+                    }
+                    Err(err) => tracing::warn!("announcing {ip} again on {iface}: {err}"),
+                }
+            }
+        })
+        .await;
     }
     if progress.dumped {
         // The dumped tree's PIDs come free once its parent reaps it, and a

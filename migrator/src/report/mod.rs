@@ -27,6 +27,9 @@ pub const CONFIRM: &str = "confirm";
 pub const RELEASE: &str = "release";
 pub const DELIVER_HELD: &str = "deliver-held";
 pub const ROLLBACK: &str = "rollback";
+/// Destination: from "ready" (restored, stopped, address owned) to the
+/// source's commit.
+pub const HANDOVER: &str = "hand-over";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Phase {
@@ -74,6 +77,10 @@ pub enum Outcome {
     /// Refused before anything was frozen, or a failure the rollback could
     /// not repair (see `error`).
     Failed,
+    /// The source committed the hand-over and then heard nothing: the
+    /// process runs on the destination or nowhere, never on both (`error`
+    /// says how to find out and how to recover).
+    InDoubt,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -122,6 +129,10 @@ impl Report {
                 ),
             },
             Outcome::Failed => format!("failed: pid {} not migrated", self.source_pid),
+            Outcome::InDoubt => format!(
+                "IN DOUBT: pid {} was handed over to {} but the destination did not confirm",
+                self.source_pid, self.destination
+            ),
         };
         out.push_str(&format!("{verdict}\n"));
         if let Some(error) = &self.error {
@@ -263,6 +274,22 @@ impl PhaseClock {
         if let Some(path) = &self.publish {
             let _ = std::fs::write(path, format!("{name}\n"));
         }
+    }
+
+    /// Record a phase that began at `since` and ends now.
+    pub fn record_since(&mut self, name: &str, since: Instant) {
+        let start_ms = since
+            .saturating_duration_since(self.started())
+            .as_secs_f64()
+            * 1e3;
+        let phase = Phase {
+            name: name.to_owned(),
+            host: self.host.to_owned(),
+            start_ms,
+            duration_ms: self.now_ms() - start_ms,
+            ok: true,
+        };
+        self.record_quiet(phase);
     }
 
     /// Record a phase without a progress line (one shown inside another).

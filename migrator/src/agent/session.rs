@@ -1,0 +1,413 @@
+//! One migration in, in the order the protocol allows: preflight (policy,
+//! then the flows locked before we own the address), images, held
+//! packets, restore and takeover with the process stopped, then the
+//! hand-over: we say we are ready, and only the source's commit lets us
+//! resume the process and release the lock. Without a commit before the
+//! deadline (shortly before the lock's own), everything is undone.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use tokio::io::AsyncWriteExt as _;
+use tracing::warn;
+
+use super::{
+    Shared,
+    policy::{self, MAX_FILES, MAX_HELD, MAX_TOTAL_BYTES},
+    takeover,
+};
+use crate::{
+    channel::{
+        ChannelError, Message, TlsChannel,
+        message::{PreflightReply, PreflightRequest, ServiceAddress},
+    },
+    criu::swrk::Swrk,
+    dataplane::{lock::MigrationLock, spec::FlowSpec},
+    net::address::Netlink,
+};
+
+/// What one session changed, undone by [`Session::undo`] unless the
+/// migration completed.
+pub(super) struct Session {
+    pub lock: Option<MigrationLock>,
+    /// CRIU started ahead, waiting for the restore request.
+    pub swrk: Option<Swrk>,
+    pub added: Vec<IpAddr>,
+    pub restored_pid: Option<i32>,
+}
+
+impl Session {
+    /// Undo everything; `Err` when the copy restored here could not be
+    /// shown gone (the source must hear that).
+    pub async fn undo(&mut self, netlink: &Netlink) -> Result<(), String> {
+        self.swrk = None;
+        let mut gone = Ok(());
+        if let Some(pid) = self.restored_pid.take() {
+            // The source restores its own copy from the same images: this
+            // one must not run, and must be gone (reaped: we are its
+            // subreaper) before the source hears, so that two copies never
+            // run and the source finds the PIDs free when it shares them.
+            // Its traffic never left (still locked).
+            let pids = crate::system::kill_tree(pid);
+            gone = tokio::task::spawn_blocking(move || {
+                crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|waited| {
+                waited.map(|_| ()).map_err(|taken| {
+                    format!(
+                        "the copy restored here was killed but {} still taken",
+                        crate::system::describe_pids(&taken)
+                    )
+                })
+            });
+        }
+        for ip in self.added.drain(..) {
+            let _ = netlink.remove(ip).await;
+        }
+        if let Some(lock) = self.lock.take() {
+            lock.close();
+        }
+        gone
+    }
+}
+
+fn refuse(reason: String) -> Message {
+    Message::Refused { reason }
+}
+
+/// Serve one authenticated session. `Ok(Some(pid))`: a process was
+/// restored, resumed and released here.
+pub(super) async fn run(
+    mut channel: TlsChannel,
+    shared: &Shared,
+    images: &Path,
+) -> Result<Option<i32>, ChannelError> {
+    let request = match channel.receive().await? {
+        Message::Preflight(request) => request,
+        other => {
+            return Err(ChannelError::Unexpected {
+                expected: "preflight",
+                got: other.name(),
+            });
+        }
+    };
+    if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        let reason = "the agent is shutting down; try again once it is back".to_owned();
+        channel.send(&refuse(reason.clone())).await?;
+        return Err(ChannelError::Refused(reason));
+    }
+    let netlink = Netlink::connect().map_err(|err| ChannelError::Refused(err.to_string()))?;
+    let mut session = Session {
+        lock: None,
+        swrk: None,
+        added: Vec::new(),
+        restored_pid: None,
+    };
+    let result = serve(
+        &mut channel,
+        shared,
+        images,
+        &request,
+        &netlink,
+        &mut session,
+    )
+    .await;
+    match result {
+        Ok(pid) => {
+            // Done: the lock was released; take our entries away.
+            session.restored_pid = None;
+            session.added.clear();
+            if let Some(lock) = session.lock.take() {
+                lock.close();
+            }
+            Ok(Some(pid))
+        }
+        Err(err) => {
+            if let Err(problem) = session.undo(&netlink).await {
+                warn!("undoing the session: {problem}");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// The margin before a lock's deadline by which a hand-over must be done:
+/// after it, the lock would let traffic through to a copy that might not
+/// run.
+pub fn handover_margin(deadline: Duration) -> Duration {
+    (deadline / 5).min(Duration::from_secs(2))
+}
+
+async fn serve(
+    channel: &mut TlsChannel,
+    shared: &Shared,
+    images: &Path,
+    request: &PreflightRequest,
+    netlink: &Netlink,
+    session: &mut Session,
+) -> Result<i32, ChannelError> {
+    let config = &shared.config;
+    let checked = match config.policy.check(request) {
+        Ok(flows) => preflight(config, request, netlink).await.map(|()| flows),
+        Err(reason) => Err(reason),
+    };
+    let flows = match checked {
+        Ok(flows) => flows,
+        Err(reason) => {
+            channel.send(&refuse(reason.clone())).await?;
+            return Err(ChannelError::Refused(reason));
+        }
+    };
+    // Lock before we own the address: from the moment it is added until
+    // the restored sockets are ready, our stack must not answer the peers.
+    let deadline = Duration::from_millis(request.deadline_ms);
+    let services = ServiceAddress::lock_rules(&request.service_addresses);
+    let lock = MigrationLock::observe(&config.iface, &flows)
+        .and_then(|mut lock| {
+            lock.freeze(&services, deadline, request.hold)
+                .map(|()| lock)
+        })
+        .map_err(|err| err.to_string());
+    let locked_at = Instant::now();
+    match lock {
+        Ok(lock) => session.lock = Some(lock),
+        Err(reason) => {
+            let reason = format!("locking the flows on {}: {reason}", config.iface);
+            channel.send(&refuse(reason.clone())).await?;
+            return Err(ChannelError::Refused(reason));
+        }
+    }
+    // Everything must be handed over (or undone) before the lock fails
+    // open on its own.
+    let commit_by = locked_at + deadline.saturating_sub(handover_margin(deadline));
+    // Start CRIU now, so its start-up is not part of the freeze window.
+    let started = std::fs::create_dir_all(images)
+        .map_err(|e| format!("creating {}: {e}", images.display()))
+        .and_then(|()| config.criu.swrk(images).map_err(|e| e.to_string()));
+    match started {
+        Ok(swrk) => session.swrk = Some(swrk),
+        Err(reason) => {
+            channel.send(&refuse(reason.clone())).await?;
+            return Err(ChannelError::Refused(reason));
+        }
+    }
+    channel
+        .send(&Message::PreflightOk(PreflightReply {
+            criu_version: config.criu_version.clone(),
+            iface: config.iface.clone(),
+        }))
+        .await?;
+
+    receive_images(channel, images, commit_by).await?;
+    let held = receive_held(channel, &flows, commit_by).await?;
+
+    let restoring = shared.restoring.lock().await;
+    let taken = match takeover::take_over(config, images, request, netlink, session).await {
+        Ok(taken) => taken,
+        Err((phase, reason)) => {
+            // Undone before answering: the source puts the address back and
+            // restores its own copy as soon as it hears (run's undo after
+            // this finds nothing left).
+            let reason = match session.undo(netlink).await {
+                Ok(()) => reason,
+                Err(problem) => format!("{reason}; {problem}"),
+            };
+            let _ = channel
+                .send(&Message::Failed {
+                    phase: phase.to_owned(),
+                    reason: reason.clone(),
+                })
+                .await;
+            return Err(ChannelError::Refused(format!("{phase}: {reason}")));
+        }
+    };
+
+    // The hand-over: the copy here is restored, stopped, owns the address
+    // and the peers answer it. It runs only if the source commits in time.
+    channel.send(&Message::Ready).await?;
+    let waited_from = Instant::now();
+    match channel.receive_before(Some(commit_by)).await {
+        Ok(Message::Commit) if Instant::now() < commit_by => {}
+        other => {
+            let why = match other {
+                Ok(Message::Commit) => "the commit came after the hand-over deadline".to_owned(),
+                Ok(message) => format!("the source sent {} instead of a commit", message.name()),
+                Err(err) => format!("no commit from the source: {err}"),
+            };
+            let reason = match session.undo(netlink).await {
+                Ok(()) => format!("{why}; the copy here was removed"),
+                Err(problem) => format!("{why}; {problem}"),
+            };
+            let _ = channel
+                .send(&Message::Failed {
+                    phase: crate::report::HANDOVER.to_owned(),
+                    reason: reason.clone(),
+                })
+                .await;
+            return Err(ChannelError::Refused(format!("hand-over: {reason}")));
+        }
+    }
+    let reply = taken.hand_over(session, held, waited_from, images);
+    drop(restoring);
+    let reply = reply.map_err(|(phase, reason)| {
+        ChannelError::Refused(format!("{phase} after the commit: {reason}"))
+    })?;
+    let pid = reply.pid;
+    channel.send(&Message::Restored(Box::new(reply))).await?;
+    Ok(pid)
+}
+
+/// Checks on this host before the source freezes anything.
+async fn preflight(
+    config: &super::AgentConfig,
+    request: &PreflightRequest,
+    netlink: &Netlink,
+) -> Result<(), String> {
+    netlink
+        .link_index(&config.iface)
+        .await
+        .map_err(|err| err.to_string())?;
+    for address in &request.service_addresses {
+        if let Some((_, iface)) = netlink
+            .holder(address.ip)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Err(format!(
+                "service address {} is already assigned on the destination ({iface}); remove it there or pick another destination",
+                address.ip
+            ));
+        }
+    }
+    // The tree's PIDs must be free here; on one machine in one PID
+    // namespace they are the tree's own until the dump (then we wait).
+    if !request.shares_pids_with(&crate::system::pid_namespace_identity())
+        && let Some(pid) = crate::system::taken_pids(request.pids_needed()).first()
+    {
+        return Err(format!(
+            "{} is taken on the destination; CRIU restores a process with its PIDs, so they must be free (or run the workload in its own PID namespace)",
+            crate::system::describe_pid(*pid)
+        ));
+    }
+    Ok(())
+}
+
+async fn receive_images(
+    channel: &mut TlsChannel,
+    images: &Path,
+    deadline: Instant,
+) -> Result<(), ChannelError> {
+    tokio::fs::create_dir_all(images).await?;
+    let (mut files, mut total) = (0u64, 0u64);
+    let mut names = BTreeSet::new();
+    loop {
+        match channel.receive_before(Some(deadline)).await? {
+            Message::File { name, size } => {
+                files += 1;
+                total = total.saturating_add(size);
+                if !policy::safe_name(&name) || !names.insert(name.clone()) {
+                    let reason =
+                        format!("image name `{name}` refused (not a plain, new file name)");
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                if files > MAX_FILES || total > MAX_TOTAL_BYTES {
+                    let reason = format!(
+                        "image stream over the limits ({MAX_FILES} files, {} GiB)",
+                        MAX_TOTAL_BYTES >> 30
+                    );
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                let free = policy::free_bytes(images).unwrap_or(u64::MAX);
+                if size.saturating_add(policy::DISK_RESERVE) > free {
+                    let reason = format!(
+                        "no room for image `{name}` ({size} bytes) in {}: {free} bytes free",
+                        images.display()
+                    );
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                let mut file = tokio::fs::File::create(images.join(&name)).await?;
+                let mut left = size;
+                while left > 0 {
+                    let chunk = channel.receive_data().await?;
+                    if chunk.len() as u64 > left {
+                        return Err(ChannelError::Frame(format!(
+                            "{name}: more bytes than announced"
+                        )));
+                    }
+                    left -= chunk.len() as u64;
+                    file.write_all(&chunk).await?;
+                }
+                file.flush().await?;
+            }
+            Message::FilesDone {
+                files: sent_files,
+                bytes,
+            } => {
+                if sent_files != files || bytes != total {
+                    let reason = format!(
+                        "image stream incomplete: got {files} files / {total} bytes, source sent {sent_files} / {bytes}"
+                    );
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                channel.send(&Message::FilesOk).await?;
+                return Ok(());
+            }
+            other => {
+                return Err(ChannelError::Unexpected {
+                    expected: "file or files-done",
+                    got: other.name(),
+                });
+            }
+        }
+    }
+}
+
+/// At most one batch of held packets, each of a migrating flow, then the
+/// restore request.
+async fn receive_held(
+    channel: &mut TlsChannel,
+    flows: &[FlowSpec],
+    deadline: Instant,
+) -> Result<Vec<bytes::Bytes>, ChannelError> {
+    let mut held = Vec::new();
+    let mut batches = 0;
+    loop {
+        match channel.receive_before(Some(deadline)).await? {
+            Message::Held { count } => {
+                batches += 1;
+                if batches > 1 || count > MAX_HELD {
+                    let reason = format!(
+                        "held packets refused: one batch of at most {MAX_HELD} per session"
+                    );
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                for _ in 0..count {
+                    let frame = channel.receive_data().await?;
+                    if let Err(reason) = policy::check_held(&frame, flows) {
+                        channel.send(&refuse(reason.clone())).await?;
+                        return Err(ChannelError::Refused(reason));
+                    }
+                    held.push(frame);
+                }
+            }
+            Message::Restore => return Ok(held),
+            other => {
+                return Err(ChannelError::Unexpected {
+                    expected: "held packets or restore",
+                    got: other.name(),
+                });
+            }
+        }
+    }
+}
