@@ -140,9 +140,15 @@ enum Command {
         /// Print the report as JSON on stdout (progress stays on stderr).
         #[arg(long)]
         json: bool,
-        /// Where the images are written (kept there after a rollback).
-        #[arg(long, value_name = "DIR", default_value = "/var/tmp/migrator")]
+        /// State directory for the images: created mode 0700, or, if it
+        /// exists, it must be owned by root and closed to group and others.
+        /// Each migration gets a fresh directory in it, removed at the end
+        /// unless `recover` may need it (the report then says where).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/migrator/source")]
         work_dir: PathBuf,
+        /// Keep the images even when the migration (or its rollback) worked.
+        #[arg(long)]
+        keep_images: bool,
         /// Keep the peers' packets during the freeze (instead of only
         /// dropping them) and deliver them to the restored sockets right
         /// after the release: the peers need not wait for their next
@@ -199,8 +205,9 @@ enum Command {
         /// one holding the listen address).
         #[arg(long = "iface", value_name = "IF")]
         iface: Option<String>,
-        /// Where incoming images are kept during a migration.
-        #[arg(long, value_name = "DIR", default_value = "/var/tmp/migrator-agent")]
+        /// State directory for incoming images (same rules as migrate's
+        /// --work-dir); each session's are removed when it ends.
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/migrator/agent")]
         work_dir: PathBuf,
         /// Service addresses a source may move here must lie in one of
         /// these networks (CIDR, repeatable); others are refused at
@@ -497,6 +504,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             report,
             json,
             work_dir,
+            keep_images,
             hold,
             criu,
         } => {
@@ -513,7 +521,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 iface,
                 deadline,
                 criu,
-                work_dir,
+                state: migrator::images::StateDir::open(&work_dir)?,
+                keep_images,
                 hold,
                 quiet: false,
             }));
@@ -615,7 +624,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     migrator::agent::AgentConfig {
                         listen,
                         iface,
-                        work_dir,
+                        state: migrator::images::StateDir::open(&work_dir)?,
                         criu,
                         criu_version,
                         limits: migrator::agent::AgentLimits {

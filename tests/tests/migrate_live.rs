@@ -288,7 +288,7 @@ fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
     let mut lab = MigrationLab::new("kill");
     // Enough memory that the image stream takes a while.
     let pid = lab.start_workload(true, 400);
-    let incoming = lab.dir.0.join("agent-dst/incoming-1");
+    let incoming = lab.dir.0.join("agent-dst");
     let agent_dst = lab.lab.netns_path(DST);
     let killer = std::thread::spawn(move || {
         let started = std::time::Instant::now();
@@ -323,14 +323,27 @@ fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(500));
 }
 
-/// Bytes written so far into the files of a directory (0 if absent).
-fn bytes_in(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
+/// Bytes written so far into the agent's session directories under its
+/// state directory (0 if none).
+fn bytes_in(state: &std::path::Path) -> u64 {
+    let files_in = |dir: std::path::PathBuf| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    // The agent's session directories: `incoming-<random>`.
+    std::fs::read_dir(state)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("incoming-"))
+                .map(|e| files_in(e.path()))
                 .sum()
         })
         .unwrap_or(0)
@@ -408,7 +421,7 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
     let mut lab = MigrationLab::new("rec");
     let pid = lab.start_workload(true, 400);
     let images_root = lab.dir.0.join("images");
-    let incoming = lab.dir.0.join("agent-dst/incoming-1");
+    let incoming = lab.dir.0.join("agent-dst");
     let migrator = migrator_tests::migrator_bin();
     let mut migrate = Command::new("nsenter")
         .arg(format!("--net={}", lab.lab.netns_path(SRC).display()))

@@ -51,6 +51,10 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     let bin = root.join("target/debug");
     let dir = root.join("target/lab");
     std::fs::create_dir_all(&dir)?;
+    // State directories of earlier runs: migrator makes them afresh, 0700.
+    for state in ["images", "agent-src", "agent-dst"] {
+        let _ = std::fs::remove_dir_all(dir.join(state));
+    }
     let lab = lab::Lab::new(prefix);
     lab::become_subreaper();
     cmd::section("lab up");

@@ -26,10 +26,9 @@ mod takeover;
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -52,7 +51,8 @@ use crate::{
 pub struct AgentConfig {
     pub listen: SocketAddr,
     pub iface: String,
-    pub work_dir: PathBuf,
+    /// Where each session's images go (a fresh directory each).
+    pub state: crate::images::StateDir,
     pub criu: CriuBinary,
     pub criu_version: String,
     pub limits: AgentLimits,
@@ -92,7 +92,6 @@ struct Shared {
     sessions: Arc<Semaphore>,
     /// One CRIU restore (and takeover) at a time on this host.
     restoring: tokio::sync::Mutex<()>,
-    serial: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -101,7 +100,6 @@ struct Shared {
 pub async fn serve(config: AgentConfig, credentials: Credentials) -> anyhow::Result<()> {
     become_subreaper();
     tokio::spawn(reap_children());
-    std::fs::create_dir_all(&config.work_dir)?;
     let listener = TcpListener::bind(config.listen).await.map_err(|err| {
         anyhow::anyhow!(
             "listening on {}: {err} (is the address assigned here and the port free?)",
@@ -113,7 +111,6 @@ pub async fn serve(config: AgentConfig, credentials: Credentials) -> anyhow::Res
         handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
         sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
         restoring: tokio::sync::Mutex::new(()),
-        serial: AtomicU64::new(0),
         stopping: AtomicBool::new(false),
         config,
     });
@@ -195,14 +192,21 @@ async fn connection(
         warn!(%from, "refused: all {} sessions busy", limits.max_sessions);
         return;
     };
-    let serial = shared.serial.fetch_add(1, Ordering::Relaxed) + 1;
-    let images = shared.config.work_dir.join(format!("incoming-{serial}"));
+    let images = match shared.config.state.new_session("incoming") {
+        Ok(images) => images,
+        Err(err) => {
+            let reason = format!("no room for the images here: {err}");
+            warn!(%from, "{reason}");
+            let _ = channel.send(&Message::Refused { reason }).await;
+            return;
+        }
+    };
     match session::run(channel, &shared, &images).await {
         Ok(Some(pid)) => info!(%from, pid, "migration in: process restored, traffic released"),
         Ok(None) => info!(%from, "session ended without a restore"),
         Err(err) => warn!(%from, "session failed: {err}"),
     }
-    let _ = std::fs::remove_dir_all(&images);
+    images.remove();
 }
 
 fn become_subreaper() {

@@ -8,7 +8,6 @@
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -27,6 +26,7 @@ use crate::{
     },
     criu::swrk::Swrk,
     dataplane::{lock::MigrationLock, spec::FlowSpec},
+    images::SessionDir,
     net::address::Netlink,
 };
 
@@ -86,7 +86,7 @@ fn refuse(reason: String) -> Message {
 pub(super) async fn run(
     mut channel: TlsChannel,
     shared: &Shared,
-    images: &Path,
+    images: &SessionDir,
 ) -> Result<Option<i32>, ChannelError> {
     let request = match channel.receive().await? {
         Message::Preflight(request) => request,
@@ -147,12 +147,13 @@ pub fn handover_margin(deadline: Duration) -> Duration {
 async fn serve(
     channel: &mut TlsChannel,
     shared: &Shared,
-    images: &Path,
+    session_dir: &SessionDir,
     request: &PreflightRequest,
     netlink: &Netlink,
     session: &mut Session,
 ) -> Result<i32, ChannelError> {
     let config = &shared.config;
+    let images = session_dir.path();
     let checked = match config.policy.check(request) {
         Ok(flows) => preflight(config, request, netlink).await.map(|()| flows),
         Err(reason) => Err(reason),
@@ -187,9 +188,7 @@ async fn serve(
     // open on its own.
     let commit_by = locked_at + deadline.saturating_sub(handover_margin(deadline));
     // Start CRIU now, so its start-up is not part of the freeze window.
-    let started = std::fs::create_dir_all(images)
-        .map_err(|e| format!("creating {}: {e}", images.display()))
-        .and_then(|()| config.criu.swrk(images).map_err(|e| e.to_string()));
+    let started = config.criu.swrk(images).map_err(|e| e.to_string());
     match started {
         Ok(swrk) => session.swrk = Some(swrk),
         Err(reason) => {
@@ -204,7 +203,7 @@ async fn serve(
         }))
         .await?;
 
-    receive_images(channel, images, commit_by).await?;
+    receive_images(channel, session_dir, commit_by).await?;
     let held = receive_held(channel, &flows, commit_by).await?;
 
     let restoring = shared.restoring.lock().await;
@@ -300,10 +299,10 @@ async fn preflight(
 
 async fn receive_images(
     channel: &mut TlsChannel,
-    images: &Path,
+    session_dir: &SessionDir,
     deadline: Instant,
 ) -> Result<(), ChannelError> {
-    tokio::fs::create_dir_all(images).await?;
+    let images = session_dir.path();
     let (mut files, mut total) = (0u64, 0u64);
     let mut names = BTreeSet::new();
     loop {
@@ -334,7 +333,14 @@ async fn receive_images(
                     channel.send(&refuse(reason.clone())).await?;
                     return Err(ChannelError::Refused(reason));
                 }
-                let mut file = tokio::fs::File::create(images.join(&name)).await?;
+                let mut file = match session_dir.create_file(&name) {
+                    Ok(file) => tokio::fs::File::from_std(file),
+                    Err(err) => {
+                        let reason = err.to_string();
+                        channel.send(&refuse(reason.clone())).await?;
+                        return Err(ChannelError::Refused(reason));
+                    }
+                };
                 let mut left = size;
                 while left > 0 {
                     let chunk = channel.receive_data().await?;

@@ -44,8 +44,11 @@ pub struct MigrateOptions {
     /// Fail-open deadline of the locks on both hosts.
     pub deadline: Duration,
     pub criu: CriuBinary,
-    /// Where images are written; kept after a rollback.
-    pub work_dir: PathBuf,
+    /// Where images are written (a fresh directory per migration),
+    /// removed at the end unless `recover` may need them.
+    pub state: crate::images::StateDir,
+    /// Keep the images even after a migration or rollback that worked.
+    pub keep_images: bool,
     /// Hold the peers' packets during the freeze and deliver them to the
     /// restored sockets right after the release.
     pub hold: bool,
@@ -97,12 +100,16 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         connections: Vec::new(),
         confirmed_neighbours: Vec::new(),
         unconfirmed_neighbours: Vec::new(),
+        images_kept: None,
     };
-    let images = options.work_dir.join(format!(
-        "migrate-{}-{}",
-        options.pid,
-        crate::system::unix_ms() / 1000
-    ));
+    let session = match options.state.new_session(&format!("migrate-{}", options.pid)) {
+        Ok(session) => session,
+        Err(err) => {
+            report.error = Some(err.to_string());
+            return report;
+        }
+    };
+    let images = session.path().to_owned();
     let mut progress = Progress {
         lock: None,
         frozen: false,
@@ -114,10 +121,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
     match result {
-        Ok(()) => {
-            report.outcome = Outcome::Migrated;
-            let _ = std::fs::remove_dir_all(&images);
-        }
+        Ok(()) => report.outcome = Outcome::Migrated,
         Err(error) if progress.committed => {
             // At most one copy: never restore here after the commit. The
             // images and the lock (until its deadline) stay for `recover`.
@@ -160,6 +164,14 @@ pub async fn migrate(options: MigrateOptions) -> Report {
     }
     if let Some(lock) = progress.lock.take() {
         lock.close();
+    }
+    // Images hold the process's memory: gone once nobody may need them.
+    let needed = matches!(report.outcome, Outcome::InDoubt)
+        || (matches!(report.outcome, Outcome::Failed) && progress.dumped);
+    if needed || options.keep_images {
+        report.images_kept = Some(images.display().to_string());
+    } else {
+        session.remove();
     }
     report.phases = std::mem::take(&mut clock.phases);
     report
@@ -210,14 +222,10 @@ async fn run(
     } = prepared;
 
     // CRIU, started now: its start-up stays outside the freeze window.
-    let swrk = std::fs::create_dir_all(&progress.images)
-        .map_err(|e| format!("creating {}: {e}", progress.images.display()))
-        .and_then(|()| {
-            options
-                .criu
-                .swrk(&progress.images)
-                .map_err(|e| e.to_string())
-        })?;
+    let swrk = options
+        .criu
+        .swrk(&progress.images)
+        .map_err(|e| e.to_string())?;
 
     // dump, with the freeze at CRIU's "pre-dump" notification: the flows
     // and the service addresses (new SYNs wait too) are locked right before

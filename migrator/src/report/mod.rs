@@ -105,6 +105,10 @@ pub struct Report {
     pub connections: Vec<ConnectionReport>,
     pub confirmed_neighbours: Vec<String>,
     pub unconfirmed_neighbours: Vec<String>,
+    /// Where the images were kept (for `recover`, or `--keep-images`);
+    /// null when they were removed.
+    #[serde(default)]
+    pub images_kept: Option<String>,
 }
 
 impl Report {
@@ -137,6 +141,9 @@ impl Report {
         out.push_str(&format!("{verdict}\n"));
         if let Some(error) = &self.error {
             out.push_str(&format!("  reason: {error}\n"));
+        }
+        if let Some(images) = &self.images_kept {
+            out.push_str(&format!("  images kept in {images}\n"));
         }
         if let Some(window) = self.freeze_window_ms {
             out.push_str(&format!(

@@ -1,0 +1,251 @@
+//! Images at rest. They hold the whole memory of a process, so they live
+//! in a state directory only root can enter (checked, not assumed, when
+//! it already exists), in a fresh directory with a random name per
+//! migration, and files are created exclusively, without following
+//! symlinks, relative to a descriptor of that directory.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
+        },
+    },
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state directory {path} is not safe for process images: {why}; {fix} (or give another --work-dir, which is created mode 0700)"
+    )]
+    Unsafe {
+        path: PathBuf,
+        why: String,
+        fix: String,
+    },
+    #[error("image name `{0}` refused (not a plain file name)")]
+    BadName(String),
+}
+
+/// The directory every migration's images live under.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// Create it (mode 0700) if missing; otherwise it must be a real
+    /// directory owned by us that no group or other user can enter.
+    pub fn open(path: &Path) -> Result<Self, ImagesError> {
+        let io = |action: &'static str| {
+            move |source| ImagesError::Io {
+                action,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        match std::fs::symlink_metadata(path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(io("creating the parent of"))?;
+                }
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(path)
+                    .map_err(io("creating"))?;
+            }
+            Err(err) => return Err(io("reading")(err)),
+            Ok(meta) => {
+                let unsafe_dir = |why: String, fix: String| ImagesError::Unsafe {
+                    path: path.to_owned(),
+                    why,
+                    fix,
+                };
+                if !meta.file_type().is_dir() {
+                    return Err(unsafe_dir(
+                        "it is a symlink or not a directory".into(),
+                        "remove it".into(),
+                    ));
+                }
+                // SAFETY: geteuid has no preconditions.
+                let me = unsafe { libc::geteuid() };
+                if meta.uid() != me {
+                    return Err(unsafe_dir(
+                        format!("it is owned by uid {}, not by us (uid {me})", meta.uid()),
+                        format!("`chown root: {}`", path.display()),
+                    ));
+                }
+                if meta.mode() & 0o077 != 0 {
+                    return Err(unsafe_dir(
+                        format!(
+                            "mode {:o} lets group or others in",
+                            meta.permissions().mode() & 0o7777
+                        ),
+                        format!("`chmod 700 {}`", path.display()),
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A fresh directory for one migration: `PREFIX-<random>`, mode 0700.
+    pub fn new_session(&self, prefix: &str) -> Result<SessionDir, ImagesError> {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|err| ImagesError::Io {
+            action: "drawing a random name in",
+            path: self.path.clone(),
+            source: std::io::Error::other(err.to_string()),
+        })?;
+        let name: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self.path.join(format!("{prefix}-{name}"));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| ImagesError::Io {
+                action: "creating",
+                path: path.clone(),
+                source,
+            })?;
+        let dir = open_dir(&path)?;
+        Ok(SessionDir { path, dir })
+    }
+}
+
+/// One migration's images.
+#[derive(Debug)]
+pub struct SessionDir {
+    path: PathBuf,
+    dir: OwnedFd,
+}
+
+impl SessionDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Create `name` in this directory: a new file (never an existing one,
+    /// never through a symlink), mode 0600.
+    pub fn create_file(&self, name: &str) -> Result<File, ImagesError> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(ImagesError::BadName(name.to_owned()));
+        }
+        let c_name = CString::new(name).map_err(|_| ImagesError::BadName(name.to_owned()))?;
+        // SAFETY: openat with a directory descriptor we own and a valid
+        // NUL-terminated name; the result is checked before use.
+        let fd = unsafe {
+            libc::openat(
+                self.dir.as_raw_fd(),
+                c_name.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(ImagesError::Io {
+                action: "creating",
+                path: self.path.join(name),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: a fresh descriptor we own.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Remove the directory and everything in it.
+    pub fn remove(self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd, ImagesError> {
+    let io = |source| ImagesError::Io {
+        action: "opening",
+        path: path.to_owned(),
+        source,
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io(std::io::Error::other("path with a NUL byte")))?;
+    // SAFETY: open with a valid NUL-terminated path; checked below.
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write as _;
+
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("migrator-images-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        path
+    }
+
+    #[test]
+    fn state_directory_is_created_private_and_checked() {
+        let root = scratch("state");
+        let state = StateDir::open(&root.join("state")).unwrap();
+        let mode = std::fs::metadata(state.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // An existing one with loose modes is refused, with the fix.
+        std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = StateDir::open(state.path()).unwrap_err().to_string();
+        assert!(err.contains("mode 777") && err.contains("chmod 700"), "{err}");
+        // A symlink in its place is refused.
+        let link = root.join("link");
+        std::os::unix::fs::symlink(state.path(), &link).unwrap();
+        let err = StateDir::open(&link).unwrap_err().to_string();
+        assert!(err.contains("symlink"), "{err}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn files_are_new_private_and_never_followed() {
+        let root = scratch("session");
+        let state = StateDir::open(&root).unwrap();
+        let session = state.new_session("incoming").unwrap();
+        let other = state.new_session("incoming").unwrap();
+        assert_ne!(session.path(), other.path(), "names are random");
+        let mut file = session.create_file("pages-1.img").unwrap();
+        file.write_all(b"memory").unwrap();
+        let meta = std::fs::metadata(session.path().join("pages-1.img")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Not twice, not through a planted symlink, not outside.
+        assert!(session.create_file("pages-1.img").is_err());
+        std::os::unix::fs::symlink("/etc/hostname", session.path().join("core.img")).unwrap();
+        assert!(session.create_file("core.img").is_err());
+        assert!(session.create_file("../escape").is_err());
+        session.remove();
+        other.remove();
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
