@@ -205,7 +205,8 @@ mod tests {
     use super::*;
 
     fn scratch(tag: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!("migrator-images-{tag}-{}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("migrator-images-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         path
     }
@@ -214,12 +215,18 @@ mod tests {
     fn state_directory_is_created_private_and_checked() {
         let root = scratch("state");
         let state = StateDir::open(&root.join("state")).unwrap();
-        let mode = std::fs::metadata(state.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(state.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         // An existing one with loose modes is refused, with the fix.
         std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = StateDir::open(state.path()).unwrap_err().to_string();
-        assert!(err.contains("mode 777") && err.contains("chmod 700"), "{err}");
+        assert!(
+            err.contains("mode 777") && err.contains("chmod 700"),
+            "{err}"
+        );
         // A symlink in its place is refused.
         let link = root.join("link");
         std::os::unix::fs::symlink(state.path(), &link).unwrap();

@@ -10,6 +10,7 @@ pub mod frames;
 pub mod lab;
 pub mod migration;
 pub mod netns;
+pub mod wire;
 
 /// Fail the test with a clear message unless running as root.
 pub fn require_root() {

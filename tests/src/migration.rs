@@ -4,7 +4,7 @@
 //! pass or fail: processes, namespaces, pins, images.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -17,10 +17,20 @@ use crate::{
     migrator_bin,
 };
 
+/// How the lab's hosts prove who they are.
+#[derive(Clone, Debug)]
+pub enum LabAuth {
+    /// The shared token file (the default).
+    Token,
+    /// `DIR/ca.crt`, and per host `DIR/HOST.crt` and `DIR/HOST.key`.
+    Certificates(PathBuf),
+}
+
 pub struct MigrationLab {
     pub lab: Lab,
     pub dir: TempDir,
     pub token: PathBuf,
+    pub auth: LabAuth,
     children: Vec<Child>,
     /// Processes a reaper thread waits for (killed by PID on drop).
     reaped: Vec<i32>,
@@ -35,6 +45,12 @@ fn sibling_bin(name: &str) -> PathBuf {
 impl MigrationLab {
     /// Lab up, peer servers on :9000 (v4 and v6), agents on src and dst.
     pub fn new(tag: &str) -> Self {
+        Self::new_with(tag, |_| LabAuth::Token)
+    }
+
+    /// As `new`, with the hosts' credentials made in the lab's directory
+    /// by `auth` before the agents start.
+    pub fn new_with(tag: &str, auth: impl FnOnce(&Path) -> LabAuth) -> Self {
         crate::require_root();
         lab::become_subreaper();
         let lab = Lab::new(&format!("mt{tag}{}", std::process::id()));
@@ -42,10 +58,12 @@ impl MigrationLab {
         let dir = TempDir::new(&format!("mig-{tag}"));
         let token = dir.0.join("token");
         lab::write_token(&token).unwrap();
+        let auth = auth(&dir.0);
         let mut this = Self {
             lab,
             dir,
             token,
+            auth,
             children: Vec::new(),
             reaped: Vec::new(),
             stop_reaping: Default::default(),
@@ -70,22 +88,43 @@ impl MigrationLab {
         this
     }
 
+    /// The credentials arguments of `host`.
+    pub fn auth_args(&self, host: &str) -> Vec<String> {
+        match &self.auth {
+            LabAuth::Token => vec!["--token-file".into(), self.token.display().to_string()],
+            LabAuth::Certificates(dir) => {
+                let file = |name: String| dir.join(name).display().to_string();
+                vec![
+                    "--cert".into(),
+                    file(format!("{host}.crt")),
+                    "--key".into(),
+                    file(format!("{host}.key")),
+                    "--ca".into(),
+                    file("ca.crt".into()),
+                ]
+            }
+        }
+    }
+
     pub fn start_agent(&mut self, host: &str) {
+        self.start_agent_with(host, &[]);
+    }
+
+    /// An agent on `host` with extra arguments (policy, limits).
+    pub fn start_agent_with(&mut self, host: &str, extra: &[&str]) {
         let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
         let work = self.dir.0.join(format!("agent-{host}"));
-        let agent = self.spawn(
-            host,
-            &migrator_bin(),
-            &[
-                "agent",
-                "--listen",
-                &listen,
-                "--token-file",
-                self.token.to_str().unwrap(),
-                "--work-dir",
-                work.to_str().unwrap(),
-            ],
-        );
+        let auth = self.auth_args(host);
+        let mut args = vec![
+            "agent",
+            "--listen",
+            &listen,
+            "--work-dir",
+            work.to_str().unwrap(),
+        ];
+        args.extend(auth.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        let agent = self.spawn(host, &migrator_bin(), &args);
         self.children.push(agent);
         // Ready once it listens.
         let started = Instant::now();
@@ -188,6 +227,7 @@ impl MigrationLab {
             no_setsid,
             stdout,
             uid,
+            marker,
         } = workload;
         let reap = !unreaped;
         let v4 = format!("{}:9000", lab::PEER_V4);
@@ -225,6 +265,7 @@ impl MigrationLab {
             .args(["--connect", &v4, "--connect", &v6, "--connect", &v4])
             .args(["--ballast-mb", &ballast_mb.to_string()])
             .args(["--children", &children.to_string()])
+            .args(marker.iter().flat_map(|m| ["--marker", m.as_str()]))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::null());
@@ -304,19 +345,21 @@ impl MigrationLab {
     /// `migrator migrate` from `from` to the agent on `to`; returns the
     /// exit status, the report (if written) and stderr.
     pub fn migrate(&self, from: &str, to: &str, pid: i32, extra: &[&str]) -> MigrateRun {
+        let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+        self.migrate_via(from, &target, pid, extra)
+    }
+
+    /// `migrator migrate` from `from` to the agent at `target` (ADDR:PORT:
+    /// an agent, or something in between).
+    pub fn migrate_via(&self, from: &str, target: &str, pid: i32, extra: &[&str]) -> MigrateRun {
         let report = self.dir.0.join("report.json");
         let _ = std::fs::remove_file(&report);
-        let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
         let images = self.dir.0.join("images");
         let pid = pid.to_string();
-        let mut args = vec![
-            "migrate",
-            "--pid",
-            &pid,
-            "--to",
-            &target,
-            "--token-file",
-            self.token.to_str().unwrap(),
+        let auth = self.auth_args(from);
+        let mut args = vec!["migrate", "--pid", &pid, "--to", target];
+        args.extend(auth.iter().map(String::as_str));
+        args.extend_from_slice(&[
             "--ip",
             lab::SERVICE_V4,
             "--ip",
@@ -325,7 +368,7 @@ impl MigrationLab {
             report.to_str().unwrap(),
             "--work-dir",
             images.to_str().unwrap(),
-        ];
+        ]);
         args.extend_from_slice(extra);
         let out = self.output(from, migrator_bin().to_str().unwrap(), &args);
         MigrateRun {
@@ -411,6 +454,8 @@ pub struct Workload {
     pub stdout: Option<PathBuf>,
     /// Run as this uid (and gid) instead of root.
     pub uid: Option<u32>,
+    /// Text the workload keeps in its memory.
+    pub marker: Option<String>,
 }
 
 pub struct MigrateRun {

@@ -67,8 +67,10 @@ pub struct Channel<S> {
     framed: Framed<S, FrameCodec>,
     /// This session's TLS exporter value, which token proofs are bound to.
     exporter: [u8; token::EXPORTER_LEN],
-    /// Every receive gives up after this long without a frame.
+    /// Every receive or send gives up after this long.
     idle_timeout: Duration,
+    /// And in any case at this moment (a lock's deadline).
+    hard_deadline: Option<Instant>,
 }
 
 /// The channel as used between hosts.
@@ -80,7 +82,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             framed: Framed::new(stream, FrameCodec::pre_auth()),
             exporter,
             idle_timeout: Duration::from_secs(30),
+            hard_deadline: None,
         }
+    }
+
+    /// No wait on this channel lasts past `deadline` from now on.
+    pub fn set_hard_deadline(&mut self, deadline: Instant) {
+        self.hard_deadline = Some(deadline);
+    }
+
+    /// How long the next wait may last: the idle timeout, cut short by
+    /// `deadline` and the hard deadline.
+    fn wait_limit(&self, deadline: Option<Instant>) -> Duration {
+        [deadline, self.hard_deadline]
+            .into_iter()
+            .flatten()
+            .map(|at| at.saturating_duration_since(Instant::now()))
+            .fold(self.idle_timeout, Duration::min)
     }
 
     /// How long any receive waits for the other side.
@@ -104,19 +122,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// A peer that stops reading makes a send wait: not longer than the
     /// idle timeout.
     async fn send_frame(&mut self, frame: Frame) -> Result<(), ChannelError> {
-        let wait = self.idle_timeout;
+        let wait = self.wait_limit(None);
         tokio::time::timeout(wait, self.framed.send(frame))
             .await
             .map_err(|_| ChannelError::Timeout(wait))?
     }
 
     async fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Frame, ChannelError> {
-        let wait = match deadline {
-            Some(at) => at
-                .saturating_duration_since(Instant::now())
-                .min(self.idle_timeout),
-            None => self.idle_timeout,
-        };
+        let wait = self.wait_limit(deadline);
         match tokio::time::timeout(wait, self.framed.next()).await {
             Err(_) => Err(ChannelError::Timeout(wait)),
             Ok(None) => Err(ChannelError::Closed),

@@ -102,7 +102,10 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         unconfirmed_neighbours: Vec::new(),
         images_kept: None,
     };
-    let session = match options.state.new_session(&format!("migrate-{}", options.pid)) {
+    let session = match options
+        .state
+        .new_session(&format!("migrate-{}", options.pid))
+    {
         Ok(session) => session,
         Err(err) => {
             report.error = Some(err.to_string());
@@ -280,6 +283,11 @@ async fn run(
         });
     }
     let frozen_at = frozen_at.unwrap_or_else(Instant::now);
+    // Every wait on the agent from now on ends early enough to roll back
+    // (or hand over) before our lock fails open.
+    let margin = crate::agent::handover_margin(options.deadline);
+    let handover_by = frozen_at + options.deadline.saturating_sub(margin);
+    channel.set_hard_deadline(handover_by);
     // CRIU resumes the tree when a dump fails: only the lock to undo.
     let outcome = clock.end_with(phase, dumped.map_err(|err| format!("dump: {err}")))?;
     progress.dumped = true;
@@ -344,9 +352,7 @@ async fn run(
         .send(&Message::Restore)
         .await
         .map_err(|e| format!("asking for the restore: {e}"))?;
-    let margin = crate::agent::handover_margin(options.deadline);
-    let ready_by = frozen_at + options.deadline.saturating_sub(margin);
-    match channel.receive_before(Some(ready_by)).await {
+    match channel.receive_before(Some(handover_by)).await {
         Ok(Message::Ready) => {}
         Ok(Message::Failed { phase, reason }) => {
             return Err(format!(
@@ -369,11 +375,7 @@ async fn run(
     // The commit: from here on the process is the destination's.
     progress.committed = true;
     let answer = match channel.send(&Message::Commit).await {
-        Ok(()) => {
-            channel
-                .receive_before(Some(frozen_at + options.deadline))
-                .await
-        }
+        Ok(()) => channel.receive().await,
         Err(err) => Err(err),
     };
     let mut reply: RestoreReply = match answer {

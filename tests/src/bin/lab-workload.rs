@@ -8,7 +8,9 @@
 //! address of its family; `--ballast-mb` keeps N MiB of written memory,
 //! for a process whose images take a while to dump and send; `--children`
 //! forks N idle child processes first, so the tree has more than one
-//! process (they hold no sockets and outlive a parent that is killed).
+//! process (they hold no sockets and outlive a parent that is killed);
+//! `--marker TEXT` keeps TEXT in memory (for tests that look for the
+//! process's memory on the wire).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
@@ -75,6 +77,7 @@ fn main() {
     let mut connect = Vec::<SocketAddr>::new();
     let mut ballast_mb = 0usize;
     let mut children = 0usize;
+    let mut marker = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -82,6 +85,7 @@ fn main() {
             "--connect" => connect.push(args.next().unwrap().parse().expect("--connect ADDR:PORT")),
             "--ballast-mb" => ballast_mb = args.next().unwrap().parse().expect("--ballast-mb N"),
             "--children" => children = args.next().unwrap().parse().expect("--children N"),
+            "--marker" => marker = args.next().expect("--marker TEXT").into_bytes(),
             other => panic!(
                 "unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"
             ),
@@ -128,4 +132,5 @@ fn main() {
         let _ = echo.join();
     }
     std::hint::black_box(&ballast);
+    std::hint::black_box(&marker);
 }

@@ -1,0 +1,241 @@
+//! What crosses the link between the lab's hosts, for tests that attack
+//! it or look at it: code run inside a namespace, a capture of every frame
+//! on an interface (AF_PACKET), and a TCP relay that can flip a byte.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+/// Run `f` on a thread that lives in the network namespace at `netns`.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = netns.to_owned();
+    thread::spawn(move || {
+        enter(&path);
+        f()
+    })
+}
+
+fn enter(netns: &PathBuf) {
+    let file = std::fs::File::open(netns).expect("open the namespace");
+    // SAFETY: setns on this thread with a namespace fd we own.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Every frame seen on an interface, until stopped.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Capture {
+    pub fn start(netns: &Path, iface: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let iface = iface.to_owned();
+        let thread = in_netns(netns, move || {
+            // SAFETY: plain socket syscalls on an fd we own; the buffers are
+            // sized and the sockaddr is zeroed before use.
+            unsafe {
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                );
+                assert!(fd >= 0, "AF_PACKET socket");
+                let name = std::ffi::CString::new(iface).unwrap();
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                let rc = libc::bind(
+                    fd,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind AF_PACKET");
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
+                // Room for bursts: a lost frame would hide what crossed.
+                let room: i32 = 64 << 20;
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const room).cast(),
+                    size_of::<i32>() as u32,
+                );
+                let _ = ready_tx.send(());
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                while !flag.load(Ordering::Relaxed) {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n > 0 {
+                        seen.extend_from_slice(&buf[..n as usize]);
+                    }
+                }
+                libc::close(fd);
+                seen
+            }
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop and return every byte of every frame seen.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A TCP relay in a namespace: accepts on `listen`, connects to `target`
+/// for each connection, copies both ways. With `flip_at`, the byte at that
+/// offset of the client-to-server stream of the first connection is
+/// inverted on its way (a man in the middle changing one bit of data).
+pub struct Relay {
+    pub listen: SocketAddr,
+    /// Bytes relayed client to server, all connections.
+    pub forwarded: Arc<AtomicU64>,
+    /// Whether the byte was flipped.
+    pub flipped: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(
+        netns: &Path,
+        listen: SocketAddr,
+        target: SocketAddr,
+        flip_at: Option<u64>,
+    ) -> Self {
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let flipped = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (fw, fl, st, ss) = (
+            forwarded.clone(),
+            flipped.clone(),
+            stop.clone(),
+            streams.clone(),
+        );
+        in_netns(netns, move || {
+            let listener = TcpListener::bind(listen).expect("relay listen");
+            listener.set_nonblocking(true).unwrap();
+            let _ = ready_tx.send(());
+            let mut first = true;
+            while !st.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let flip = if first { flip_at } else { None };
+                first = false;
+                if let Ok(mut all) = ss.lock() {
+                    all.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                }
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (fw, fl) = (fw.clone(), fl.clone());
+                thread::spawn(move || pipe(client, server, flip, Some((fw, fl))));
+                thread::spawn(move || pipe(s2, c2, None, None));
+            }
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+        Self {
+            listen,
+            forwarded,
+            flipped,
+            stop,
+            streams,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(streams) = self.streams.lock() {
+            for stream in streams.iter() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+type Counters = (Arc<AtomicU64>, Arc<AtomicBool>);
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, flip_at: Option<u64>, counters: Option<Counters>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut offset = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(at) = flip_at
+            && at >= offset
+            && at < offset + n as u64
+        {
+            buf[(at - offset) as usize] ^= 0xff;
+            if let Some((_, flipped)) = &counters {
+                flipped.store(true, Ordering::Relaxed);
+            }
+        }
+        offset += n as u64;
+        if let Some((forwarded, _)) = &counters {
+            forwarded.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            // The far end is gone: so is the relay, both ways, as a
+            // closed connection would be without one.
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}

@@ -1,0 +1,293 @@
+//! The channel between the hosts under attack and under faults, in the lab
+//! with the real agent: a byte flipped on the wire, the wire read, idle
+//! clients holding the agent, a link cut during the hand-over.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use migrator_tests::{
+    lab::{self, DST, SERVICE_V4, SERVICE_V6, SRC},
+    migration::{MigrationLab, Workload},
+    wire::{Capture, Relay, contains, in_netns},
+};
+use serde_json::Value;
+
+fn agent_address(host: &str) -> SocketAddr {
+    format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT)
+        .parse()
+        .unwrap()
+}
+
+fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {
+    run.report
+        .as_ref()
+        .and_then(|r| r["outcome"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("no report; stderr: {}", run.stderr))
+}
+
+/// The workload's processes that are running (not stopped, not zombies).
+fn running_workloads() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| stat.contains("(lab-workload)"))
+        .filter(|stat| {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next();
+            !matches!(state, Some("T" | "t" | "Z" | "X"))
+        })
+        .count()
+}
+
+/// The workload's connections carry on: every echo grows again.
+fn assert_flowing(lab: &MigrationLab) {
+    let before: Vec<u64> = lab
+        .current_connections()
+        .iter()
+        .map(|c| c["echoed"].as_u64().unwrap())
+        .collect();
+    let started = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = lab.current_connections();
+        for conn in &now {
+            assert_eq!(conn["error"], Value::Null, "connection broken: {conn}");
+        }
+        if now
+            .iter()
+            .zip(&before)
+            .all(|(c, b)| c["echoed"].as_u64().unwrap() > *b)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the streams did not resume: {now:?}"
+        );
+    }
+}
+
+/// A man in the middle forwards the handshake, then flips one byte of the
+/// image stream. TLS notices (the record fails authentication), the
+/// session aborts, nothing is restored on the destination and the source
+/// rolls back with its connections alive.
+#[test]
+fn a_flipped_byte_in_the_image_stream_aborts_and_rolls_back() {
+    let mut lab = MigrationLab::new("mitm");
+    let pid = lab.start(Workload {
+        own_pid_namespace: true,
+        ballast_mb: 8,
+        ..Workload::default()
+    });
+    // Past the handshake and the control messages: inside the images.
+    let relay = Relay::start(
+        &lab.lab.netns_path(SRC),
+        "198.18.0.2:7171".parse().unwrap(),
+        agent_address(DST),
+        Some(1 << 20),
+    );
+    let run = lab.migrate_via(SRC, &relay.listen.to_string(), pid, &[]);
+    assert!(relay.flipped.load(Ordering::Relaxed), "no byte was flipped");
+    assert!(!run.success);
+    assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    let agent_log = std::fs::read_to_string(lab.dir.0.join("dst-migrator.log")).unwrap();
+    assert!(
+        agent_log.contains("decrypt"),
+        "the agent did not report an integrity failure:\n{agent_log}"
+    );
+    assert!(!lab.has_address(DST, SERVICE_V4) && !lab.pins_left(DST));
+    assert_eq!(running_workloads(), 1, "not exactly one copy running");
+    assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
+    assert_flowing(&lab);
+}
+
+/// Everything on the link during a migration is captured: the memory of
+/// the process (a random marker it keeps) is not in it. The same search
+/// finds the marker in the image files, so the search itself works.
+#[test]
+fn the_wire_never_carries_the_process_memory() {
+    let mut lab = MigrationLab::new("wire");
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut random)
+        .unwrap();
+    let marker: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let pid = lab.start(Workload {
+        own_pid_namespace: true,
+        ballast_mb: 4,
+        marker: Some(marker.clone()),
+        ..Workload::default()
+    });
+    let capture = Capture::start(&lab.lab.netns_path(DST), lab::IFACE);
+    let run = lab.migrate(SRC, DST, pid, &["--keep-images"]);
+    let wire = capture.finish();
+    assert!(run.success, "{}", run.stderr);
+    let report = run.report.unwrap();
+    let image_bytes = report["image_bytes"].as_u64().unwrap();
+    assert!(
+        wire.len() as u64 > image_bytes,
+        "the capture missed the transfer: {} bytes on the wire, {image_bytes} of images",
+        wire.len()
+    );
+    assert!(
+        !contains(&wire, marker.as_bytes()),
+        "the process's memory crossed the link in clear"
+    );
+    let kept = report["images_kept"].as_str().expect("images kept");
+    let mut images = Vec::new();
+    for entry in std::fs::read_dir(kept).unwrap() {
+        images.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(
+        contains(&images, marker.as_bytes()),
+        "the marker is not in the images either: the search proves nothing"
+    );
+}
+
+/// Fifty idle TCP connections to the agent (no byte sent) do not stop a
+/// migration, and the agent closes them after its handshake deadline.
+#[test]
+fn idle_connections_do_not_block_a_migration() {
+    let mut lab = MigrationLab::new("idle");
+    let pid = lab.start_workload(true, 0);
+    let target = agent_address(DST);
+    let idle: Vec<TcpStream> = in_netns(&lab.lab.netns_path(SRC), move || {
+        (0..50)
+            .map(|_| TcpStream::connect(target).unwrap())
+            .collect()
+    })
+    .join()
+    .unwrap();
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(run.success, "{}", run.stderr);
+    // Each idle one is closed by the agent (end of stream or reset)
+    // within its 5 s handshake deadline, give or take.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let readers: Vec<_> = idle
+        .into_iter()
+        .map(|mut conn| {
+            let closed = closed.clone();
+            std::thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut byte = [0u8; 1];
+                match conn.read(&mut byte) {
+                    Ok(0) => closed.fetch_add(1, Ordering::Relaxed),
+                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => {
+                        closed.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => 0,
+                };
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    assert_eq!(
+        closed.load(Ordering::Relaxed),
+        50,
+        "idle connections left open"
+    );
+}
+
+/// The link between the hosts is cut the moment the destination starts
+/// restoring. It restores with the process stopped and waits for a commit
+/// that cannot arrive; the source either never hears "ready" (and rolls
+/// back) or commits into the void (and reports in doubt, then `recover`
+/// brings the process back). Either way, at no moment do two copies run,
+/// and in the end exactly one does, its connections alive.
+#[test]
+fn a_link_cut_during_the_restore_never_runs_two_copies() {
+    let mut lab = MigrationLab::new("cut");
+    let pid = lab.start_workload(true, 0);
+    let state = lab.dir.0.join("agent-dst");
+    let dst_netns = lab.lab.clone();
+    let two_copies = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, halt) = (two_copies.clone(), stop.clone());
+    let watcher = std::thread::spawn(move || {
+        let mut cut = false;
+        while !halt.load(Ordering::Relaxed) {
+            if running_workloads() > 1 {
+                seen.store(true, Ordering::Relaxed);
+            }
+            let restoring = std::fs::read_dir(&state)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .any(|e| e.path().join("restore.log").exists())
+                })
+                .unwrap_or(false);
+            if restoring && !cut {
+                dst_netns
+                    .nft(
+                        DST,
+                        "table inet cut {\n  chain input {\n    type filter hook input priority 0;\n    tcp dport 7070 drop\n  }\n  chain output {\n    type filter hook output priority 0;\n    tcp sport 7070 drop\n  }\n}\n",
+                    )
+                    .unwrap();
+                cut = true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        cut
+    });
+    let run = lab.migrate(SRC, DST, pid, &["--deadline", "6s"]);
+    // Let the destination pass its own hand-over deadline and undo.
+    std::thread::sleep(Duration::from_secs(2));
+    let result = outcome(&run);
+    if result == "in-doubt" {
+        let error = run.report.as_ref().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let images = error
+            .split("migrator recover --images ")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .unwrap()
+            .to_owned();
+        let out = lab.output(
+            SRC,
+            migrator_tests::migrator_bin().to_str().unwrap(),
+            &[
+                "recover", "--images", &images, "--ip", SERVICE_V4, "--ip", SERVICE_V6, "--iface",
+                "eth0",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert_eq!(result, "rolled-back", "{}", run.stderr);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    assert!(watcher.join().unwrap(), "the link was never cut");
+    lab.lab.nft(DST, "delete table inet cut\n").unwrap();
+    assert!(
+        !two_copies.load(Ordering::Relaxed),
+        "two copies ran at once ({result})"
+    );
+    assert_eq!(running_workloads(), 1);
+    assert!(!lab.has_address(DST, SERVICE_V4) && !lab.pins_left(DST));
+    assert!(lab.has_address(SRC, SERVICE_V4));
+    assert_flowing(&lab);
+}
