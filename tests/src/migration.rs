@@ -34,6 +34,8 @@ pub struct MigrationLab {
     children: Vec<Child>,
     /// Processes a reaper thread waits for (killed by PID on drop).
     reaped: Vec<i32>,
+    /// (host, PID) of each agent started.
+    agents: Vec<(String, u32)>,
     /// Set on drop: the orphan reaper stops.
     stop_reaping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -66,6 +68,7 @@ impl MigrationLab {
             auth,
             children: Vec::new(),
             reaped: Vec::new(),
+            agents: Vec::new(),
             stop_reaping: Default::default(),
         };
         let report = this.peer_report_path();
@@ -106,6 +109,18 @@ impl MigrationLab {
         }
     }
 
+    /// Stop the agent of `host` (SIGTERM, as a service manager would) and
+    /// return how it exited.
+    pub fn stop_agent(&mut self, host: &str) -> Option<std::process::ExitStatus> {
+        let at = self.agents.iter().position(|(h, _)| h == host)?;
+        let (_, pid) = self.agents.remove(at);
+        let child = self.children.iter().position(|c| c.id() == pid)?;
+        let mut child = self.children.remove(child);
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        child.wait().ok()
+    }
+
     pub fn start_agent(&mut self, host: &str) {
         self.start_agent_with(host, &[]);
     }
@@ -125,6 +140,7 @@ impl MigrationLab {
         args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let agent = self.spawn(host, &migrator_bin(), &args);
+        self.agents.push((host.to_owned(), agent.id()));
         self.children.push(agent);
         // Ready once it listens.
         let started = Instant::now();

@@ -241,7 +241,20 @@ pub async fn connect(
             .export_keying_material([0u8; token::EXPORTER_LEN], token::EXPORTER_LABEL, None)
             .map_err(|e| ChannelError::Auth(format!("TLS exporter: {e}")))?;
         let mut channel = Channel::new(TlsStream::Client(stream), exporter);
-        auth::client(&mut channel, credentials).await?;
+        // In TLS 1.3 the agent judges our certificate after our side of
+        // the handshake is done: its verdict arrives as an alert on the
+        // first read.
+        auth::client(&mut channel, credentials)
+            .await
+            .map_err(|err| match err {
+                ChannelError::Io(io) if io.kind() == io::ErrorKind::InvalidData => {
+                    ChannelError::Handshake {
+                        peer: to,
+                        reason: io.to_string(),
+                    }
+                }
+                other => other,
+            })?;
         Ok(channel)
     };
     tokio::time::timeout(timeout, handshake)

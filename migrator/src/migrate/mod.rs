@@ -63,11 +63,17 @@ struct Progress {
     /// We sent the commit: the destination may run the process, so we must
     /// never restore ours unless it says it removed its copy.
     committed: bool,
+    /// We asked for the restore and have not heard that the destination
+    /// undid it: until this moment (its hand-over deadline) it may still
+    /// own the addresses and have announced them.
+    destination_may_own: Option<Instant>,
     /// PIDs the tree needs free to be restored (none in its own PID
     /// namespace).
     pids_needed: Vec<i32>,
     /// Addresses removed from the source, with where they were.
     removed: Vec<(ServiceAddress, String, u32)>,
+    /// Addresses a rollback put back (and announces).
+    reclaimed: Vec<(IpAddr, String)>,
     images: PathBuf,
 }
 
@@ -118,8 +124,10 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         frozen: false,
         dumped: false,
         committed: false,
+        destination_may_own: None,
         pids_needed: Vec::new(),
         removed: Vec::new(),
+        reclaimed: Vec::new(),
         images: images.clone(),
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
@@ -348,6 +356,7 @@ async fn run(
     // the process stopped and the lock on, for our commit.
     clock.publish("restore (destination)");
     let asked_at_ms = clock.now_ms();
+    progress.destination_may_own = Some(handover_by);
     channel
         .send(&Message::Restore)
         .await
@@ -355,6 +364,8 @@ async fn run(
     match channel.receive_before(Some(handover_by)).await {
         Ok(Message::Ready) => {}
         Ok(Message::Failed { phase, reason }) => {
+            // It undid everything (addresses included) before answering.
+            progress.destination_may_own = None;
             return Err(format!(
                 "destination {}: {}",
                 channel::printable(&phase),
@@ -362,6 +373,7 @@ async fn run(
             ));
         }
         Ok(Message::Refused { reason }) => {
+            progress.destination_may_own = None;
             return Err(format!(
                 "destination refused: {}",
                 channel::printable(&reason)
@@ -383,6 +395,7 @@ async fn run(
         Ok(Message::Failed { phase, reason }) => {
             // It says its copy is gone: ours may run again.
             progress.committed = false;
+            progress.destination_may_own = None;
             return Err(format!(
                 "destination {}: {}",
                 channel::printable(&phase),
@@ -636,32 +649,16 @@ async fn rollback(
     let mut restored = None;
     if !progress.removed.is_empty() {
         let netlink = Netlink::connect().map_err(|e| e.to_string())?;
-        let mut back = Vec::new();
         for (address, iface, index) in progress.removed.drain(..) {
             netlink
                 .add(&iface, index, address.ip, address.prefix)
                 .await
                 .map_err(|e| format!("re-adding {address}: {e}"))?;
-            back.push((address.ip, iface));
+            progress.reclaimed.push((address.ip, iface));
         }
         // The destination may have announced the addresses already: win
-        // the peers' neighbour caches back (best effort; they re-learn
-        // within seconds anyway).
-        let _ = tokio::task::spawn_blocking(move || {
-            for (ip, iface) in back {
-                match crate::net::announce::Link::open(&iface) {
-                    Ok(mut link) => {
-                        for _ in 0..2 {
-                            if let Err(err) = link.announce(ip) {
-                                tracing::warn!("announcing {ip} again on {iface}: {err}");
-                            }
-                        }
-                    }
-                    Err(err) => tracing::warn!("announcing {ip} again on {iface}: {err}"),
-                }
-            }
-        })
-        .await;
+        // the peers' neighbour caches back.
+        announce_again(progress.reclaimed.clone()).await;
     }
     if progress.dumped {
         // The dumped tree's PIDs come free once its parent reaps it, and a
@@ -698,5 +695,36 @@ async fn rollback(
         lock.close();
         released?;
     }
+    // A destination we lost touch with keeps the addresses (announced)
+    // until its hand-over deadline, then removes them: announce once more
+    // after it, or the peers keep sending there.
+    if let Some(until) = progress.destination_may_own.take()
+        && !progress.reclaimed.is_empty()
+    {
+        let phase = clock.begin(report::RECLAIM);
+        tokio::time::sleep_until((until + Duration::from_millis(200)).into()).await;
+        announce_again(progress.reclaimed.clone()).await;
+        clock.end(phase, true);
+    }
     Ok(restored)
+}
+
+/// Announce addresses we own again (best effort: the peers also re-learn
+/// on their own, only slower).
+async fn announce_again(addresses: Vec<(IpAddr, String)>) {
+    let _ = tokio::task::spawn_blocking(move || {
+        for (ip, iface) in addresses {
+            match crate::net::announce::Link::open(&iface) {
+                Ok(mut link) => {
+                    for _ in 0..2 {
+                        if let Err(err) = link.announce(ip) {
+                            tracing::warn!("announcing {ip} again on {iface}: {err}");
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!("announcing {ip} again on {iface}: {err}"),
+            }
+        }
+    })
+    .await;
 }

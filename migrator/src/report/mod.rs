@@ -30,6 +30,9 @@ pub const ROLLBACK: &str = "rollback";
 /// Destination: from "ready" (restored, stopped, address owned) to the
 /// source's commit.
 pub const HANDOVER: &str = "hand-over";
+/// Source, after a rollback that lost touch with the destination: waiting
+/// out its hand-over deadline, then announcing the addresses again.
+pub const RECLAIM: &str = "reclaim";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Phase {
