@@ -86,6 +86,9 @@ enum Bench {
     /// CPU that `migrator watch` takes for 1,000 tracked connections at
     /// 1 Hz, next to polling `migrator status --json` once a second.
     Watch,
+    /// 256 MiB of image frames through the TLS channel and through plain
+    /// TCP with the same framing, alternating: MiB/s and the time ratio.
+    Channel,
 }
 
 fn main() -> std::process::ExitCode {
@@ -157,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
                 Bench::Dataplane => &["bench-dataplane", "bench-throughput"],
                 Bench::Migrate => &["bench-migrate"],
                 Bench::Watch => &["bench-watch"],
+                Bench::Channel => &["bench-channel"],
             };
             for bin in bins {
                 cmd::section(bin);
