@@ -347,3 +347,39 @@ fn certificates_end_to_end_and_strangers_refused() {
     assert!(!lab.pins_left(SRC));
     assert_untouched(&lab);
 }
+
+/// As a systemd `Type=notify` service: READY=1 once it listens,
+/// STOPPING=1 on SIGTERM, then exit 0.
+#[test]
+fn the_agent_tells_its_service_manager_when_ready_and_stopping() {
+    let lab = MigrationLab::new("notify");
+    let socket_path = lab.dir.0.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let listen = format!("{}:7171", lab::host_addresses(DST).0);
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net={}", lab.lab.netns_path(DST).display()))
+        .arg(migrator_bin())
+        .args(["agent", "--listen", &listen, "--token-file"])
+        .arg(&lab.token)
+        .arg("--work-dir")
+        .arg(lab.dir.0.join("agent-notify"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(
+        agent.wait().unwrap().success(),
+        "SIGTERM must end the agent with 0"
+    );
+}

@@ -185,8 +185,9 @@ async fn serve(
         }
     }
     // Everything must be handed over (or undone) before the lock fails
-    // open on its own.
+    // open on its own: no wait on the source lasts past this.
     let commit_by = locked_at + deadline.saturating_sub(handover_margin(deadline));
+    channel.set_hard_deadline(commit_by);
     // Start CRIU now, so its start-up is not part of the freeze window.
     let started = config.criu.swrk(images).map_err(|e| e.to_string());
     match started {
@@ -252,11 +253,26 @@ async fn serve(
             return Err(ChannelError::Refused(format!("hand-over: {reason}")));
         }
     }
-    let reply = taken.hand_over(session, held, waited_from, images);
+    let handed = taken.hand_over(session, held, waited_from, images);
     drop(restoring);
-    let reply = reply.map_err(|(phase, reason)| {
-        ChannelError::Refused(format!("{phase} after the commit: {reason}"))
-    })?;
+    let reply = match handed {
+        Ok(reply) => reply,
+        Err((phase, reason)) => {
+            // Nothing may run half taken over: remove the copy and say so,
+            // and the source may restore its own.
+            let reason = match session.undo(netlink).await {
+                Ok(()) => format!("{reason}; the copy here was removed"),
+                Err(problem) => format!("{reason}; {problem}"),
+            };
+            let _ = channel
+                .send(&Message::Failed {
+                    phase: phase.to_owned(),
+                    reason: reason.clone(),
+                })
+                .await;
+            return Err(ChannelError::Refused(format!("{phase}: {reason}")));
+        }
+    };
     let pid = reply.pid;
     channel.send(&Message::Restored(Box::new(reply))).await?;
     Ok(pid)

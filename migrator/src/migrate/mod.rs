@@ -413,9 +413,16 @@ async fn run(
     let answered = Instant::now();
     for mut phase in std::mem::take(&mut reply.phases) {
         phase.start_ms += asked_at_ms;
+        phase.name = channel::printable(&phase.name);
+        phase.host = "destination".to_owned();
         clock.record(phase);
     }
-    let released_at = answered - Duration::from_secs_f64(reply.since_release_ms / 1e3);
+    // The agent's numbers are checked, not trusted: a hostile or broken
+    // reply must not make arithmetic panic here.
+    let released_at = Duration::try_from_secs_f64(reply.since_release_ms / 1e3)
+        .ok()
+        .and_then(|ago| answered.checked_sub(ago))
+        .unwrap_or(answered);
     report.freeze_window_ms = Some(
         released_at
             .saturating_duration_since(frozen_at)

@@ -26,8 +26,10 @@ const TOTAL: usize = 256 << 20;
 async fn through_tls(credentials_file: &std::path::Path, payload: &Bytes) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let acceptor =
-        Acceptor::new(Credentials::Token(Token::from_file(credentials_file).unwrap())).unwrap();
+    let acceptor = Acceptor::new(Credentials::Token(
+        Token::from_file(credentials_file).unwrap(),
+    ))
+    .unwrap();
     let receiver = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut channel = acceptor.accept(tcp).await.unwrap();
@@ -93,7 +95,11 @@ fn main() {
     let token = scratch.join("token");
     migrator_tests::lab::write_token(&token).unwrap();
     // Image pages are not compressible noise, but TLS does not care.
-    let payload = Bytes::from((0..DATA_CHUNK).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+    let payload = Bytes::from(
+        (0..DATA_CHUNK)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
