@@ -119,8 +119,10 @@ pub async fn serve(config: AgentConfig, credentials: Credentials) -> anyhow::Res
         iface = %shared.config.iface,
         "agent ready"
     );
-    crate::system::notify_service_manager("READY=1");
+    // Handle SIGTERM before saying we are ready: a service manager may
+    // send it at once.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    crate::system::notify_service_manager("READY=1");
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
