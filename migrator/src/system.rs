@@ -244,6 +244,12 @@ pub fn kill_tree(root: i32) -> Vec<i32> {
     pids
 }
 
+/// The CLOCK_BOOTTIME instant `after` from now, in ns, as the data plane
+/// keeps deadlines (saturating: a huge duration means "never").
+pub fn deadline_ns(after: std::time::Duration) -> u64 {
+    boottime_ns().saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Let a stopped tree run (SIGCONT to every process of it).
 pub fn resume_tree(root: i32) {
     for pid in process_tree(root) {

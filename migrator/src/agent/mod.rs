@@ -211,6 +211,18 @@ async fn connection(
     images.remove();
 }
 
+/// The interface that takes over service addresses when none is named:
+/// the one holding the address the agent listens on.
+pub async fn interface_holding(ip: std::net::IpAddr) -> anyhow::Result<String> {
+    let netlink = crate::net::address::Netlink::connect()?;
+    let (_, name) = netlink.holder(ip).await?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{ip} is not assigned here; give --iface IF for the interface that takes over service addresses"
+        )
+    })?;
+    Ok(name)
+}
+
 fn become_subreaper() {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a plain integer.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };

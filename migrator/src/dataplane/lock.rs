@@ -11,7 +11,6 @@ use super::{
     AttachMode, Dataplane, DataplaneError, FlowTable, default_pin_root, detach_if_unused,
     spec::FlowSpec,
 };
-use crate::system::boottime_ns;
 
 pub struct MigrationLock {
     table: FlowTable,
@@ -49,7 +48,7 @@ impl MigrationLock {
         deadline: std::time::Duration,
         hold: bool,
     ) -> Result<(), DataplaneError> {
-        let deadline_ns = boottime_ns() + deadline.as_nanos() as u64;
+        let deadline_ns = crate::system::deadline_ns(deadline);
         let policy = if hold {
             FlowPolicy::hold(deadline_ns)
         } else {

@@ -9,6 +9,8 @@
 //! lock fails open at its deadline and `migrator recover --images DIR`
 //! restores from the images left in the work directory.
 
+pub mod recover;
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},

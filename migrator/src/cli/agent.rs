@@ -1,0 +1,96 @@
+//! `migrator agent`: the destination side.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Args;
+use migrator::{channel::message::ServiceAddress, dataplane::spec::parse_duration};
+
+use super::{AuthArgs, locate_criu, require_privileges};
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address and port to listen on (a management address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Interface that takes over the service addresses (default: the
+    /// one holding the listen address).
+    #[arg(long = "iface", value_name = "IF")]
+    iface: Option<String>,
+    /// State directory for incoming images (same rules as migrate's
+    /// --work-dir); each session's are removed when it ends.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/migrator/agent")]
+    work_dir: PathBuf,
+    /// Service addresses a source may move here must lie in one of
+    /// these networks (CIDR, repeatable); others are refused at
+    /// preflight. Default: any.
+    #[arg(long = "allow-ip", value_name = "CIDR")]
+    allow_ips: Vec<ServiceAddress>,
+    /// The longest lock deadline a source may ask for.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    max_deadline: Duration,
+    /// Authenticated sessions at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    max_sessions: u16,
+    /// Time a new connection has to finish TLS and the proofs.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    handshake_timeout: Duration,
+    /// Longest silence from a source inside a session.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    idle_timeout: Duration,
+    /// CRIU binary (see `migrator doctor --help`).
+    #[arg(long, value_name = "PATH")]
+    criu: Option<PathBuf>,
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let AgentArgs {
+        listen,
+        auth,
+        iface,
+        work_dir,
+        allow_ips,
+        max_deadline,
+        max_sessions,
+        handshake_timeout,
+        idle_timeout,
+        criu,
+    } = args;
+    require_privileges()?;
+    let credentials = auth.credentials()?;
+    let criu = locate_criu(criu.as_deref())?;
+    let criu_version = criu
+        .supported_version()
+        .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?
+        .to_string();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let iface = match iface {
+            Some(iface) => iface,
+            None => migrator::agent::interface_holding(listen.ip()).await?,
+        };
+        migrator::agent::serve(
+            migrator::agent::AgentConfig {
+                listen,
+                iface,
+                state: migrator::images::StateDir::open(&work_dir)?,
+                criu,
+                criu_version,
+                limits: migrator::agent::AgentLimits {
+                    max_sessions: usize::from(max_sessions),
+                    handshake_timeout,
+                    idle_timeout,
+                    ..Default::default()
+                },
+                policy: migrator::agent::AgentPolicy {
+                    allow: allow_ips,
+                    max_deadline,
+                },
+            },
+            credentials,
+        )
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

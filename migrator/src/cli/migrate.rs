@@ -1,0 +1,160 @@
+//! `migrator migrate` and `migrator recover`: the source side.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+use migrator::{channel::message::ServiceAddress, dataplane::spec::parse_duration, migrate};
+
+use super::{AuthArgs, locate_criu, require_privileges};
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// Root of the process tree to move.
+    #[arg(long)]
+    pid: i32,
+    /// The agent: ADDR:PORT.
+    #[arg(long, value_name = "ADDR:PORT")]
+    to: std::net::SocketAddr,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// With --cert: the name the agent's certificate must carry
+    /// (default: the address of --to).
+    #[arg(long, value_name = "NAME", requires = "cert")]
+    server_name: Option<String>,
+    /// A service address that moves with the process: IP or IP/PREFIX
+    /// (default /32, /128). Every connection must use one. Repeatable.
+    #[arg(long = "ip", value_name = "CIDR", required = true)]
+    ips: Vec<ServiceAddress>,
+    /// Interface of the service addresses (found if not given).
+    #[arg(long = "iface", value_name = "IF")]
+    iface: Option<String>,
+    /// Fail-open deadline of the locks, on both hosts.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    deadline: Duration,
+    /// Write the report (JSON) to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Print the report as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// State directory for the images: created mode 0700, or, if it
+    /// exists, it must be owned by root and closed to group and others.
+    /// Each migration gets a fresh directory in it, removed at the end
+    /// unless `recover` may need it (the report then says where).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/migrator/source")]
+    work_dir: PathBuf,
+    /// Keep the images even when the migration (or its rollback) worked.
+    #[arg(long)]
+    keep_images: bool,
+    /// Keep the peers' packets during the freeze (instead of only
+    /// dropping them) and deliver them to the restored sockets right
+    /// after the release: the peers need not wait for their next
+    /// backed-off retransmit. Worth it when the freeze window passes the
+    /// peers' retransmit timeout (200 ms or more).
+    #[arg(long)]
+    hold: bool,
+    /// CRIU binary (see `migrator doctor --help`).
+    #[arg(long, value_name = "PATH")]
+    criu: Option<PathBuf>,
+}
+
+pub fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let MigrateArgs {
+        pid,
+        to,
+        auth,
+        server_name,
+        ips,
+        iface,
+        deadline,
+        report,
+        json,
+        work_dir,
+        keep_images,
+        hold,
+        criu,
+    } = args;
+    require_privileges()?;
+    let credentials = auth.credentials()?;
+    let criu = locate_criu(criu.as_deref())?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(migrate::migrate(migrate::MigrateOptions {
+        pid,
+        to,
+        credentials,
+        server_name,
+        service_addresses: ips,
+        iface,
+        deadline,
+        criu,
+        state: migrator::images::StateDir::open(&work_dir)?,
+        keep_images,
+        hold,
+        quiet: false,
+    }));
+    eprint!("{}", result.render());
+    let text = serde_json::to_string_pretty(&result)?;
+    if let Some(path) = report {
+        std::fs::write(&path, &text)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    if json {
+        println!("{text}");
+    }
+    Ok(if result.outcome == migrator::report::Outcome::Migrated {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[derive(Args)]
+pub struct RecoverArgs {
+    /// The images directory (named in migrate's report and error).
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    /// Service address to put back (IP or IP/PREFIX). Repeatable.
+    #[arg(long = "ip", value_name = "CIDR", requires = "iface")]
+    ips: Vec<ServiceAddress>,
+    /// Interface for the service addresses.
+    #[arg(long = "iface", value_name = "IF")]
+    iface: Option<String>,
+    /// CRIU binary (see `migrator doctor --help`).
+    #[arg(long, value_name = "PATH")]
+    criu: Option<PathBuf>,
+}
+
+pub fn run_recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
+    let RecoverArgs {
+        images,
+        ips,
+        iface,
+        criu,
+    } = args;
+    require_privileges()?;
+    let criu = locate_criu(criu.as_deref())?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let recovered = runtime.block_on(migrate::recover::recover(
+        &images,
+        &ips,
+        iface.as_deref(),
+        &criu,
+    ))?;
+    for address in &recovered.addresses_added {
+        eprintln!("added {address}");
+    }
+    eprintln!(
+        "restored from {}: pid {}",
+        images.display(),
+        recovered.pid.unwrap_or(0)
+    );
+    eprintln!(
+        "released {} flow(s) and {} service rule(s)",
+        recovered.flows_released, recovered.services_released
+    );
+    for iface in &recovered.detached {
+        eprintln!("detached from {iface}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,217 @@
+//! The `migrator` command line: one module per subcommand (or family of
+//! them), each a thin front end over the library; this one holds what
+//! they share and dispatches.
+
+mod agent;
+mod doctor;
+mod lock;
+mod migrate;
+mod watch;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use migrator::{
+    channel::{Credentials, token::Token},
+    dataplane::spec::{FlowSpec, ServiceSpec},
+    system,
+};
+
+/// Move a running Linux process with live TCP connections to another host.
+///
+/// migrator freezes the process's connections with an eBPF network lock,
+/// checkpoints it with CRIU, restores it on the destination, moves the
+/// service IP and releases traffic only once the destination owns it. Peers
+/// see a short, slow patch of network, never a reset.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that this host can take part in a migration.
+    ///
+    /// One line per check with OK, WARN or FAIL, and the fix for anything
+    /// not OK: privileges, capabilities whose absence limits what can move
+    /// (CAP_SYS_RESOURCE), kernel version, BTF, TC attach mode (TCX or the
+    /// clsact fallback), bpffs (mounted if missing), the eBPF programs
+    /// passing the verifier, how our own retransmits are counted (BTF
+    /// tracepoint, or tracefs), CRIU (where it was found, its version,
+    /// `criu check`), and the freeze window tcp_retries2 allows. Exits
+    /// non-zero when a migration cannot work here.
+    Doctor(doctor::DoctorArgs),
+    /// Attach the data plane (ingress and egress) to an interface.
+    ///
+    /// The programs stay attached after this command exits (TCX links
+    /// pinned under /sys/fs/bpf/migrator/netns-<inode>/); every migrator
+    /// command in this network namespace shares their flow table.
+    Attach(lock::AttachArgs),
+    /// Detach the data plane from an interface; with no interface left,
+    /// the pinned maps are removed too.
+    Detach(lock::DetachArgs),
+    /// Lock flows and service IPs: their packets are dropped both ways
+    /// (or, with --hold, incoming ones are kept for later delivery).
+    ///
+    /// Attaches to the interface if needed and returns at once; the lock
+    /// stays until `release` or until the deadline passes, after which the
+    /// kernel lets traffic through again on its own (fail-open), even if
+    /// no migrator process is left.
+    Freeze(lock::FreezeArgs),
+    /// Lift the lock from flows, service IPs, or everything. Flows go back
+    /// to being observed (counters kept); service rules are removed.
+    Release(lock::ReleaseArgs),
+    /// Move a running process, with its TCP connections, to the host where
+    /// `migrator agent` runs.
+    ///
+    /// Phases, each timed and shown as it happens: discover the process
+    /// tree's connections; preflight (CRIU here, the agent reachable and
+    /// authenticated, PIDs and service addresses free there); freeze its
+    /// flows and service addresses with the eBPF lock; CRIU dump; stream the
+    /// images; give up the service addresses; then the agent adds them,
+    /// restores, announces (GARP / unsolicited NA), confirms the neighbours
+    /// answer there and releases the lock. Any failure after the freeze
+    /// rolls back: the process runs here again with its connections.
+    ///
+    /// Exits 0 only when the process runs on the destination.
+    Migrate(migrate::MigrateArgs),
+    /// Restore a process from the images a failed migration left behind,
+    /// and lift the lock it left.
+    ///
+    /// For the case `migrate` reports "ROLLBACK FAILED", or when it was
+    /// killed after the dump: run it on the source before the lock's
+    /// deadline passes, and the peers will have seen only a slow network.
+    /// Adds the given service addresses back if they are missing, restores
+    /// with CRIU, releases every lock in this network namespace and
+    /// detaches the data plane.
+    Recover(migrate::RecoverArgs),
+    /// Receive migrations: run this on the destination host.
+    ///
+    /// Every byte with a source travels in TLS 1.3; a source proves the
+    /// shared token (or a certificate from --ca) within --handshake-timeout
+    /// or is dropped. Each connection is served on its own, up to
+    /// --max-sessions at once, one restoring at a time. The restored
+    /// process stays stopped until the source commits the hand-over, so at
+    /// most one copy ever runs. Leaves no lock, address, pinned object or
+    /// image behind after a migration, whatever its outcome. It is the
+    /// parent (subreaper) of the processes it restores and reaps them when
+    /// they move on. SIGTERM: no new sessions, running ones finish or
+    /// undo, exit 0. Tells systemd when ready (Type=notify).
+    Agent(agent::AgentArgs),
+    /// Live per-connection counters, for watching a move.
+    ///
+    /// Shows the connections the data plane tracks in this network
+    /// namespace (a migration's, or those it is asked to follow), with the
+    /// peer's retransmits (total, per second, time since the last), our own
+    /// retransmits, packets dropped and held, bytes, and while frozen how
+    /// long and when the peer's next retransmit is due. On a terminal: a
+    /// live table (q quits); otherwise, or with --plain, one table per
+    /// interval; --json prints JSON lines. --pid, --flow and --ip select;
+    /// --pid and --flow connections are observed (attaching if needed) and
+    /// the ones watch added are removed again when it exits.
+    Watch(watch::WatchArgs),
+    /// Show tracked flows and service rules with their counters.
+    Status(lock::StatusArgs),
+}
+
+#[derive(Args)]
+pub struct IfaceArg {
+    /// Network interface (in this network namespace).
+    #[arg(long = "iface", value_name = "IF")]
+    pub name: String,
+}
+
+/// How the two hosts prove who they are, inside TLS 1.3 (every byte
+/// between them is encrypted either way): a shared token, or certificates.
+#[derive(Args)]
+pub struct AuthArgs {
+    /// File with the token both hosts share: owned by root, mode 0600, at
+    /// least 128 bits once decoded (hex, base64 or raw), e.g. `head -c 32
+    /// /dev/urandom | base64`. It never crosses the wire: each side proves
+    /// it with an HMAC bound to the TLS session.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "cert",
+        conflicts_with = "cert"
+    )]
+    token_file: Option<PathBuf>,
+    /// This host's certificate chain (PEM), for fleets with a PKI; needs
+    /// --key and --ca.
+    #[arg(long, value_name = "PEM", requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// The private key of --cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The CA the other host's certificate must come from (PEM). The agent
+    /// accepts only clients it issued; the source only an agent certificate
+    /// it issued that names the host or address dialled.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    ca: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        match (&self.token_file, &self.cert, &self.key, &self.ca) {
+            (Some(file), ..) => Ok(Credentials::Token(
+                Token::from_file(file).map_err(anyhow::Error::msg)?,
+            )),
+            (None, Some(cert), Some(key), Some(ca)) => {
+                Ok(Credentials::from_pem_files(cert, key, ca)?)
+            }
+            _ => bail!("give --token-file, or --cert with --key and --ca"),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct Targets {
+    /// A TCP connection: LOCAL_IP:PORT=REMOTE_IP:PORT, IPv6 as
+    /// [2001:db8::2]:5000=[2001:db8::1]:7000. Repeatable.
+    #[arg(long = "flow", value_name = "LOCAL=REMOTE")]
+    pub flows: Vec<FlowSpec>,
+    /// All TCP to/from a local IP, or only one port: IP, IP:PORT,
+    /// [IPv6]:PORT. Catches new connections too. Repeatable.
+    #[arg(long = "ip", value_name = "IP[:PORT]")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// Data plane commands change kernel state: refuse early and clearly
+/// without the privileges, before anything is touched.
+pub fn require_privileges() -> anyhow::Result<()> {
+    let missing = system::missing_capabilities().context("reading this process's capabilities")?;
+    if !missing.is_empty() {
+        bail!(
+            "this command needs root (missing {}); run it as root",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The CRIU to use, with the fix in the error.
+pub fn locate_criu(flag: Option<&std::path::Path>) -> anyhow::Result<migrator::criu::CriuBinary> {
+    migrator::criu::locate(flag).map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))
+}
+
+pub fn not_attached(iface: &str) -> anyhow::Error {
+    anyhow::anyhow!("{iface} is not attached in this network namespace (see `migrator status`)")
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Doctor(args) => doctor::run(args),
+        Command::Attach(args) => lock::run_attach(args),
+        Command::Detach(args) => lock::run_detach(args),
+        Command::Freeze(args) => lock::run_freeze(args),
+        Command::Release(args) => lock::run_release(args),
+        Command::Migrate(args) => migrate::run_migrate(args),
+        Command::Recover(args) => migrate::run_recover(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Watch(args) => watch::run(args),
+        Command::Status(args) => lock::run_status(args),
+    }
+}
