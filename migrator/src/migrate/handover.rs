@@ -1,0 +1,131 @@
+//! The hand-over: the agent restores (stopped), takes the addresses over
+//! and says it is ready; we commit, and from then on the process is the
+//! destination's. See the agent's `session` for the other half.
+
+use std::time::{Duration, Instant};
+
+use super::{Progress, transfer::Released};
+use crate::{
+    channel::{self, Message, message::RestoreReply},
+    report::{ConnectionReport, PhaseClock, Report},
+};
+
+pub(super) async fn hand_over(
+    released: Released,
+    clock: &mut PhaseClock,
+    report: &mut Report,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    let Released {
+        mut channel,
+        frozen_at,
+        handover_by,
+        packets_at_ip_release,
+    } = released;
+    // restore, announce, confirm: at the agent, which then waits,
+    // the process stopped and the lock on, for our commit.
+    clock.publish("restore (destination)");
+    let asked_at_ms = clock.now_ms();
+    progress.destination_may_own = Some(handover_by);
+    channel
+        .send(&Message::Restore)
+        .await
+        .map_err(|e| format!("asking for the restore: {e}"))?;
+    match channel.receive_before(Some(handover_by)).await {
+        Ok(Message::Ready) => {}
+        Ok(Message::Failed { phase, reason }) => {
+            // It undid everything (addresses included) before answering.
+            progress.destination_may_own = None;
+            return Err(format!(
+                "destination {}: {}",
+                channel::printable(&phase),
+                channel::printable(&reason)
+            ));
+        }
+        Ok(Message::Refused { reason }) => {
+            progress.destination_may_own = None;
+            return Err(format!(
+                "destination refused: {}",
+                channel::printable(&reason)
+            ));
+        }
+        Ok(other) => return Err(format!("destination answered {}", other.name())),
+        // The agent resumes nothing without our commit, and removes its
+        // copy when we hang up: rolling back is safe.
+        Err(err) => return Err(format!("destination not ready for the hand-over: {err}")),
+    }
+    // The commit: from here on the process is the destination's.
+    progress.committed = true;
+    let answer = match channel.send(&Message::Commit).await {
+        Ok(()) => channel.receive().await,
+        Err(err) => Err(err),
+    };
+    let mut reply: RestoreReply = match answer {
+        Ok(Message::Restored(reply)) => *reply,
+        Ok(Message::Failed { phase, reason }) => {
+            // It says its copy is gone: ours may run again.
+            progress.committed = false;
+            progress.destination_may_own = None;
+            return Err(format!(
+                "destination {}: {}",
+                channel::printable(&phase),
+                channel::printable(&reason)
+            ));
+        }
+        Ok(other) => {
+            return Err(format!(
+                "after the commit the destination answered {}",
+                other.name()
+            ));
+        }
+        Err(err) => return Err(format!("after the commit: {err}")),
+    };
+    let answered = Instant::now();
+    for mut phase in std::mem::take(&mut reply.phases) {
+        phase.start_ms += asked_at_ms;
+        phase.name = channel::printable(&phase.name);
+        phase.host = "destination".to_owned();
+        clock.record(phase);
+    }
+    // The agent's numbers are checked, not trusted: a hostile or broken
+    // reply must not make arithmetic panic here.
+    let released_at = Duration::try_from_secs_f64(reply.since_release_ms / 1e3)
+        .ok()
+        .and_then(|ago| answered.checked_sub(ago))
+        .unwrap_or(answered);
+    report.freeze_window_ms = Some(
+        released_at
+            .saturating_duration_since(frozen_at)
+            .as_secs_f64()
+            * 1e3,
+    );
+    report.destination_pid = Some(reply.pid);
+    report.criu_restore = reply.criu_restore.take();
+    report.confirmed_neighbours = std::mem::take(&mut reply.confirmed);
+    report.unconfirmed_neighbours = std::mem::take(&mut reply.unconfirmed);
+
+    // Stale packets: peers still sending to the old host after it gave
+    // up the address (keep counting a moment after the release).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Some(lock) = progress.lock.as_ref() {
+        for (i, (flow, stats)) in lock.counters().into_iter().enumerate() {
+            let name = flow.to_string();
+            let destination = reply.connections.iter().find(|c| c.flow == name);
+            report.connections.push(ConnectionReport {
+                local: flow.local.to_string(),
+                remote: flow.remote.to_string(),
+                peer_retransmits_source: stats.peer_retransmits,
+                peer_retransmits_destination: destination.map_or(0, |c| c.peer_retransmits),
+                stale_packets_source: stats
+                    .packets_in
+                    .saturating_sub(packets_at_ip_release.get(i).copied().unwrap_or(0)),
+                held_delivered: reply
+                    .held_delivered
+                    .iter()
+                    .find(|(held_flow, _)| *held_flow == name)
+                    .map_or(0, |(_, count)| *count),
+            });
+        }
+    }
+    Ok(())
+}
