@@ -85,3 +85,15 @@ pub fn has_capability(bit: u32) -> bool {
         .expect("a CapEff line");
     caps & (1 << bit) != 0
 }
+
+/// Keep the calling thread on one CPU: a benchmark's sender and receiver
+/// each get their own, so the scheduler moving them around adds no noise.
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data, set up by CPU_SET; the call only
+    // affects this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}

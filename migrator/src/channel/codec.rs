@@ -27,6 +27,16 @@ pub enum Frame {
     Data(Bytes),
 }
 
+/// The header of a data frame of `len` bytes, for writers that send the
+/// payload straight from its buffer instead of through the encoder.
+pub fn data_header(len: usize) -> Result<[u8; HEADER], ChannelError> {
+    let len = u32::try_from(len).map_err(|_| ChannelError::Frame("payload over 4 GiB".into()))?;
+    let mut header = [0u8; HEADER];
+    header[0] = KIND_DATA;
+    header[1..].copy_from_slice(&len.to_be_bytes());
+    Ok(header)
+}
+
 pub struct FrameCodec {
     max_message: usize,
     max_data: usize,

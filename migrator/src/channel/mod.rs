@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, BufReader},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
     net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
@@ -120,8 +120,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
         self.send_frame(Frame::Message(bytes.into())).await
     }
 
+    /// Image bytes go from their buffer to the stream: no copy into the
+    /// encoder's (the frame layout is the codec's).
     pub async fn send_data(&mut self, data: Bytes) -> Result<(), ChannelError> {
-        self.send_frame(Frame::Data(data)).await
+        let header = codec::data_header(data.len())?;
+        let wait = self.wait_limit(None);
+        // Every send flushes, so the encoder's buffer is empty here.
+        let stream = self.framed.get_mut();
+        let write = async {
+            stream.write_all(&header).await?;
+            stream.write_all(&data).await?;
+            stream.flush().await
+        };
+        tokio::time::timeout(wait, write)
+            .await
+            .map_err(|_| ChannelError::Timeout(wait))?
+            .map_err(ChannelError::Io)
     }
 
     /// A peer that stops reading makes a send wait: not longer than the

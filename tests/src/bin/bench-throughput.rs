@@ -37,23 +37,11 @@ fn classifier_runs() -> (Duration, u64) {
         })
 }
 
-/// Keep the calling thread on one CPU: sender and receiver each get their
-/// own, so the scheduler moving them around adds no noise.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data, set up by CPU_SET; the call only
-    // affects this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// Gbit/s of one bulk TCP transfer from `b` to `a`.
 fn transfer(a: &Netns, b: &Netns) -> f64 {
     let listener = a.run(|| TcpListener::bind("198.18.8.1:5201").unwrap());
     let reader = std::thread::spawn(move || {
-        pin_to_cpu(1);
+        migrator_tests::pin_to_cpu(1);
         let (mut conn, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
@@ -68,7 +56,7 @@ fn transfer(a: &Netns, b: &Netns) -> f64 {
     let mut sender = b.run(|| TcpStream::connect("198.18.8.1:5201").unwrap());
     let start = Instant::now();
     std::thread::spawn(move || {
-        pin_to_cpu(0);
+        migrator_tests::pin_to_cpu(0);
         let chunk = vec![0x5au8; 1 << 20];
         while start.elapsed() < Duration::from_secs_f64(SECONDS) {
             sender.write_all(&chunk).unwrap();
