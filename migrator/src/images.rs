@@ -175,6 +175,42 @@ impl SessionDir {
     }
 }
 
+/// Room left on the disk after the images, besides their own size.
+pub const DISK_RESERVE: u64 = 64 << 20;
+
+/// Whether `bytes` of images fit in `dir` with the reserve to spare;
+/// `Err` says how much is needed and how much there is.
+pub fn check_room(dir: &Path, bytes: u64) -> Result<(), String> {
+    let free =
+        free_bytes(dir).map_err(|e| format!("checking free space in {}: {e}", dir.display()))?;
+    let needed = bytes.saturating_add(DISK_RESERVE);
+    if needed > free {
+        return Err(format!(
+            "the images need about {} MiB (with {} MiB to spare) but {} has {} MiB free: free space there or choose another --work-dir",
+            bytes >> 20,
+            DISK_RESERVE >> 20,
+            dir.display(),
+            free >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// Free bytes on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
+    // SAFETY: all-zero is a valid statvfs.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we own; the path is a valid
+    // NUL-terminated string.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
 fn open_dir(path: &Path) -> Result<OwnedFd, ImagesError> {
     let io = |source| ImagesError::Io {
         action: "opening",
@@ -233,6 +269,17 @@ mod tests {
         let err = StateDir::open(&link).unwrap_err().to_string();
         assert!(err.contains("symlink"), "{err}");
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn room_is_checked_with_a_reserve() {
+        let dir = std::env::temp_dir();
+        let err = check_room(&dir, u64::MAX / 4).unwrap_err();
+        assert!(err.contains("MiB free"), "{err}");
+        let free = free_bytes(&dir).unwrap();
+        if free > DISK_RESERVE {
+            assert!(check_room(&dir, 0).is_ok());
+        }
     }
 
     #[test]

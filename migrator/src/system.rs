@@ -250,6 +250,21 @@ pub fn deadline_ns(after: std::time::Duration) -> u64 {
     boottime_ns().saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// Resident memory of these processes (VmRSS), in bytes: an upper bound
+/// of what CRIU writes for their pages (it skips clean file pages).
+pub fn resident_bytes(pids: &[i32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb.saturating_mul(1024))
+        .fold(0, u64::saturating_add)
+}
+
 /// Let a stopped tree run (SIGCONT to every process of it).
 pub fn resume_tree(root: i32) {
     for pid in process_tree(root) {

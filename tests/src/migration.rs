@@ -130,13 +130,10 @@ impl MigrationLab {
         let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
         let work = self.dir.0.join(format!("agent-{host}"));
         let auth = self.auth_args(host);
-        let mut args = vec![
-            "agent",
-            "--listen",
-            &listen,
-            "--work-dir",
-            work.to_str().unwrap(),
-        ];
+        let mut args = vec!["agent", "--listen", &listen];
+        if !extra.contains(&"--work-dir") {
+            args.extend(["--work-dir", work.to_str().unwrap()]);
+        }
         args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let agent = self.spawn(host, &migrator_bin(), &args);

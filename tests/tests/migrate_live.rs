@@ -657,3 +657,43 @@ fn trees_criu_would_refuse_are_refused_before_anything_is_frozen() {
         }
     }
 }
+
+/// The destination's state directory cannot hold the images (a 16 MiB
+/// tmpfs, a 64 MiB process): refused at preflight, with how much is
+/// needed and how much is free, before anything is frozen.
+#[test]
+fn a_destination_without_room_for_the_images_is_refused_before_the_freeze() {
+    let mut lab = MigrationLab::new("room");
+    let pid = lab.start_workload(true, 64);
+    let small = lab.dir.0.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    lab.stop_agent(DST);
+    lab.start_agent_with(DST, &["--work-dir", small.to_str().unwrap()]);
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(!run.success);
+    assert!(
+        run.stderr
+            .contains("no room for the images on the destination")
+            && run.stderr.contains("MiB free"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !lab.pins_left(SRC) && !lab.pins_left(DST),
+        "something was locked"
+    );
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(200));
+}

@@ -130,6 +130,7 @@ fn preflight(addresses: &[&str], flows: &[&str], deadline_ms: u64) -> Message {
         hold: true,
         boot_id: identity.0,
         pid_namespace: identity.1,
+        image_bytes: 0,
     })
 }
 

@@ -42,9 +42,6 @@ pub const MAX_TOTAL_BYTES: u64 = 64 << 30;
 /// holds 16 MiB of packets of at most 2 KiB).
 pub const MAX_HELD: u64 = 16_384;
 pub const MAX_HELD_BYTES: usize = 2048;
-/// Room left on the disk after the images, besides their own size.
-pub const DISK_RESERVE: u64 = 64 << 20;
-
 impl AgentPolicy {
     /// Everything in a preflight request that policy decides, with the
     /// flows parsed. `Err` says what was refused and why.
@@ -125,21 +122,6 @@ pub fn check_held(frame: &[u8], flows: &[FlowSpec]) -> Result<(), String> {
     }
 }
 
-/// Free bytes on the filesystem holding `dir`.
-pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
-    // SAFETY: all-zero is a valid statvfs.
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs writes into the struct we own; the path is a valid
-    // NUL-terminated string.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -155,6 +137,7 @@ mod tests {
             hold: false,
             boot_id: String::new(),
             pid_namespace: 0,
+            image_bytes: 0,
         }
     }
 

@@ -288,6 +288,8 @@ async fn preflight(
         .link_index(&config.iface)
         .await
         .map_err(|err| err.to_string())?;
+    crate::images::check_room(config.state.path(), request.image_bytes)
+        .map_err(|why| format!("no room for the images on the destination: {why}"))?;
     for address in &request.service_addresses {
         if let Some((_, iface)) = netlink
             .holder(address.ip)
@@ -340,8 +342,8 @@ async fn receive_images(
                     channel.send(&refuse(reason.clone())).await?;
                     return Err(ChannelError::Refused(reason));
                 }
-                let free = policy::free_bytes(images).unwrap_or(u64::MAX);
-                if size.saturating_add(policy::DISK_RESERVE) > free {
+                let free = crate::images::free_bytes(images).unwrap_or(u64::MAX);
+                if size.saturating_add(crate::images::DISK_RESERVE) > free {
                     let reason = format!(
                         "no room for image `{name}` ({size} bytes) in {}: {free} bytes free",
                         images.display()

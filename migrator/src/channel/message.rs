@@ -83,6 +83,10 @@ pub struct PreflightRequest {
     pub boot_id: String,
     #[serde(default)]
     pub pid_namespace: u64,
+    /// About how many bytes of images the dump will make (the tree's
+    /// resident memory): the agent refuses at once if they cannot fit.
+    #[serde(default)]
+    pub image_bytes: u64,
 }
 
 impl PreflightRequest {

@@ -102,6 +102,9 @@ async fn preflight(
         .supported_version()
         .map_err(|e| format!("{e}; {}", e.fix()))?;
     refuse_what_criu_would(&network.pids)?;
+    let image_bytes = crate::system::resident_bytes(&network.pids);
+    crate::images::check_room(options.state.path(), image_bytes)
+        .map_err(|why| format!("no room for the images here: {why}"))?;
     let netlink = Netlink::connect().map_err(|e| e.to_string())?;
     let mut plan = Vec::new();
     for address in &options.service_addresses {
@@ -151,6 +154,7 @@ async fn preflight(
             hold: options.hold,
             boot_id: identity.0.clone(),
             pid_namespace: identity.1,
+            image_bytes,
         }))
         .await
         .map_err(|e| e.to_string())?;
