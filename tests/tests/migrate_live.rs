@@ -76,7 +76,19 @@ fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static st
         "migration {round} {from} -> {to}: {}",
         run.stderr
     );
-    (run.report.unwrap(), from, to)
+    let report = run.report.unwrap();
+    // The report says where the freeze window went, and it adds up.
+    let window = report["freeze_window_ms"].as_f64().unwrap();
+    let parts = report["freeze_window_parts"].as_array().unwrap();
+    let sum: f64 = parts.iter().map(|p| p["ms"].as_f64().unwrap()).sum();
+    assert!((sum - window).abs() < 1e-6, "{sum} != {window}: {parts:?}");
+    assert!(
+        parts
+            .iter()
+            .any(|p| p["name"] == "restore" && p["host"] == "destination"),
+        "{parts:?}"
+    );
+    (report, from, to)
 }
 
 #[test]

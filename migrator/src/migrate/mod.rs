@@ -102,6 +102,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             .collect(),
         phases: Vec::new(),
         freeze_window_ms: None,
+        freeze_window_parts: Vec::new(),
         total_ms: 0.0,
         image_bytes: 0,
         criu_dump: None,
@@ -192,6 +193,14 @@ pub async fn migrate(options: MigrateOptions) -> Report {
     report
         .phases
         .sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
+    let frozen_at_ms = report
+        .phases
+        .iter()
+        .find(|p| p.name == report::FREEZE)
+        .map(|p| p.start_ms);
+    if let (Some(start), Some(window)) = (frozen_at_ms, report.freeze_window_ms) {
+        report.freeze_window_parts = report::window_parts(&report.phases, start, start + window);
+    }
     report.total_ms = clock.now_ms();
     report
 }

@@ -34,6 +34,68 @@ pub const HANDOVER: &str = "hand-over";
 /// out its hand-over deadline, then announcing the addresses again.
 pub const RECLAIM: &str = "reclaim";
 
+/// What a stretch of the freeze window was spent on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowPart {
+    pub name: String,
+    pub host: String,
+    pub ms: f64,
+}
+
+/// Name of the time inside the freeze window no phase covers (messages
+/// on the wire, bookkeeping between phases).
+pub const BETWEEN_PHASES: &str = "between phases";
+
+/// The freeze window `[start_ms, end_ms]` as the phases that fill it, in
+/// order, each only for the part inside the window and not already
+/// covered by an earlier phase, and the rest as [`BETWEEN_PHASES`]: the
+/// parts add up to the window.
+pub fn window_parts(phases: &[Phase], start_ms: f64, end_ms: f64) -> Vec<WindowPart> {
+    let mut spans: Vec<(f64, f64, &Phase)> = phases
+        .iter()
+        .filter(|p| p.name != FREEZE)
+        .map(|p| {
+            (
+                p.start_ms.max(start_ms),
+                (p.start_ms + p.duration_ms).min(end_ms),
+                p,
+            )
+        })
+        .filter(|(from, to, _)| to > from)
+        .collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut parts: Vec<WindowPart> = Vec::new();
+    let (mut cursor, mut between) = (start_ms, 0.0);
+    for (from, to, phase) in spans {
+        if from > cursor {
+            between += from - cursor;
+            cursor = from;
+        }
+        if to > cursor {
+            match parts.last_mut() {
+                Some(last) if last.name == phase.name && last.host == phase.host => {
+                    last.ms += to - cursor;
+                }
+                _ => parts.push(WindowPart {
+                    name: phase.name.clone(),
+                    host: phase.host.clone(),
+                    ms: to - cursor,
+                }),
+            }
+            cursor = to;
+        }
+    }
+    between += (end_ms - cursor).max(0.0);
+    if between > 0.0 {
+        parts.push(WindowPart {
+            name: BETWEEN_PHASES.to_owned(),
+            host: "-".to_owned(),
+            ms: between,
+        });
+    }
+    parts
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Phase {
     pub name: String,
@@ -100,6 +162,10 @@ pub struct Report {
     pub phases: Vec<Phase>,
     /// Freeze on the source to release on the destination.
     pub freeze_window_ms: Option<f64>,
+    /// Where the freeze window went: the phases inside it, in order, and
+    /// the time between them; they add up to `freeze_window_ms`.
+    #[serde(default)]
+    pub freeze_window_parts: Vec<WindowPart>,
     pub total_ms: f64,
     pub image_bytes: u64,
     pub criu_dump: Option<DumpStats>,
@@ -154,6 +220,14 @@ impl Report {
                 self.total_ms,
                 self.image_bytes as f64 / (1 << 20) as f64
             ));
+            if !self.freeze_window_parts.is_empty() {
+                let parts: Vec<String> = self
+                    .freeze_window_parts
+                    .iter()
+                    .map(|part| format!("{} {:.1}", part.name, part.ms))
+                    .collect();
+                out.push_str(&format!("    = {} (ms)\n", parts.join(" + ")));
+            }
         }
         out.push_str("  phase          host          start ms   duration ms\n");
         for phase in &self.phases {
@@ -320,5 +394,46 @@ impl PhaseClock {
             );
         }
         self.phases.push(phase);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phase(name: &str, host: &str, start_ms: f64, duration_ms: f64) -> Phase {
+        Phase {
+            name: name.to_owned(),
+            host: host.to_owned(),
+            start_ms,
+            duration_ms,
+            ok: true,
+        }
+    }
+
+    #[test]
+    fn the_window_parts_add_up() {
+        let phases = [
+            phase("preflight", "source", 0.0, 90.0),
+            phase("dump", "source", 80.0, 40.0),
+            phase(FREEZE, "source", 100.0, 0.0),
+            phase("transfer", "source", 121.0, 10.0),
+            phase("restore", "destination", 132.0, 30.0),
+            // Overlapping an earlier phase: only the uncovered part counts.
+            phase("announce", "destination", 160.0, 5.0),
+            phase("rollback", "source", 400.0, 10.0),
+        ];
+        let parts = window_parts(&phases, 100.0, 170.0);
+        let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["dump", "transfer", "restore", "announce", BETWEEN_PHASES]
+        );
+        assert_eq!(parts[0].ms, 20.0, "only the dump's part inside the window");
+        assert_eq!(parts[3].ms, 3.0, "announce past restore's end");
+        let total: f64 = parts.iter().map(|p| p.ms).sum();
+        assert!((total - 70.0).abs() < 1e-9, "{parts:?}");
+        // 1 ms before transfer, 1 ms before restore, 5 ms after announce.
+        assert!((parts[4].ms - 7.0).abs() < 1e-9, "{parts:?}");
     }
 }
