@@ -77,6 +77,15 @@ fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static st
         run.stderr
     );
     let report = run.report.unwrap();
+    assert_eq!(report["schema_version"], 2);
+    assert!(report["failed_phase"].is_null(), "{report}");
+    assert!(
+        !report["destination_host"]["criu_version"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{report}"
+    );
     // The report says where the freeze window went, and it adds up.
     let window = report["freeze_window_ms"].as_f64().unwrap();
     let parts = report["freeze_window_parts"].as_array().unwrap();
@@ -536,6 +545,7 @@ fn unconfirmed_address_rolls_back_with_connections_alive() {
         report["error"].as_str().unwrap().contains("confirm"),
         "{report}"
     );
+    assert_eq!(report["failed_phase"], "confirm", "{report}");
     assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
     assert!(!lab.has_address(DST, SERVICE_V4) && !lab.has_address(DST, SERVICE_V6));
     assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));

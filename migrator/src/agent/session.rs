@@ -201,6 +201,7 @@ async fn serve(
         .send(&Message::PreflightOk(PreflightReply {
             criu_version: config.criu_version.clone(),
             iface: config.iface.clone(),
+            host: crate::report::HostInfo::here(config.criu_version.clone()),
         }))
         .await?;
 

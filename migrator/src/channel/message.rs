@@ -110,6 +110,9 @@ impl PreflightRequest {
 pub struct PreflightReply {
     pub criu_version: String,
     pub iface: String,
+    /// The agent's host, for the report.
+    #[serde(default)]
+    pub host: crate::report::HostInfo,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

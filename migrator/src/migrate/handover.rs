@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::{Progress, transfer::Released};
 use crate::{
     channel::{self, Message, message::RestoreReply},
-    report::{ConnectionReport, PhaseClock, Report},
+    report::{ConnectionReport, HANDOVER, Phase, PhaseClock, Report},
 };
 
 pub(super) async fn hand_over(
@@ -36,6 +36,7 @@ pub(super) async fn hand_over(
         Ok(Message::Failed { phase, reason }) => {
             // It undid everything (addresses included) before answering.
             progress.destination_may_own = None;
+            failed_there(clock, &phase);
             return Err(format!(
                 "destination {}: {}",
                 channel::printable(&phase),
@@ -52,7 +53,10 @@ pub(super) async fn hand_over(
         Ok(other) => return Err(format!("destination answered {}", other.name())),
         // The agent resumes nothing without our commit, and removes its
         // copy when we hang up: rolling back is safe.
-        Err(err) => return Err(format!("destination not ready for the hand-over: {err}")),
+        Err(err) => {
+            failed_here(clock);
+            return Err(format!("destination not ready for the hand-over: {err}"));
+        }
     }
     // The commit: from here on the process is the destination's.
     progress.committed = true;
@@ -66,6 +70,7 @@ pub(super) async fn hand_over(
             // It says its copy is gone: ours may run again.
             progress.committed = false;
             progress.destination_may_own = None;
+            failed_there(clock, &phase);
             return Err(format!(
                 "destination {}: {}",
                 channel::printable(&phase),
@@ -78,7 +83,10 @@ pub(super) async fn hand_over(
                 other.name()
             ));
         }
-        Err(err) => return Err(format!("after the commit: {err}")),
+        Err(err) => {
+            failed_here(clock);
+            return Err(format!("after the commit: {err}"));
+        }
     };
     let answered = Instant::now();
     for mut phase in std::mem::take(&mut reply.phases) {
@@ -128,4 +136,27 @@ pub(super) async fn hand_over(
         }
     }
     Ok(())
+}
+
+/// The destination's phase that failed, as it named it, on our timeline
+/// (its failure replies carry no timings).
+fn failed_there(clock: &mut PhaseClock, phase: &str) {
+    clock.record_quiet(Phase {
+        name: channel::printable(phase),
+        host: "destination".to_owned(),
+        start_ms: clock.now_ms(),
+        duration_ms: 0.0,
+        ok: false,
+    });
+}
+
+/// The hand-over failed on our side (silence, a broken connection).
+fn failed_here(clock: &mut PhaseClock) {
+    clock.record_quiet(Phase {
+        name: HANDOVER.to_owned(),
+        host: "source".to_owned(),
+        start_ms: clock.now_ms(),
+        duration_ms: 0.0,
+        ok: false,
+    });
 }

@@ -89,8 +89,13 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         &crate::dataplane::default_pin_root(),
     ));
     let mut report = Report {
+        schema_version: report::SCHEMA_VERSION,
+        started_unix_ms: crate::system::unix_ms(),
         outcome: Outcome::Failed,
         error: None,
+        failed_phase: None,
+        source_host: None,
+        destination_host: None,
         source_pid: options.pid,
         destination: options.to.to_string(),
         destination_pid: None,
@@ -198,6 +203,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         .iter()
         .find(|p| p.name == report::FREEZE)
         .map(|p| p.start_ms);
+    report.failed_phase = report.phases.iter().find(|p| !p.ok).map(|p| p.name.clone());
     if let (Some(start), Some(window)) = (frozen_at_ms, report.freeze_window_ms) {
         report.freeze_window_parts = report::window_parts(&report.phases, start, start + window);
     }
@@ -224,6 +230,8 @@ async fn run(
     }
 
     let prepared = preflight::prepare(options, &network, clock, progress).await?;
+    report.source_host = Some(prepared.source_host.clone());
+    report.destination_host = Some(prepared.destination_host.clone());
     let frozen = dump::dump(options, prepared, clock, report, progress).await?;
     let released = transfer::transfer_and_release(options, frozen, clock, report, progress).await?;
     handover::hand_over(released, clock, report, progress).await

@@ -13,7 +13,7 @@ use crate::{
     },
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     net::{address::Netlink, discover},
-    report::{self, PhaseClock},
+    report::{self, HostInfo, PhaseClock},
 };
 
 /// TCP connect, TLS handshake and proofs, all together.
@@ -91,13 +91,16 @@ pub(super) struct Prepared {
     pub netlink: Netlink,
     pub iface: String,
     pub addresses: Vec<(ServiceAddress, String, u32)>,
+    /// Both hosts as they describe themselves, for the report.
+    pub source_host: HostInfo,
+    pub destination_host: HostInfo,
 }
 
 async fn preflight(
     options: &MigrateOptions,
     network: &discover::ProcessNetwork,
 ) -> Result<Prepared, String> {
-    options
+    let criu_version = options
         .criu
         .supported_version()
         .map_err(|e| format!("{e}; {}", e.fix()))?;
@@ -158,18 +161,32 @@ async fn preflight(
         }))
         .await
         .map_err(|e| e.to_string())?;
-    match channel.receive().await.map_err(|e| e.to_string())? {
-        Message::PreflightOk(_) => {}
+    let destination_host = match channel.receive().await.map_err(|e| e.to_string())? {
+        Message::PreflightOk(reply) => {
+            let mut host = reply.host;
+            // Printed later: text from the other side, escaped.
+            for field in [
+                &mut host.hostname,
+                &mut host.kernel,
+                &mut host.criu_version,
+                &mut host.migrator_version,
+            ] {
+                *field = channel::printable(field);
+            }
+            host
+        }
         Message::Refused { reason } => {
             return Err(format!("agent refused: {}", channel::printable(&reason)));
         }
         other => return Err(format!("agent answered {}", other.name())),
-    }
+    };
     Ok(Prepared {
         channel,
         netlink,
         iface,
         addresses: plan,
+        source_host: HostInfo::here(criu_version.to_string()),
+        destination_host,
     })
 }
 

@@ -34,6 +34,36 @@ pub const HANDOVER: &str = "hand-over";
 /// out its hand-over deadline, then announcing the addresses again.
 pub const RECLAIM: &str = "reclaim";
 
+/// The report's layout version: bumped when a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// A host that took part, as it describes itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub hostname: String,
+    /// Kernel release.
+    pub kernel: String,
+    pub criu_version: String,
+    pub migrator_version: String,
+}
+
+impl HostInfo {
+    /// This host, with the CRIU version in use.
+    pub fn here(criu_version: String) -> Self {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|text| text.trim().to_owned())
+                .unwrap_or_default()
+        };
+        Self {
+            hostname: read("/proc/sys/kernel/hostname"),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            criu_version,
+            migrator_version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
 /// What a stretch of the freeze window was spent on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowPart {
@@ -150,8 +180,22 @@ pub enum Outcome {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
+    /// [`SCHEMA_VERSION`] of the migrator that wrote it.
+    #[serde(default)]
+    pub schema_version: u32,
+    /// When the migration began, Unix time in ms.
+    #[serde(default)]
+    pub started_unix_ms: u64,
     pub outcome: Outcome,
     pub error: Option<String>,
+    /// The first phase that failed, if one did.
+    #[serde(default)]
+    pub failed_phase: Option<String>,
+    /// Who took part (the destination's as it said at preflight).
+    #[serde(default)]
+    pub source_host: Option<HostInfo>,
+    #[serde(default)]
+    pub destination_host: Option<HostInfo>,
     pub source_pid: i32,
     pub destination: String,
     pub destination_pid: Option<i32>,
@@ -208,8 +252,23 @@ impl Report {
             ),
         };
         out.push_str(&format!("{verdict}\n"));
+        if let Some(phase) = &self.failed_phase {
+            out.push_str(&format!("  failed phase: {phase}\n"));
+        }
         if let Some(error) = &self.error {
             out.push_str(&format!("  reason: {error}\n"));
+        }
+        if let (Some(source), Some(destination)) = (&self.source_host, &self.destination_host) {
+            out.push_str(&format!(
+                "  {} (kernel {}, criu {}) -> {} (kernel {}, criu {}), migrator {}\n",
+                source.hostname,
+                source.kernel,
+                source.criu_version,
+                destination.hostname,
+                destination.kernel,
+                destination.criu_version,
+                source.migrator_version
+            ));
         }
         if let Some(images) = &self.images_kept {
             out.push_str(&format!("  images kept in {images}\n"));
