@@ -393,6 +393,38 @@ impl MigrationLab {
         }
     }
 
+    /// `migrator recover` on `host`, with the images a failed migration's
+    /// error names (`migrator recover --images DIR`) and the lab's service
+    /// addresses; panics unless it succeeds.
+    pub fn recover_as_told(&self, host: &str, error: &str) {
+        let images = error
+            .split("migrator recover --images ")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .unwrap_or_else(|| panic!("no recover command in: {error}"))
+            .to_owned();
+        let out = self.output(
+            host,
+            migrator_bin().to_str().unwrap(),
+            &[
+                "recover",
+                "--images",
+                &images,
+                "--ip",
+                lab::SERVICE_V4,
+                "--ip",
+                lab::SERVICE_V6,
+                "--iface",
+                lab::IFACE,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "recover: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The network namespace inode a process lives in.
     pub fn netns_of(pid: i32) -> Option<u64> {
         use std::os::unix::fs::MetadataExt as _;

@@ -299,25 +299,7 @@ fn a_link_cut_during_the_restore_never_runs_two_copies() {
             .as_str()
             .unwrap()
             .to_owned();
-        let images = error
-            .split("migrator recover --images ")
-            .nth(1)
-            .and_then(|rest| rest.split('`').next())
-            .unwrap()
-            .to_owned();
-        let out = lab.output(
-            SRC,
-            migrator_tests::migrator_bin().to_str().unwrap(),
-            &[
-                "recover", "--images", &images, "--ip", SERVICE_V4, "--ip", SERVICE_V6, "--iface",
-                "eth0",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lab.recover_as_told(SRC, &error);
     } else {
         assert_eq!(result, "rolled-back", "{}", run.stderr);
     }

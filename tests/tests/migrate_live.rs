@@ -281,25 +281,7 @@ fn pid_that_stays_taken_fails_clearly_and_recover_restores() {
     // Reap the zombie (what the missing parent should have done), then
     // recover from the images the error names, before the lock's deadline.
     lab.reap(pid);
-    let images = error
-        .split("migrator recover --images ")
-        .nth(1)
-        .and_then(|rest| rest.split('`').next())
-        .unwrap()
-        .to_owned();
-    let out = lab.output(
-        SRC,
-        migrator_tests::migrator_bin().to_str().unwrap(),
-        &[
-            "recover", "--images", &images, "--ip", SERVICE_V4, "--ip", SERVICE_V6, "--iface",
-            "eth0",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.recover_as_told(SRC, error);
     assert!(!lab.pins_left(SRC));
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(500));
 }

@@ -212,20 +212,7 @@ async fn serve(
     let taken = match takeover::take_over(config, images, request, netlink, session).await {
         Ok(taken) => taken,
         Err((phase, reason)) => {
-            // Undone before answering: the source puts the address back and
-            // restores its own copy as soon as it hears (run's undo after
-            // this finds nothing left).
-            let reason = match session.undo(netlink).await {
-                Ok(()) => reason,
-                Err(problem) => format!("{reason}; {problem}"),
-            };
-            let _ = channel
-                .send(&Message::Failed {
-                    phase: phase.to_owned(),
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(ChannelError::Refused(format!("{phase}: {reason}")));
+            return Err(abandon(channel, session, netlink, phase, reason).await);
         }
     };
 
@@ -241,42 +228,45 @@ async fn serve(
                 Ok(message) => format!("the source sent {} instead of a commit", message.name()),
                 Err(err) => format!("no commit from the source: {err}"),
             };
-            let reason = match session.undo(netlink).await {
-                Ok(()) => format!("{why}; the copy here was removed"),
-                Err(problem) => format!("{why}; {problem}"),
-            };
-            let _ = channel
-                .send(&Message::Failed {
-                    phase: crate::report::HANDOVER.to_owned(),
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(ChannelError::Refused(format!("hand-over: {reason}")));
+            let phase = crate::report::HANDOVER;
+            return Err(abandon(channel, session, netlink, phase, why).await);
         }
     }
     let handed = taken.hand_over(session, held, waited_from, images);
     drop(restoring);
     let reply = match handed {
         Ok(reply) => reply,
+        // Nothing may run half taken over.
         Err((phase, reason)) => {
-            // Nothing may run half taken over: remove the copy and say so,
-            // and the source may restore its own.
-            let reason = match session.undo(netlink).await {
-                Ok(()) => format!("{reason}; the copy here was removed"),
-                Err(problem) => format!("{reason}; {problem}"),
-            };
-            let _ = channel
-                .send(&Message::Failed {
-                    phase: phase.to_owned(),
-                    reason: reason.clone(),
-                })
-                .await;
-            return Err(ChannelError::Refused(format!("{phase}: {reason}")));
+            return Err(abandon(channel, session, netlink, phase, reason).await);
         }
     };
     let pid = reply.pid;
     channel.send(&Message::Restored(Box::new(reply))).await?;
     Ok(pid)
+}
+
+/// Give up after the restore began: undo everything here first (the copy
+/// killed and reaped, the addresses and the lock gone), then tell the
+/// source, which may then restore its own copy.
+async fn abandon(
+    channel: &mut TlsChannel,
+    session: &mut Session,
+    netlink: &Netlink,
+    phase: &str,
+    reason: String,
+) -> ChannelError {
+    let reason = match session.undo(netlink).await {
+        Ok(()) => format!("{reason}; nothing of it is left here"),
+        Err(problem) => format!("{reason}; {problem}"),
+    };
+    let _ = channel
+        .send(&Message::Failed {
+            phase: phase.to_owned(),
+            reason: reason.clone(),
+        })
+        .await;
+    ChannelError::Refused(format!("{phase}: {reason}"))
 }
 
 /// Checks on this host before the source freezes anything.

@@ -254,11 +254,7 @@ pub async fn connect(
                 peer: to,
                 reason: e.to_string(),
             })?;
-        let exporter = stream
-            .get_ref()
-            .1
-            .export_keying_material([0u8; token::EXPORTER_LEN], token::EXPORTER_LABEL, None)
-            .map_err(|e| ChannelError::Auth(format!("TLS exporter: {e}")))?;
+        let exporter = exporter(stream.get_ref().1)?;
         let mut channel = Channel::new(TlsStream::Client(stream), exporter);
         // In TLS 1.3 the agent judges our certificate after our side of
         // the handshake is done: its verdict arrives as an alert on the
@@ -309,15 +305,21 @@ impl Acceptor {
                 peer,
                 reason: e.to_string(),
             })?;
-        let exporter = stream
-            .get_ref()
-            .1
-            .export_keying_material([0u8; token::EXPORTER_LEN], token::EXPORTER_LABEL, None)
-            .map_err(|e| ChannelError::Auth(format!("TLS exporter: {e}")))?;
+        let exporter = exporter(stream.get_ref().1)?;
         let mut channel = Channel::new(TlsStream::Server(stream), exporter);
         auth::server(&mut channel, &self.credentials).await?;
         Ok(channel)
     }
+}
+
+/// This session's exporter value (RFC 8446 §7.5), which the token
+/// proofs are bound to.
+fn exporter<D>(
+    connection: &rustls::ConnectionCommon<D>,
+) -> Result<[u8; token::EXPORTER_LEN], ChannelError> {
+    connection
+        .export_keying_material([0u8; token::EXPORTER_LEN], token::EXPORTER_LABEL, None)
+        .map_err(|e| ChannelError::Auth(format!("TLS exporter: {e}")))
 }
 
 /// Text from the other side, safe to print: control characters escaped.
