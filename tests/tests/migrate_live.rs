@@ -97,6 +97,29 @@ fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static st
             .any(|p| p["name"] == "restore" && p["host"] == "destination"),
         "{parts:?}"
     );
+    // The peers' packets dropped while frozen are on the timeline, inside
+    // the freeze window (1 ms for the clocks' conversion).
+    let frozen_at = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "freeze")
+        .and_then(|p| p["start_ms"].as_f64())
+        .unwrap();
+    let drops: Vec<f64> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "drop" && e["host"] == "source")
+        .map(|e| e["at_ms"].as_f64().unwrap())
+        .collect();
+    assert!(!drops.is_empty(), "no drop on the timeline");
+    assert!(
+        drops
+            .iter()
+            .all(|at| *at >= frozen_at - 1.0 && *at <= frozen_at + window + 1.0),
+        "drops outside the window [{frozen_at}, +{window}]: {drops:?}"
+    );
     (report, from, to)
 }
 
@@ -162,6 +185,23 @@ fn hold_delivers_the_peers_packets_to_the_restored_sockets() {
             .iter()
             .any(|p| p["name"] == "deliver-held" && p["host"] == "destination"),
         "{report}"
+    );
+    // The timeline: packets held on the source, delivered on the
+    // destination, every delivery after every hold.
+    let events = report["events"].as_array().unwrap();
+    let at = |host: &str, kind: &str| -> Vec<f64> {
+        events
+            .iter()
+            .filter(|e| e["host"] == host && e["kind"] == kind)
+            .map(|e| e["at_ms"].as_f64().unwrap())
+            .collect()
+    };
+    let (held, delivered) = (at("source", "hold"), at("destination", "held-delivered"));
+    assert!(!held.is_empty() && !delivered.is_empty(), "{events:?}");
+    let last_hold = held.iter().copied().fold(f64::MIN, f64::max);
+    assert!(
+        delivered.iter().all(|d| *d >= last_hold),
+        "a delivery before a hold: {events:?}"
     );
     assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));

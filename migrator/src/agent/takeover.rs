@@ -221,6 +221,7 @@ impl TakenOver {
         clock.end(phase, true);
 
         let mut held_delivered = Vec::new();
+        let mut deliveries = Vec::new();
         if self.hold {
             let phase = clock.begin(report::DELIVER_HELD);
             let mut frames = source_held;
@@ -229,10 +230,16 @@ impl TakenOver {
                     .into_iter()
                     .map(|packet| bytes::Bytes::from(packet.frame)),
             );
-            held_delivered = deliver_held(&frames);
+            (held_delivered, deliveries) = deliver_held(&frames, clock);
             clock.end(phase, true);
         }
         let released_at = Instant::now();
+        let raw = lock.drain_events();
+        let mut events =
+            report::connection_events(&raw, lock.flows(), "destination", clock.now_ms());
+        events.extend(deliveries);
+        events.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+        events.truncate(report::MAX_EVENTS_PER_HOST);
 
         let connections = counters
             .into_iter()
@@ -252,30 +259,44 @@ impl TakenOver {
             confirmed: self.confirmed,
             unconfirmed: self.unconfirmed,
             held_delivered,
+            events,
         })
     }
 }
 
-/// Inject held frames into the local stack; count per flow. A packet
-/// that cannot be delivered is only lost the way a dropped one is: the
-/// peer retransmits it.
-fn deliver_held(frames: &[bytes::Bytes]) -> Vec<(String, u64)> {
+/// Inject held frames into the local stack; count per flow, and note
+/// when each went in. A packet that cannot be delivered is only lost the
+/// way a dropped one is: the peer retransmits it.
+fn deliver_held(
+    frames: &[bytes::Bytes],
+    clock: &PhaseClock,
+) -> (Vec<(String, u64)>, Vec<report::ConnectionEvent>) {
     let injector = match crate::net::inject::Injector::open() {
         Ok(injector) => injector,
         Err(err) => {
             warn!("held packets not delivered: {err}");
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
     };
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut events = Vec::new();
     for frame in frames {
         match injector.deliver(frame) {
-            Ok(Some(flow)) => *counts.entry(flow.to_string()).or_default() += 1,
+            Ok(Some(flow)) => {
+                *counts.entry(flow.to_string()).or_default() += 1;
+                events.push(report::ConnectionEvent {
+                    connection: flow.to_string(),
+                    host: "destination".to_owned(),
+                    at_ms: clock.now_ms(),
+                    kind: "held-delivered".to_owned(),
+                    direction: "in".to_owned(),
+                });
+            }
             Ok(None) => {}
             Err(err) => warn!("a held packet was not delivered: {err}"),
         }
     }
-    counts.into_iter().collect()
+    (counts.into_iter().collect(), events)
 }
 
 /// For each distinct peer of the migrated flows that sits on one of this

@@ -135,6 +135,10 @@ pub struct RestoreReply {
     /// source's and the destination's own).
     #[serde(default)]
     pub held_delivered: Vec<(String, u64)>,
+    /// The destination's packet events, `at_ms` from when it got the
+    /// restore request.
+    #[serde(default)]
+    pub events: Vec<crate::report::ConnectionEvent>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

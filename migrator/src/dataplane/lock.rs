@@ -90,6 +90,16 @@ impl MigrationLock {
             .collect()
     }
 
+    /// The flows this lock covers.
+    pub fn flows(&self) -> &[FlowSpec] {
+        &self.flows
+    }
+
+    /// The EVENTS ring's records so far (every flow's: filter by key).
+    pub fn drain_events(&mut self) -> Vec<migrator_common::Event> {
+        self.table.drain_events()
+    }
+
     /// Peer packets held so far, oldest first, whole frames.
     pub fn drain_held(&mut self) -> Vec<super::HeldPacketOwned> {
         self.table.drain_held()

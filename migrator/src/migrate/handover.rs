@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use super::{Progress, transfer::Released};
 use crate::{
     channel::{self, Message, message::RestoreReply},
-    report::{ConnectionReport, HANDOVER, Phase, PhaseClock, Report},
+    report::{
+        ConnectionEvent, ConnectionReport, HANDOVER, MAX_EVENTS_PER_HOST, Phase, PhaseClock,
+        Report, connection_events,
+    },
 };
 
 pub(super) async fn hand_over(
@@ -115,6 +118,31 @@ pub(super) async fn hand_over(
     // Stale packets: peers still sending to the old host after it gave
     // up the address (keep counting a moment after the release).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both hosts' packet events, on our timeline, since we began.
+    let mut events: Vec<ConnectionEvent> = std::mem::take(&mut reply.events)
+        .into_iter()
+        .map(|mut event| {
+            event.at_ms += asked_at_ms;
+            event.connection = channel::printable(&event.connection);
+            event.kind = channel::printable(&event.kind);
+            event.direction = channel::printable(&event.direction);
+            event.host = "destination".to_owned();
+            event
+        })
+        .take(MAX_EVENTS_PER_HOST)
+        .collect();
+    if let Some(lock) = progress.lock.as_mut() {
+        let raw = lock.drain_events();
+        events.extend(connection_events(
+            &raw,
+            lock.flows(),
+            "source",
+            clock.now_ms(),
+        ));
+    }
+    events.retain(|event| event.at_ms >= 0.0);
+    events.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+    report.events = events;
     if let Some(lock) = progress.lock.as_ref() {
         for (i, (flow, stats)) in lock.counters().into_iter().enumerate() {
             let name = flow.to_string();

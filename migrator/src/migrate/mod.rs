@@ -117,6 +117,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         confirmed_neighbours: Vec::new(),
         unconfirmed_neighbours: Vec::new(),
         images_kept: None,
+        events: Vec::new(),
     };
     let session = match options
         .state

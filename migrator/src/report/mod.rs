@@ -64,6 +64,66 @@ impl HostInfo {
     }
 }
 
+/// One packet-level event of a migrating connection, from the lock's
+/// EVENTS ring (or the agent's delivery of held packets), placed on the
+/// report's timeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionEvent {
+    /// `LOCAL=REMOTE`, local being the service side.
+    pub connection: String,
+    /// "source" or "destination".
+    pub host: String,
+    pub at_ms: f64,
+    /// `peer-retransmit`, `drop`, `hold`, or `held-delivered`.
+    pub kind: String,
+    /// `in` (from the peer) or `out`.
+    pub direction: String,
+}
+
+/// At most this many events per host go into a report (a bulk flow frozen
+/// for seconds drops many packets; the counters stay exact).
+pub const MAX_EVENTS_PER_HOST: usize = 5_000;
+
+/// Events of the ring for `flows`, on a timeline where `now_ms` is now:
+/// each kernel timestamp (CLOCK_BOOTTIME) is placed relative to now.
+pub fn connection_events(
+    events: &[migrator_common::Event],
+    flows: &[crate::dataplane::spec::FlowSpec],
+    host: &str,
+    now_ms: f64,
+) -> Vec<ConnectionEvent> {
+    use migrator_common::{
+        EVENT_DROP, EVENT_HOLD, EVENT_PEER_RETRANSMIT, event::DIRECTION_INGRESS,
+    };
+    let now_ns = crate::system::boottime_ns();
+    events
+        .iter()
+        .filter_map(|event| {
+            let flow = flows.iter().find(|flow| flow.key() == event.key)?;
+            let kind = match event.kind {
+                EVENT_PEER_RETRANSMIT => "peer-retransmit",
+                EVENT_DROP => "drop",
+                EVENT_HOLD => "hold",
+                _ => return None,
+            };
+            let ago_ms = now_ns.saturating_sub(event.timestamp_ns) as f64 / 1e6;
+            Some(ConnectionEvent {
+                connection: flow.to_string(),
+                host: host.to_owned(),
+                at_ms: now_ms - ago_ms,
+                kind: kind.to_owned(),
+                direction: if event.direction == DIRECTION_INGRESS {
+                    "in"
+                } else {
+                    "out"
+                }
+                .to_owned(),
+            })
+        })
+        .take(MAX_EVENTS_PER_HOST)
+        .collect()
+}
+
 /// What a stretch of the freeze window was spent on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowPart {
@@ -218,6 +278,11 @@ pub struct Report {
     pub connections: Vec<ConnectionReport>,
     pub confirmed_neighbours: Vec<String>,
     pub unconfirmed_neighbours: Vec<String>,
+    /// The migrating connections' packet events on both hosts (peer
+    /// retransmits, drops, holds, held deliveries), oldest first, at most
+    /// [`MAX_EVENTS_PER_HOST`] per host.
+    #[serde(default)]
+    pub events: Vec<ConnectionEvent>,
     /// Where the images were kept (for `recover`, or `--keep-images`);
     /// null when they were removed.
     #[serde(default)]
