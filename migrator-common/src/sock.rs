@@ -1,11 +1,12 @@
 //! Where the fields of the kernel's `struct sock` that name a connection
 //! sit. They move between kernel builds, and Rust eBPF has no CO-RE field
 //! relocations yet, so userspace reads them from the running kernel's BTF
-//! and hands them to the retransmit counter as a load-time constant.
+//! and writes them into the retransmit counter's one-entry map when it
+//! attaches the counter.
 
 /// Byte offsets within `struct sock` (its first member is `struct
-/// sock_common`). All zero with `known == 0`: nothing found, the counter
-/// stays idle rather than read the wrong bytes.
+/// sock_common`). All zero with `known == 0` (the map's initial state):
+/// the counter stays idle rather than read the wrong bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockLayout {
@@ -27,19 +28,4 @@ pub struct SockLayout {
     pub ipv6: u32,
     /// Non-zero once userspace filled the offsets in.
     pub known: u32,
-}
-
-impl SockLayout {
-    /// Nothing known: the counter counts nothing.
-    pub const UNKNOWN: Self = Self {
-        family: 0,
-        local_port: 0,
-        remote_port: 0,
-        local_v4: 0,
-        remote_v4: 0,
-        local_v6: 0,
-        remote_v6: 0,
-        ipv6: 0,
-        known: 0,
-    };
 }

@@ -7,18 +7,20 @@
 //! for kernels without BTF (it needs tracefs to attach).
 
 use aya_ebpf::{
-    Global,
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::Array,
     programs::{BtfTracePointContext, TracePointContext},
 };
 use migrator_common::{FlowKey, SockLayout};
 
 use crate::STATS;
 
-/// Filled in by userspace at load time from the kernel's BTF.
-#[unsafe(no_mangle)]
-static SOCK_LAYOUT: Global<SockLayout> = Global::new(SockLayout::UNKNOWN);
+/// One entry, written by userspace from the kernel's BTF when it attaches
+/// this counter (left zeroed, `known == 0`: nothing is counted). Not
+/// pinned: each process that attaches the counter has its own.
+#[map(name = "SOCK_LAYOUT")]
+static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -65,7 +67,9 @@ fn count(key: FlowKey) {
 
 #[inline(always)]
 fn key_of_sock(sock: *const u8) -> Result<Option<FlowKey>, i32> {
-    let layout = SOCK_LAYOUT.load();
+    let Some(layout) = SOCK_LAYOUT.get(0) else {
+        return Ok(None);
+    };
     if layout.known == 0 || sock.is_null() {
         return Ok(None);
     }

@@ -141,7 +141,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Load with private maps (tests, doctor): nothing is pinned.
     pub fn load() -> Result<Self, DataplaneError> {
-        Self::from_ebpf(loader().load(EBPF_OBJECT)?, None)
+        Self::from_ebpf(Ebpf::load(EBPF_OBJECT)?, None)
     }
 
     /// Load with maps pinned under `pin_root/maps`, reusing maps already
@@ -158,7 +158,7 @@ impl Dataplane {
             path: maps_dir.clone(),
             source,
         })?;
-        let mut loader = loader();
+        let mut loader = EbpfLoader::new();
         let paths: Vec<(&'static str, PathBuf)> = table::ALL_MAPS
             .iter()
             .map(|name| (*name, maps_dir.join(name)))
@@ -226,10 +226,20 @@ impl Dataplane {
     }
 
     fn attach_btf_retransmit_counter(&mut self) -> Result<(), String> {
+        // Read the kernel's BTF only here, where the counter needs it, not
+        // on every load of the data plane.
         let layout = sock_layout().as_ref().map_err(Clone::clone)?;
         if layout.known == 0 {
             return Err("the socket layout is unknown".into());
         }
+        let map = self
+            .ebpf
+            .map_mut(SOCK_LAYOUT_MAP)
+            .ok_or_else(|| DataplaneError::MissingMap(SOCK_LAYOUT_MAP).to_string())?;
+        let mut slot: aya::maps::Array<_, SockLayout> =
+            aya::maps::Array::try_from(map).map_err(|e| format!("{SOCK_LAYOUT_MAP}: {e}"))?;
+        slot.set(0, *layout, 0)
+            .map_err(|e| format!("{SOCK_LAYOUT_MAP}: {e}"))?;
         let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
         let program: &mut aya::programs::BtfTracePoint = self
             .program(RETRANSMIT_BTF_PROGRAM)
@@ -299,15 +309,5 @@ fn sock_layout() -> &'static Result<SockLayout, String> {
     })
 }
 
-/// A loader with the socket layout filled in for the BTF retransmit
-/// counter (left unknown, the program counts nothing).
-fn loader() -> EbpfLoader<'static> {
-    let mut loader = EbpfLoader::new();
-    if let Ok(layout) = sock_layout() {
-        loader.override_global(SOCK_LAYOUT_GLOBAL, layout, true);
-    }
-    loader
-}
-
-/// The load-time constant in the eBPF object (retransmit.rs).
-const SOCK_LAYOUT_GLOBAL: &str = "SOCK_LAYOUT";
+/// The one-entry map the BTF counter reads the layout from (retransmit.rs).
+const SOCK_LAYOUT_MAP: &str = "SOCK_LAYOUT";
