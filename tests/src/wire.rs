@@ -5,7 +5,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -34,6 +34,71 @@ fn enter(netns: &PathBuf) {
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
+/// An AF_PACKET socket that sees every frame of an interface of the
+/// calling thread's network namespace. Receives give up after 50 ms, so a
+/// capture loop can check whether to stop.
+pub struct PacketSocket(OwnedFd);
+
+impl PacketSocket {
+    /// `receive_buffer`: bytes the kernel may queue (SO_RCVBUFFORCE).
+    pub fn open(iface: &str, receive_buffer: Option<i32>) -> Self {
+        // SAFETY: plain socket syscalls on an fd we then own; the sockaddr
+        // is zeroed before use and every option value outlives its call.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                i32::from((libc::ETH_P_ALL as u16).to_be()),
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let socket = Self(OwnedFd::from_raw_fd(fd));
+            let name = std::ffi::CString::new(iface).unwrap();
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            let rc = libc::bind(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(rc, 0, "bind AF_PACKET to {iface}");
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as u32,
+            );
+            if let Some(room) = receive_buffer {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const room).cast(),
+                    size_of::<i32>() as u32,
+                );
+            }
+            socket
+        }
+    }
+
+    /// The next frame's length in `buf`; None when none came in time.
+    pub fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        // SAFETY: recv writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        usize::try_from(n).ok().filter(|n| *n > 0)
+    }
+}
+
 /// Every frame seen on an interface, until stopped.
 pub struct Capture {
     stop: Arc<AtomicBool>,
@@ -47,58 +112,17 @@ impl Capture {
         let flag = stop.clone();
         let iface = iface.to_owned();
         let thread = in_netns(netns, move || {
-            // SAFETY: plain socket syscalls on an fd we own; the buffers are
-            // sized and the sockaddr is zeroed before use.
-            unsafe {
-                let fd = libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW,
-                    i32::from((libc::ETH_P_ALL as u16).to_be()),
-                );
-                assert!(fd >= 0, "AF_PACKET socket");
-                let name = std::ffi::CString::new(iface).unwrap();
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-                addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-                let rc = libc::bind(
-                    fd,
-                    (&raw const addr).cast(),
-                    size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(rc, 0, "bind AF_PACKET");
-                let timeout = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 50_000,
-                };
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const timeout).cast(),
-                    size_of::<libc::timeval>() as u32,
-                );
-                // Room for bursts: a lost frame would hide what crossed.
-                let room: i32 = 64 << 20;
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&raw const room).cast(),
-                    size_of::<i32>() as u32,
-                );
-                let _ = ready_tx.send(());
-                let mut seen = Vec::new();
-                let mut buf = vec![0u8; 256 * 1024];
-                while !flag.load(Ordering::Relaxed) {
-                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                    if n > 0 {
-                        seen.extend_from_slice(&buf[..n as usize]);
-                    }
+            // Room for bursts: a lost frame would hide what crossed.
+            let socket = PacketSocket::open(&iface, Some(64 << 20));
+            let _ = ready_tx.send(());
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(n) = socket.recv(&mut buf) {
+                    seen.extend_from_slice(&buf[..n]);
                 }
-                libc::close(fd);
-                seen
             }
+            seen
         });
         let _ = ready_rx.recv_timeout(Duration::from_secs(5));
         Self {

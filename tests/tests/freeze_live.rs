@@ -21,6 +21,7 @@ use migrator_tests::{
     migrator_bin,
     netns::{Netns, veth},
     require_root,
+    wire::{PacketSocket, in_netns},
 };
 use pnet::packet::{
     Packet as _,
@@ -159,59 +160,25 @@ impl Capture {
             counting.clone(),
             stop.clone(),
         );
-        let path = peer.path();
-        let thread = thread::spawn(move || {
-            let file = std::fs::File::open(path).unwrap();
-            // SAFETY: plain socket syscalls on fds we own; buffers are sized.
-            unsafe {
-                assert_eq!(libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET), 0);
-                let fd = libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW,
-                    (libc::ETH_P_ALL as u16).to_be() as i32,
-                );
-                assert!(fd >= 0);
-                let name = std::ffi::CString::new(ifname).unwrap();
-                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-                addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-                assert_eq!(
-                    libc::bind(
-                        fd,
-                        (&raw const addr).cast(),
-                        size_of::<libc::sockaddr_ll>() as u32
-                    ),
-                    0
-                );
-                let timeout = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 50_000,
+        let thread = in_netns(&peer.path(), move || {
+            let socket = PacketSocket::open(ifname, None);
+            let mut buf = vec![0u8; 256 * 1024];
+            while !st.load(Ordering::Relaxed) {
+                let Some(n) = socket.recv(&mut buf) else {
+                    continue;
                 };
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const timeout).cast(),
-                    size_of::<libc::timeval>() as u32,
-                );
-                let mut buf = vec![0u8; 256 * 1024];
-                while !st.load(Ordering::Relaxed) {
-                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                    if n <= 0 || !c.load(Ordering::Relaxed) {
-                        continue;
+                if !c.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Some(rst) = segment_from(&buf[..n], from) {
+                    s.fetch_add(1, Ordering::Relaxed);
+                    if n > 1514 {
+                        o.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Some(rst) = segment_from(&buf[..n as usize], from) {
-                        s.fetch_add(1, Ordering::Relaxed);
-                        if n > 1514 {
-                            o.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if rst {
-                            r.fetch_add(1, Ordering::Relaxed);
-                        }
+                    if rst {
+                        r.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                libc::close(fd);
             }
         });
         Self {

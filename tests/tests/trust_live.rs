@@ -278,6 +278,15 @@ fn unsafe_files_are_refused_at_start() {
     assert!(!Path::new("/etc/incoming").exists());
 }
 
+/// A migration refused in the TLS handshake, with nothing frozen on the
+/// source and nothing changed on the destination.
+fn refused_at_handshake(lab: &MigrationLab, run: migrator_tests::migration::MigrateRun) {
+    assert!(!run.success);
+    assert!(run.stderr.contains("TLS handshake"), "{}", run.stderr);
+    assert!(!lab.pins_left(SRC));
+    assert_untouched(lab);
+}
+
 /// Write a CA and, for each of `hosts`, a certificate naming its lab
 /// address and its key, as `DIR/ca.crt`, `DIR/HOST.crt`, `DIR/HOST.key`.
 fn make_pki(dir: &Path, ca_name: &str, hosts: &[&str]) {
@@ -320,15 +329,10 @@ fn certificates_end_to_end_and_strangers_refused() {
     let pid = back.report.unwrap()["destination_pid"].as_i64().unwrap() as i32;
 
     // The agent's certificate names 198.18.0.3, not this.
-    let misnamed = lab.migrate(SRC, DST, pid, &["--server-name", "agent.invalid"]);
-    assert!(!misnamed.success);
-    assert!(
-        misnamed.stderr.contains("TLS handshake"),
-        "{}",
-        misnamed.stderr
+    refused_at_handshake(
+        &lab,
+        lab.migrate(SRC, DST, pid, &["--server-name", "agent.invalid"]),
     );
-    assert!(!lab.pins_left(SRC));
-    assert_untouched(&lab);
 
     // A source certificate from another CA.
     let LabAuth::Certificates(pki) = lab.auth.clone() else {
@@ -338,15 +342,7 @@ fn certificates_end_to_end_and_strangers_refused() {
     make_pki(&rogue, "someone else's CA", &[SRC]);
     std::fs::copy(pki.join("ca.crt"), rogue.join("ca.crt")).unwrap();
     lab.auth = LabAuth::Certificates(rogue);
-    let stranger = lab.migrate(SRC, DST, pid, &[]);
-    assert!(!stranger.success);
-    assert!(
-        stranger.stderr.contains("TLS handshake"),
-        "{}",
-        stranger.stderr
-    );
-    assert!(!lab.pins_left(SRC));
-    assert_untouched(&lab);
+    refused_at_handshake(&lab, lab.migrate(SRC, DST, pid, &[]));
 }
 
 /// As a systemd `Type=notify` service: READY=1 once it listens,

@@ -150,38 +150,43 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn pair(
-        exporter_a: [u8; 32],
-        exporter_b: [u8; 32],
-    ) -> (
-        Channel<tokio::io::DuplexStream>,
-        Channel<tokio::io::DuplexStream>,
-    ) {
+    /// Both ends of the proofs over an in-memory pipe: the agent with
+    /// `agent_token`, the source with `source_token`, each seeing its own
+    /// exporter value. Returns (source's result, agent's result).
+    async fn prove(
+        agent_token: [u8; 32],
+        source_token: [u8; 32],
+        agent_exporter: [u8; 32],
+        source_exporter: [u8; 32],
+    ) -> (Result<(), ChannelError>, Result<(), ChannelError>) {
         let (a, b) = tokio::io::duplex(1 << 16);
-        (Channel::new(a, exporter_a), Channel::new(b, exporter_b))
+        let mut agent_end = Channel::new(a, agent_exporter);
+        let agent = tokio::spawn(async move {
+            server(
+                &mut agent_end,
+                &Credentials::Token(Token::from_bytes(&agent_token)),
+            )
+            .await
+        });
+        let mut source_end = Channel::new(b, source_exporter);
+        let source = client(
+            &mut source_end,
+            &Credentials::Token(Token::from_bytes(&source_token)),
+        )
+        .await;
+        // A source that gives up hangs up; the agent then fails too.
+        drop(source_end);
+        (source, agent.await.unwrap())
     }
 
     #[tokio::test]
     async fn same_token_passes_and_a_wrong_one_is_refused_both_ways() {
         for (source_token, ok) in [([1u8; 32], true), ([2u8; 32], false)] {
-            let (mut agent_end, mut source_end) = pair([9; 32], [9; 32]);
-            let agent = tokio::spawn(async move {
-                server(
-                    &mut agent_end,
-                    &Credentials::Token(Token::from_bytes(&[1; 32])),
-                )
-                .await
-            });
-            let source = client(
-                &mut source_end,
-                &Credentials::Token(Token::from_bytes(&source_token)),
-            )
-            .await;
+            let (source, agent) = prove([1; 32], source_token, [9; 32], [9; 32]).await;
             assert_eq!(source.is_ok(), ok, "{source:?}");
             // With a wrong token the source stops at the agent's proof and
             // the agent never sees a valid one.
-            drop(source_end);
-            assert_eq!(agent.await.unwrap().is_ok(), ok);
+            assert_eq!(agent.is_ok(), ok);
         }
     }
 
@@ -189,24 +194,11 @@ mod tests {
     /// exporters: proofs it passes along fail, whoever holds the token.
     #[tokio::test]
     async fn proofs_from_another_session_fail() {
-        let (mut agent_end, mut source_end) = pair([9; 32], [10; 32]);
-        let agent = tokio::spawn(async move {
-            server(
-                &mut agent_end,
-                &Credentials::Token(Token::from_bytes(&[1; 32])),
-            )
-            .await
-        });
-        let source = client(
-            &mut source_end,
-            &Credentials::Token(Token::from_bytes(&[1; 32])),
-        )
-        .await;
+        let (source, agent) = prove([1; 32], [1; 32], [9; 32], [10; 32]).await;
         assert!(
             matches!(&source, Err(ChannelError::Auth(why)) if why.contains("relay")),
             "{source:?}"
         );
-        drop(source_end);
-        assert!(agent.await.unwrap().is_err());
+        assert!(agent.is_err());
     }
 }

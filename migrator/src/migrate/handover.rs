@@ -37,14 +37,7 @@ pub(super) async fn hand_over(
     match channel.receive_before(Some(handover_by)).await {
         Ok(Message::Ready) => {}
         Ok(Message::Failed { phase, reason }) => {
-            // It undid everything (addresses included) before answering.
-            progress.destination_may_own = None;
-            failed_there(clock, &phase);
-            return Err(format!(
-                "destination {}: {}",
-                channel::printable(&phase),
-                channel::printable(&reason)
-            ));
+            return Err(undone_there(clock, progress, &phase, &reason));
         }
         Ok(Message::Refused { reason }) => {
             progress.destination_may_own = None;
@@ -72,13 +65,7 @@ pub(super) async fn hand_over(
         Ok(Message::Failed { phase, reason }) => {
             // It says its copy is gone: ours may run again.
             progress.committed = false;
-            progress.destination_may_own = None;
-            failed_there(clock, &phase);
-            return Err(format!(
-                "destination {}: {}",
-                channel::printable(&phase),
-                channel::printable(&reason)
-            ));
+            return Err(undone_there(clock, progress, &phase, &reason));
         }
         Ok(other) => {
             return Err(format!(
@@ -166,16 +153,25 @@ pub(super) async fn hand_over(
     Ok(())
 }
 
-/// The destination's phase that failed, as it named it, on our timeline
-/// (its failure replies carry no timings).
-fn failed_there(clock: &mut PhaseClock, phase: &str) {
+/// The destination failed and undid everything (its copy, the addresses)
+/// before it answered: note its failed phase on our timeline (its failure
+/// replies carry no timings) and say what happened.
+fn undone_there(
+    clock: &mut PhaseClock,
+    progress: &mut Progress,
+    phase: &str,
+    reason: &str,
+) -> String {
+    progress.destination_may_own = None;
+    let phase = channel::printable(phase);
     clock.record_quiet(Phase {
-        name: channel::printable(phase),
+        name: phase.clone(),
         host: "destination".to_owned(),
         start_ms: clock.now_ms(),
         duration_ms: 0.0,
         ok: false,
     });
+    format!("destination {phase}: {}", channel::printable(reason))
 }
 
 /// The hand-over failed on our side (silence, a broken connection).
