@@ -72,18 +72,11 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// CAP_SYS_RESOURCE: some trees cannot be dumped without it.
-pub const CAP_SYS_RESOURCE: u32 = 24;
-
-/// Whether this process has a capability in its effective set.
-pub fn has_capability(bit: u32) -> bool {
-    let caps = std::fs::read_to_string("/proc/self/status")
-        .expect("/proc/self/status")
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .expect("a CapEff line");
-    caps & (1 << bit) != 0
+/// Whether this process has CAP_SYS_RESOURCE (some trees cannot be
+/// dumped without it).
+pub fn has_sys_resource() -> bool {
+    let caps = migrator::system::effective_capabilities().expect("this process's capabilities");
+    migrator::system::has_capability(caps, migrator::system::CAP_SYS_RESOURCE)
 }
 
 /// Keep the calling thread on one CPU: a benchmark's sender and receiver

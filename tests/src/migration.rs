@@ -301,7 +301,8 @@ impl MigrationLab {
                 && let Some(pid) = workload_pid(launcher)
             {
                 if reap && !own_pid_namespace {
-                    self.reap_orphans(descendants(pid));
+                    // The tree less its root (which the launcher reaps).
+                    self.reap_orphans(migrator::system::process_tree(pid).split_off(1));
                 }
                 return pid;
             }
@@ -449,26 +450,6 @@ impl MigrationLab {
     }
 }
 
-/// Every descendant of `pid` (children first found, then theirs).
-pub fn descendants(pid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(parent) = queue.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                found.push(child);
-                queue.push(child);
-            }
-        }
-    }
-    found
-}
-
 /// The workload process under its launcher (nsenter execs into unshare or
 /// setsid; with unshare, the workload is its child).
 fn workload_pid(launcher: i32) -> Option<i32> {
@@ -515,10 +496,7 @@ impl Drop for MigrationLab {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         for pid in &self.reaped {
             // The workload's tree, wherever it was last restored.
-            for pid in descendants(*pid).into_iter().chain([*pid]) {
-                // SAFETY: kill has no memory preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
+            migrator::system::kill_tree(*pid);
         }
         for child in &mut self.children {
             let _ = child.kill();

@@ -53,7 +53,7 @@ fn passes_on_this_host_with_the_installed_criu() {
         );
     }
     // WARN exactly when this process lacks CAP_SYS_RESOURCE.
-    let expected = if migrator_tests::has_capability(migrator_tests::CAP_SYS_RESOURCE) {
+    let expected = if migrator_tests::has_sys_resource() {
         "ok"
     } else {
         "warn"

@@ -585,8 +585,7 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
     let mut lab = MigrationLab::new("rbw");
     let pid = lab.start_workload_tree(100, 1);
     let tree = |pid: i32| {
-        let mut tree = migrator_tests::migration::descendants(pid);
-        tree.push(pid);
+        let mut tree = migrator::system::process_tree(pid);
         tree.sort_unstable();
         tree
     };
@@ -629,7 +628,7 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
 #[test]
 fn trees_criu_would_refuse_are_refused_before_anything_is_frozen() {
     use migrator_tests::migration::Workload;
-    let has_sys_resource = migrator_tests::has_capability(migrator_tests::CAP_SYS_RESOURCE);
+    let has_sys_resource = migrator_tests::has_sys_resource();
     let scratch = migrator_tests::TempDir::new("refusals");
     let log = scratch.0.join("shared.log");
     // Another process with the log open for writing, as a logger would.
