@@ -98,11 +98,10 @@ pub fn run(criu_flag: Option<&Path>) -> Report {
     checks.extend(kernel());
     checks.push(btf());
     checks.push(bpffs());
-    let loads = ebpf_load();
-    let loaded = loads.status == Status::Ok;
+    let (loads, dataplane) = ebpf_load();
     checks.push(loads);
-    if loaded {
-        checks.push(local_retransmits());
+    if let Some(mut dataplane) = dataplane {
+        checks.push(local_retransmits(&mut dataplane));
     }
     checks.extend(criu_checks(criu_flag));
     checks.push(tcp_retries2());
@@ -276,26 +275,29 @@ fn bpffs() -> Check {
     }
 }
 
-fn ebpf_load() -> Check {
+/// The loaded programs go on to the next check.
+fn ebpf_load() -> (Check, Option<Dataplane>) {
     const NAME: &str = "ebpf programs";
     match Dataplane::load() {
-        Ok(_) => Check::ok(NAME, "ingress and egress classifiers pass the verifier"),
-        Err(err) => Check::fail(
-            NAME,
-            err.to_string(),
-            "run as root on a kernel with BPF and BTF",
+        Ok(dataplane) => (
+            Check::ok(NAME, "ingress and egress classifiers pass the verifier"),
+            Some(dataplane),
+        ),
+        Err(err) => (
+            Check::fail(
+                NAME,
+                err.to_string(),
+                "run as root on a kernel with BPF and BTF",
+            ),
+            None,
         ),
     }
 }
 
 /// Our own retransmits (the live view's LOCAL RTX) need one of the two
 /// tracepoint programs attached; try, and detach again.
-fn local_retransmits() -> Check {
+fn local_retransmits(dataplane: &mut Dataplane) -> Check {
     const NAME: &str = "local retransmits";
-    let mut dataplane = match Dataplane::load() {
-        Ok(dataplane) => dataplane,
-        Err(err) => return Check::warn(NAME, err.to_string(), "run as root"),
-    };
     match dataplane.attach_retransmit_counter() {
         Ok(counter @ RetransmitCounter::BtfTracepoint) => Check::ok(NAME, counter.describe()),
         Ok(counter @ RetransmitCounter::TracefsTracepoint) => Check::warn(
