@@ -8,7 +8,7 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
@@ -163,7 +163,6 @@ pub struct Relay {
     /// Whether the byte was flipped.
     pub flipped: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Relay {
@@ -176,14 +175,8 @@ impl Relay {
         let forwarded = Arc::new(AtomicU64::new(0));
         let flipped = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (fw, fl, st, ss) = (
-            forwarded.clone(),
-            flipped.clone(),
-            stop.clone(),
-            streams.clone(),
-        );
+        let (fw, fl, st) = (forwarded.clone(), flipped.clone(), stop.clone());
         in_netns(netns, move || {
             let listener = TcpListener::bind(listen).expect("relay listen");
             listener.set_nonblocking(true).unwrap();
@@ -200,9 +193,6 @@ impl Relay {
                 };
                 let flip = if first { flip_at } else { None };
                 first = false;
-                if let Ok(mut all) = ss.lock() {
-                    all.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                }
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (fw, fl) = (fw.clone(), fl.clone());
                 thread::spawn(move || pipe(client, server, flip, Some((fw, fl))));
@@ -215,19 +205,15 @@ impl Relay {
             forwarded,
             flipped,
             stop,
-            streams,
         }
     }
 }
 
 impl Drop for Relay {
+    /// Stops accepting; connections end with their ends (the pipes hold
+    /// the only descriptors, so a closed relay resets what still arrives).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Ok(streams) = self.streams.lock() {
-            for stream in streams.iter() {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-            }
-        }
     }
 }
 
@@ -255,11 +241,15 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, flip_at: Option<u64>, counters: 
             forwarded.fetch_add(n as u64, Ordering::Relaxed);
         }
         if to.write_all(&buf[..n]).is_err() {
-            // The far end is gone: so is the relay, both ways, as a
-            // closed connection would be without one.
-            let _ = from.shutdown(std::net::Shutdown::Both);
             break;
         }
     }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    // Either end gone (closed, reset, or unwritable): the relay tears the
+    // whole connection down, both sockets both ways, and once both pipes
+    // end no descriptor is left, so what the other end still sends is
+    // reset as it would be without a relay. (A half-close, or descriptors
+    // kept elsewhere, left a sender writing into the relay's full buffer
+    // until its own deadline.)
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
