@@ -217,7 +217,7 @@ fn hostile_requests_are_refused_with_nothing_changed() {
         answer(&mut channel, preflight(&[SERVICE_V4], &[flow], 30_000)).await;
         answer(&mut channel, Message::FilesDone { files: 0, bytes: 0 }).await;
         channel.send(&Message::Held { count: 1 }).await.unwrap();
-        channel.send_data(vec![0u8; 60].into()).await.unwrap();
+        channel.send_data(&[0u8; 60]).await.unwrap();
         match channel.receive().await {
             Ok(Message::Refused { reason }) => reason,
             other => format!("{other:?}"),

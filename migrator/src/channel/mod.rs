@@ -122,14 +122,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
 
     /// Image bytes go from their buffer to the stream: no copy into the
     /// encoder's (the frame layout is the codec's).
-    pub async fn send_data(&mut self, data: Bytes) -> Result<(), ChannelError> {
+    pub async fn send_data(&mut self, data: &[u8]) -> Result<(), ChannelError> {
         let header = codec::data_header(data.len())?;
         let wait = self.wait_limit(None);
         // Every send flushes, so the encoder's buffer is empty here.
         let stream = self.framed.get_mut();
         let write = async {
             stream.write_all(&header).await?;
-            stream.write_all(&data).await?;
+            stream.write_all(data).await?;
             stream.flush().await
         };
         tokio::time::timeout(wait, write)
@@ -198,9 +198,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
             size,
         })
         .await?;
+        // One buffer for the whole file: nothing allocated or cleared per
+        // chunk on the way out.
+        let mut chunk = vec![0u8; DATA_CHUNK.min(usize::try_from(size).unwrap_or(DATA_CHUNK))];
         let mut sent = 0u64;
         while sent < size {
-            let mut chunk = bytes::BytesMut::zeroed(DATA_CHUNK);
             let n = file.read(&mut chunk).await?;
             if n == 0 {
                 return Err(ChannelError::Frame(format!(
@@ -208,8 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
                     path.display()
                 )));
             }
-            chunk.truncate(n);
-            self.send_data(chunk.freeze()).await?;
+            self.send_data(&chunk[..n]).await?;
             sent += n as u64;
         }
         Ok(sent)

@@ -73,9 +73,7 @@ pub(super) async fn transfer_and_release(
                 })
                 .await?;
             for packet in &held {
-                channel
-                    .send_data(bytes::Bytes::copy_from_slice(&packet.frame))
-                    .await?;
+                channel.send_data(&packet.frame).await?;
             }
             Ok(())
         }

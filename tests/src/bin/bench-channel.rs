@@ -76,7 +76,7 @@ fn through_tls(token: &Path, payload: &Bytes) -> Duration {
             .unwrap();
         let started = Instant::now();
         for _ in 0..TOTAL / DATA_CHUNK {
-            channel.send_data(payload.clone()).await.unwrap();
+            channel.send_data(&payload).await.unwrap();
         }
         started
     });
