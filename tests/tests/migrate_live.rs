@@ -327,9 +327,9 @@ fn pid_that_stays_taken_fails_clearly_and_recover_restores() {
 }
 
 #[test]
-fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
+fn agent_killed_mid_page_stream_rolls_back_with_connections_alive() {
     let mut lab = MigrationLab::new("kill");
-    // Enough memory that the image stream takes a while.
+    // Enough memory that the page stream takes a while.
     let pid = lab.start_workload(true, 400);
     let incoming = lab.dir.0.join("agent-dst");
     let agent_dst = lab.lab.netns_path(DST);
@@ -337,7 +337,8 @@ fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
         let started = std::time::Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if bytes_in(&incoming) > 32 << 20 {
-                // SIGKILL every agent in dst's namespace: mid-transfer.
+                // SIGKILL every agent in dst's namespace: mid-dump, while
+                // the pages stream.
                 kill_agents_in(&agent_dst);
                 return true;
             }
@@ -349,16 +350,20 @@ fn agent_killed_mid_transfer_rolls_back_with_connections_alive() {
     eprintln!("{}", run.stderr);
     assert!(
         killer.join().unwrap(),
-        "the transfer finished before the kill"
+        "the page stream finished before the kill"
     );
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
     let report = run.report.unwrap();
     assert!(
-        report["error"].as_str().unwrap().contains("transfer"),
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("streaming pages to the agent"),
         "{report}"
     );
-    // Back on the source: restored by CRIU, addresses back, lock gone.
+    assert_eq!(report["failed_phase"], "dump", "{report}");
+    // Back on the source: resumed by CRIU, addresses back, lock gone.
     let connections = lab.peer_connections();
     assert_eq!(connections.len(), 3);
     assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
@@ -456,11 +461,12 @@ fn bad_input_is_refused_with_nothing_frozen() {
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
 
-/// `migrator migrate` killed after the dump, mid-transfer: the process
-/// exists only as images, the lock holds the peers off, and `migrator
-/// recover` brings it back with its connections.
+/// `migrator migrate` killed mid-dump, while the pages stream: CRIU sees
+/// its client gone and resumes the tree here (same PID, same sockets),
+/// the lock holds the peers off, and `migrator recover` lifts it at once
+/// instead of at its deadline.
 #[test]
-fn recover_restores_after_migrate_is_killed_mid_transfer() {
+fn recover_lifts_the_lock_after_migrate_is_killed_mid_dump() {
     let mut lab = MigrationLab::new("rec");
     let pid = lab.start_workload(true, 400);
     let images_root = lab.dir.0.join("images");
@@ -494,13 +500,19 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let _ = migrate.wait();
-    assert!(killed, "the transfer finished before the kill");
-    // The source process is gone (dumped); the connections are held off
-    // by the lock, not reset.
+    assert!(killed, "the page stream finished before the kill");
+    // The connections are held off by the lock, not reset; the process
+    // runs here again, where it was.
     std::thread::sleep(Duration::from_millis(300));
     for conn in lab.peer_connections() {
         assert_eq!(conn["error"], Value::Null, "{conn}");
     }
+    assert_eq!(
+        MigrationLab::netns_of(pid),
+        Some(lab.netns_inode(SRC)),
+        "the process does not run on the source after the killed dump"
+    );
+    assert!(lab.pins_left(SRC), "the lock should hold until recover");
     let images = std::fs::read_dir(&images_root)
         .unwrap()
         .next()
@@ -522,11 +534,9 @@ fn recover_restores_after_migrate_is_killed_mid_transfer() {
             "eth0",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("CRIU resumed the process"), "{stderr}");
     assert!(!lab.pins_left(SRC), "recover left the lock");
     // The agent noticed the source vanish and undid its side.
     assert!(!lab.pins_left(DST) && !lab.has_address(DST, SERVICE_V4));

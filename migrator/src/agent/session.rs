@@ -20,11 +20,12 @@ use super::{
     takeover,
 };
 use crate::{
+    channel::pages,
     channel::{
         ChannelError, Message, TlsChannel,
         message::{PreflightReply, PreflightRequest, ServiceAddress},
     },
-    criu::swrk::Swrk,
+    criu::swrk::{PageServer, Swrk, stream_pair},
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     images::SessionDir,
     net::address::Netlink,
@@ -36,6 +37,8 @@ pub(super) struct Session {
     pub lock: Option<MigrationLock>,
     /// CRIU started ahead, waiting for the restore request.
     pub swrk: Option<Swrk>,
+    /// CRIU's page server started ahead, waiting for the dump's pages.
+    pub page_server: Option<PageServer>,
     pub added: Vec<IpAddr>,
     pub restored_pid: Option<i32>,
 }
@@ -45,6 +48,7 @@ impl Session {
     /// shown gone (the source must hear that).
     pub async fn undo(&mut self, netlink: &Netlink) -> Result<(), String> {
         self.swrk = None;
+        self.page_server = None;
         let mut gone = Ok(());
         if let Some(pid) = self.restored_pid.take() {
             // The source restores its own copy from the same images: this
@@ -106,6 +110,7 @@ pub(super) async fn run(
     let mut session = Session {
         lock: None,
         swrk: None,
+        page_server: None,
         added: Vec::new(),
         restored_pid: None,
     };
@@ -197,14 +202,45 @@ async fn serve(
             return Err(ChannelError::Refused(reason));
         }
     }
+    // The page server too, for the pages the dump streams here. Not when
+    // we share PIDs with the source: its tree must be gone before ours
+    // is restored, so it dumps everything locally first.
+    let page_stream = !request.shares_pids_with(&crate::system::pid_namespace_identity())
+        || request.pids_needed().is_empty();
+    let page_socket = if page_stream {
+        match start_page_server(config, images) {
+            Ok((server, socket)) => {
+                session.page_server = Some(server);
+                Some(socket)
+            }
+            Err(reason) => {
+                channel.send(&refuse(reason.clone())).await?;
+                return Err(ChannelError::Refused(reason));
+            }
+        }
+    } else {
+        None
+    };
     channel
         .send(&Message::PreflightOk(PreflightReply {
             criu_version: config.criu_version.clone(),
             iface: config.iface.clone(),
             host: crate::report::HostInfo::here(config.criu_version.clone()),
+            page_stream,
         }))
         .await?;
 
+    if let Some(socket) = page_socket {
+        // Room for what the tree may have grown to since preflight; the
+        // images' tmpfs bounds it in any case.
+        let limit = request
+            .image_bytes
+            .saturating_mul(2)
+            .saturating_add(crate::images::DISK_RESERVE)
+            .min(MAX_TOTAL_BYTES);
+        pages::deliver(channel, socket, limit, commit_by).await?;
+        session.page_server = None;
+    }
     receive_images(channel, session_dir, commit_by).await?;
     let held = receive_held(channel, &flows, commit_by).await?;
 
@@ -244,6 +280,25 @@ async fn serve(
     let pid = reply.pid;
     channel.send(&Message::Restored(Box::new(reply))).await?;
     Ok(pid)
+}
+
+/// `criu page-server` on one end of a fresh socket pair, the other end
+/// ours.
+fn start_page_server(
+    config: &super::AgentConfig,
+    images: &std::path::Path,
+) -> Result<(PageServer, tokio::net::UnixStream), String> {
+    let (server_end, our_end) = stream_pair().map_err(|e| e.to_string())?;
+    let server = config
+        .criu
+        .page_server(images, server_end)
+        .map_err(|e| e.to_string())?;
+    let socket = std::os::unix::net::UnixStream::from(our_end);
+    socket
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(socket))
+        .map(|socket| (server, socket))
+        .map_err(|e| format!("the page server's socket: {e}"))
 }
 
 /// Give up after the restore began: undo everything here first (the copy

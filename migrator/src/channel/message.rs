@@ -113,6 +113,12 @@ pub struct PreflightReply {
     /// The agent's host, for the report.
     #[serde(default)]
     pub host: crate::report::HostInfo,
+    /// The agent runs a page server for this session: the dump's pages
+    /// stream to it while they are dumped. Not when both run in one PID
+    /// namespace of one machine (the source's copy must be gone before the
+    /// restore there, so the source keeps complete images to roll back).
+    #[serde(default)]
+    pub page_stream: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -161,6 +167,16 @@ pub enum Message {
     },
     Preflight(PreflightRequest),
     PreflightOk(PreflightReply),
+    /// The dump's page stream is over: CRIU closed its end after `bytes`
+    /// bytes (sent as data frames before this).
+    PagesEnd {
+        bytes: u64,
+    },
+    /// The agent's page server finished with every byte of the stream
+    /// (`bytes`) written to its images.
+    PagesDone {
+        bytes: u64,
+    },
     /// An image file follows as data frames totalling `size` bytes.
     File {
         name: String,

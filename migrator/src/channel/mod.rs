@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod codec;
 pub mod message;
+pub mod pages;
 pub mod tls;
 pub mod token;
 

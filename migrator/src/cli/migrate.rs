@@ -144,11 +144,13 @@ pub fn run_recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     for address in &recovered.addresses_added {
         eprintln!("added {address}");
     }
-    eprintln!(
-        "restored from {}: pid {}",
-        images.display(),
-        recovered.pid.unwrap_or(0)
-    );
+    match recovered.pid {
+        Some(pid) => eprintln!("restored from {}: pid {pid}", images.display()),
+        None => eprintln!(
+            "the dump in {} never finished, so CRIU resumed the process where it ran: nothing to restore",
+            images.display()
+        ),
+    }
     eprintln!(
         "released {} flow(s) and {} service rule(s)",
         recovered.flows_released, recovered.services_released

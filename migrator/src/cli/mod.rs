@@ -82,11 +82,13 @@ enum Command {
     /// and lift the lock it left.
     ///
     /// For the case `migrate` reports "ROLLBACK FAILED", or when it was
-    /// killed after the dump: run it on the source before the lock's
-    /// deadline passes, and the peers will have seen only a slow network.
-    /// Adds the given service addresses back if they are missing, restores
-    /// with CRIU, releases every lock in this network namespace and
-    /// detaches the data plane.
+    /// killed: run it on the source before the lock's deadline passes, and
+    /// the peers will have seen only a slow network. Adds the given service
+    /// addresses back if they are missing, restores with CRIU if the
+    /// process died here (a dump that never finished left it running:
+    /// CRIU resumed it), releases every lock in this network namespace
+    /// and detaches the data plane. Images whose pages streamed to the
+    /// destination can only be restored there.
     Recover(migrate::RecoverArgs),
     /// Receive migrations: run this on the destination host.
     ///

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        fd::{AsRawFd, FromRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
     },
     path::{Path, PathBuf},
@@ -19,7 +19,7 @@ use std::{
 
 use protobuf::Message as _;
 use rust_criu::rust_criu_protobuf::rpc::{
-    Criu_network_lock_method, Criu_opts, Criu_req, Criu_req_type, Criu_resp,
+    Criu_network_lock_method, Criu_opts, Criu_page_server_info, Criu_req, Criu_req_type, Criu_resp,
 };
 
 use super::CriuBinary;
@@ -27,6 +27,7 @@ use super::CriuBinary;
 /// Log file CRIU writes into the images directory.
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
+pub const PAGE_SERVER_LOG: &str = "page-server.log";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwrkError {
@@ -82,6 +83,9 @@ pub struct Swrk {
     /// Kept open: `criu swrk` inherited this fd number.
     dir: OwnedFd,
     log_dir: PathBuf,
+    /// The fd number, in `criu swrk`, of the socket a dump sends its pages
+    /// into (CRIU's page-server protocol) instead of into local images.
+    page_socket: Option<i32>,
 }
 
 /// A NOTIFY callback's verdict: Err makes CRIU abort the operation.
@@ -90,12 +94,30 @@ pub type NotifyResult = Result<(), String>;
 impl CriuBinary {
     /// Start `criu swrk` for work in `images_dir` (which must exist).
     pub fn swrk(&self, images_dir: &Path) -> Result<Swrk, SwrkError> {
+        self.start_swrk(images_dir, None)
+    }
+
+    /// Start `criu swrk` for a dump whose pages go into `page_socket` (one
+    /// end of a stream socket; CRIU's page-server protocol comes out of
+    /// the other) and whose other images go into `images_dir`.
+    pub fn swrk_streaming(
+        &self,
+        images_dir: &Path,
+        page_socket: OwnedFd,
+    ) -> Result<Swrk, SwrkError> {
+        self.start_swrk(images_dir, Some(page_socket))
+    }
+
+    fn start_swrk(
+        &self,
+        images_dir: &Path,
+        page_socket: Option<OwnedFd>,
+    ) -> Result<Swrk, SwrkError> {
         // Opened without O_CLOEXEC so `criu swrk` inherits it; the request
         // names the directory by this fd number.
         let dir = open_dir_inheritable(images_dir)?;
         let (ours, theirs) = seqpacket_pair()?;
         let theirs_fd = theirs.as_raw_fd();
-        let dir_fd = dir.as_raw_fd();
         let mut command = Command::new(&self.path);
         command
             .arg("swrk")
@@ -103,26 +125,46 @@ impl CriuBinary {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                for fd in [theirs_fd, dir_fd] {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        let mut inherited = vec![theirs_fd, dir.as_raw_fd()];
+        inherited.extend(page_socket.as_ref().map(AsRawFd::as_raw_fd));
+        inherit_fds(&mut command, inherited);
         let child = command
             .spawn()
             .map_err(io(format!("starting {} swrk", self.path.display())))?;
+        // Only CRIU may hold its end of the page socket: its close is how
+        // the other end learns the dump's pages are all out.
+        let page_socket = page_socket.map(|fd| fd.as_raw_fd());
         Ok(Swrk {
             child,
             socket: File::from(ours),
             dir,
             log_dir: images_dir.to_owned(),
+            page_socket,
+        })
+    }
+
+    /// Start CRIU's page server on `socket` (one end of a stream socket):
+    /// it writes the pages a dump sends into `images_dir`, then exits.
+    pub fn page_server(&self, images_dir: &Path, socket: OwnedFd) -> Result<PageServer, SwrkError> {
+        let mut command = Command::new(&self.path);
+        command
+            .arg("page-server")
+            .arg("--images-dir")
+            .arg(images_dir)
+            .arg("--ps-socket")
+            .arg(socket.as_raw_fd().to_string())
+            .args(["--log-file", PAGE_SERVER_LOG, "-v4"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        inherit_fds(&mut command, vec![socket.as_raw_fd()]);
+        let child = command
+            .spawn()
+            .map_err(io(format!("starting {} page-server", self.path.display())))?;
+        // Dropping `socket` here leaves CRIU the only holder of its end.
+        Ok(PageServer {
+            child,
+            log: images_dir.join(PAGE_SERVER_LOG),
         })
     }
 
@@ -159,6 +201,11 @@ impl Swrk {
     ) -> Result<Outcome, SwrkError> {
         let mut opts = base_opts(DUMP_LOG);
         opts.set_pid(pid);
+        if let Some(fd) = self.page_socket {
+            let mut page_server = Criu_page_server_info::new();
+            page_server.set_fd(fd);
+            opts.ps = protobuf::MessageField::some(page_server);
+        }
         self.call(Criu_req_type::DUMP, "dump", opts, on_notify)
     }
 
@@ -256,6 +303,52 @@ impl Drop for Swrk {
     }
 }
 
+/// `criu page-server` writing a dump's pages into the images directory.
+/// Dropping it stops a page server that is still running.
+pub struct PageServer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl PageServer {
+    /// CRIU's own log of the page server, for errors.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        // A subreaper elsewhere in this process may have reaped it.
+        let _ = self.child.wait();
+    }
+}
+
+/// Let the child inherit `fds` (ours are all O_CLOEXEC).
+fn inherit_fds(command: &mut Command, fds: Vec<i32>) {
+    // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A connected pair of stream sockets (O_CLOEXEC): CRIU's page-server
+/// protocol runs over one, we read or write the other.
+pub fn stream_pair() -> Result<(OwnedFd, OwnedFd), SwrkError> {
+    socket_pair(libc::SOCK_STREAM, "socketpair for the page stream")
+}
+
 /// Close our end for writing so a waiting swrk sees EOF and exits.
 fn shutdown_socket(socket: &File) -> std::io::Result<()> {
     // SAFETY: shutdown on a socket fd we own.
@@ -296,20 +389,22 @@ fn open_dir_inheritable(dir: &Path) -> Result<OwnedFd, SwrkError> {
 }
 
 fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), SwrkError> {
+    socket_pair(libc::SOCK_SEQPACKET, "socketpair for criu swrk")
+}
+
+fn socket_pair(kind: i32, action: &'static str) -> Result<(OwnedFd, OwnedFd), SwrkError> {
     let mut fds = [0i32; 2];
     // SAFETY: fds has room for the two descriptors socketpair writes.
     let rc = unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            kind | libc::SOCK_CLOEXEC,
             0,
             fds.as_mut_ptr(),
         )
     };
     if rc != 0 {
-        return Err(io("socketpair for criu swrk")(
-            std::io::Error::last_os_error(),
-        ));
+        return Err(io(action)(std::io::Error::last_os_error()));
     }
     // SAFETY: both fds were just created and are owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })

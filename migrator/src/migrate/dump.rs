@@ -1,19 +1,41 @@
 //! The dump: CRIU started ahead, the lock frozen at CRIU's first
-//! notification (right before it freezes the tree), one retry of a failed
-//! dump while still frozen. After it, every wait on the agent ends early
-//! enough to roll back before the lock fails open.
+//! notification (right before it freezes the tree), and the tree's memory
+//! streamed to the agent's page server while CRIU dumps it.
+//!
+//! With the page stream, CRIU then waits at its "post-dump" notification
+//! with the tree frozen (its sockets still in repair mode, its memory
+//! intact) until the hand-over decides: [`SourceCopy::kill`] lets CRIU
+//! kill the tree (the point of no return), [`SourceCopy::resume`] lets it
+//! resume the tree (the rollback: nothing to restore). If this process
+//! dies meanwhile, CRIU reads the closed socket as a refusal and resumes
+//! the tree; the lock fails open at its deadline.
+//!
+//! Without the page stream (both hosts one machine sharing PIDs, where
+//! the tree must be gone before the agent can restore it), CRIU writes
+//! every image here and kills the tree at once, and a rollback restores
+//! from those images.
 
-use std::{path::Path, time::Instant};
+use std::time::Instant;
+
+use tokio::{
+    net::UnixStream,
+    sync::mpsc::{UnboundedReceiver, UnboundedSender},
+    task::JoinHandle,
+};
 
 use super::{MigrateOptions, Progress, preflight::Prepared};
 use crate::{
-    channel::{TlsChannel, message::ServiceAddress},
-    criu::stats::read_dump_stats,
+    channel::{TlsChannel, message::ServiceAddress, pages},
+    criu::{
+        stats::read_dump_stats,
+        swrk::{Outcome, SwrkError, stream_pair},
+    },
+    dataplane::lock::MigrationLock,
     net::address::Netlink,
     report::{self, PhaseClock, Report},
 };
 
-/// Dumped, frozen, the images on disk here.
+/// Dumped, frozen; the pages at the agent (or every image here).
 pub(super) struct Frozen {
     pub channel: TlsChannel,
     pub netlink: Netlink,
@@ -23,6 +45,94 @@ pub(super) struct Frozen {
     /// Hand over (or roll back) before this: the lock's deadline less the
     /// hand-over margin.
     pub handover_by: Instant,
+}
+
+/// What CRIU's thread tells the migration, as it happens.
+enum CriuEvent {
+    /// The "pre-dump" notification: the lock is frozen (or failed to).
+    Locked {
+        at: Instant,
+        result: Result<(), String>,
+        lock: Option<Box<MigrationLock>>,
+    },
+    /// The "post-dump" notification: every image is written.
+    Dumped,
+}
+
+/// A lock is large: boxed while it travels between threads.
+type DumpResult = (Result<Outcome, SwrkError>, Option<Box<MigrationLock>>);
+
+/// `criu dump` running on a blocking thread, and what it has said.
+struct DumpTask {
+    task: Option<JoinHandle<DumpResult>>,
+    events: UnboundedReceiver<CriuEvent>,
+}
+
+enum Next {
+    Event(CriuEvent),
+    Ended(Result<Outcome, String>, Option<Box<MigrationLock>>),
+}
+
+impl DumpTask {
+    /// The next event, or the dump's end (events sent before it come
+    /// first).
+    async fn next(&mut self) -> Next {
+        let Some(task) = self.task.as_mut() else {
+            return Next::Ended(Err("the dump already ended".into()), None);
+        };
+        tokio::select! {
+            biased;
+            Some(event) = self.events.recv() => Next::Event(event),
+            joined = task => {
+                self.task = None;
+                match joined {
+                    Ok((result, lock)) => Next::Ended(result.map_err(|e| e.to_string()), lock),
+                    Err(err) => Next::Ended(Err(format!("the dump's thread: {err}")), None),
+                }
+            }
+        }
+    }
+
+    /// Wait for the dump's end, skipping events.
+    async fn end(&mut self) -> Result<Outcome, String> {
+        loop {
+            if let Next::Ended(result, _) = self.next().await {
+                return result;
+            }
+        }
+    }
+}
+
+/// The tree here, frozen by CRIU at its post-dump notification, waiting
+/// for the verdict.
+pub(super) struct SourceCopy {
+    verdict: Option<std::sync::mpsc::Sender<Result<(), String>>>,
+    dump: DumpTask,
+}
+
+impl SourceCopy {
+    /// Let CRIU kill the tree: after this the process lives only at the
+    /// destination (once it commits). Returns CRIU's outcome.
+    pub async fn kill(mut self) -> Result<Outcome, String> {
+        if let Some(verdict) = self.verdict.take() {
+            let _ = verdict.send(Ok(()));
+        }
+        self.dump.end().await
+    }
+
+    /// Let CRIU resume the tree, its sockets out of repair mode; the lock
+    /// still holds their packets.
+    pub async fn resume(mut self, why: &str) -> Result<(), String> {
+        if let Some(verdict) = self.verdict.take() {
+            let _ = verdict.send(Err(why.to_owned()));
+        }
+        match self.dump.end().await {
+            // CRIU answers a refused post-dump (or a failed dump) with a
+            // failure, having resumed the tree.
+            Err(_) => Ok(()),
+            Ok(_) => Err("CRIU killed the tree although the migration was rolling back".into()),
+        }
+    }
 }
 
 pub(super) async fn dump(
@@ -36,77 +146,102 @@ pub(super) async fn dump(
         mut channel,
         netlink,
         addresses,
+        page_stream,
         ..
     } = prepared;
     // CRIU, started now: its start-up stays outside the freeze window.
-    let swrk = options
-        .criu
-        .swrk(&progress.images)
-        .map_err(|e| e.to_string())?;
+    let (swrk, page_socket) = if page_stream {
+        let (criu_end, our_end) = stream_pair().map_err(|e| e.to_string())?;
+        let swrk = options
+            .criu
+            .swrk_streaming(&progress.images, criu_end)
+            .map_err(|e| e.to_string())?;
+        (swrk, Some(unix_stream(our_end)?))
+    } else {
+        let swrk = options
+            .criu
+            .swrk(&progress.images)
+            .map_err(|e| e.to_string())?;
+        (swrk, None)
+    };
 
     // dump, with the freeze at CRIU's "pre-dump" notification: the flows
     // and the service addresses (new SYNs wait too) are locked right before
     // CRIU freezes the tree, and stay locked from there on.
     let phase = clock.begin(report::DUMP);
     let services = ServiceAddress::lock_rules(&options.service_addresses);
-    let mut lock = progress.lock.take();
+    let lock = progress.lock.take();
     let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
-    let (criu, images) = (options.criu.clone(), progress.images.clone());
-    let (dumped, lock, frozen_at) = tokio::task::spawn_blocking(move || {
-        let mut frozen_at = None;
-        let mut freeze_once = |_script: &str| {
-            // The first notification ("pre-dump") comes before CRIU touches
-            // the tree; freeze there.
-            if frozen_at.is_none() {
-                if let Some(lock) = lock.as_mut() {
-                    lock.freeze(&services, deadline, hold)
-                        .map_err(|e| format!("locking the flows: {e}"))?;
-                }
-                frozen_at = Some(Instant::now());
+    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (verdict, verdicts) = std::sync::mpsc::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        run_criu(swrk, pid, lock, page_stream, events, verdicts, |lock| {
+            lock.freeze(&services, deadline, hold)
+                .map_err(|e| format!("locking the flows: {e}"))
+        })
+    });
+    let mut dump = DumpTask {
+        task: Some(task),
+        events: events_rx,
+    };
+
+    // The freeze, or a dump that ended before it.
+    let frozen_at = match dump.next().await {
+        Next::Event(CriuEvent::Locked { at, result, lock }) => {
+            progress.lock = lock.map(|lock| *lock);
+            if let Err(err) = result {
+                let _ = dump.end().await;
+                clock.end(phase, false);
+                return Err(format!("dump: {err}"));
             }
-            Ok(())
-        };
-        let mut result = swrk.dump(pid, &mut freeze_once);
-        // A failed dump leaves the tree running (CRIU resumes it). Some
-        // failures are passing (seen here: the parasite failing to read
-        // /proc/self/cgroup), so try once more, still frozen, from an
-        // empty images directory.
-        if result.is_err() && clear_dir(&images).is_ok() {
-            tracing::warn!(
-                "criu dump failed, retrying once: {:?}",
-                result.as_ref().err()
-            );
-            result = criu
-                .swrk(&images)
-                .and_then(|swrk| swrk.dump(pid, &mut freeze_once));
+            at
         }
-        (result, lock, frozen_at)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    progress.lock = lock;
-    progress.frozen = frozen_at.is_some();
-    if let Some(at) = frozen_at {
-        let start_ms = at.duration_since(clock.started()).as_secs_f64() * 1e3;
-        clock.record_quiet(report::Phase {
-            name: report::FREEZE.to_owned(),
-            host: "source".to_owned(),
-            start_ms,
-            duration_ms: 0.0,
-            ok: true,
-        });
-    }
-    let frozen_at = frozen_at.unwrap_or_else(Instant::now);
+        Next::Event(CriuEvent::Dumped) | Next::Ended(Ok(_), _) => {
+            clock.end(phase, false);
+            return Err("dump: CRIU dumped without notifying us first".into());
+        }
+        Next::Ended(Err(err), lock) => {
+            progress.lock = lock.map(|lock| *lock);
+            clock.end(phase, false);
+            return Err(format!("dump: {err}"));
+        }
+    };
+    progress.frozen = true;
+    let start_ms = frozen_at.duration_since(clock.started()).as_secs_f64() * 1e3;
+    clock.record_quiet(report::Phase {
+        name: report::FREEZE.to_owned(),
+        host: "source".to_owned(),
+        start_ms,
+        duration_ms: 0.0,
+        ok: true,
+    });
     // Every wait on the agent from now on ends early enough to roll back
     // (or hand over) before our lock fails open.
     let margin = crate::agent::handover_margin(options.deadline);
     let handover_by = frozen_at + options.deadline.saturating_sub(margin);
     channel.set_hard_deadline(handover_by);
-    // CRIU resumes the tree when a dump fails: only the lock to undo.
-    let outcome = clock.end_with(phase, dumped.map_err(|err| format!("dump: {err}")))?;
-    progress.dumped = true;
-    report.criu_dump_notifications = outcome.notifications;
-    report.criu_dump = read_dump_stats(&progress.images);
+
+    let dumped = match page_socket {
+        Some(socket) => {
+            // From here a failure leaves the tree to CRIU, which resumes it.
+            progress.source_copy = Some(SourceCopy {
+                verdict: Some(verdict),
+                dump,
+            });
+            stream_pages(&mut channel, socket, progress)
+                .await
+                .map(|bytes| report.image_bytes += bytes)
+        }
+        None => {
+            drop(verdict);
+            dump.end().await.map(|outcome| {
+                progress.dumped = true;
+                report.criu_dump_notifications = outcome.notifications;
+                report.criu_dump = read_dump_stats(&progress.images);
+            })
+        }
+    };
+    clock.end_with(phase, dumped.map_err(|err| format!("dump: {err}")))?;
 
     Ok(Frozen {
         channel,
@@ -117,14 +252,88 @@ pub(super) async fn dump(
     })
 }
 
-/// Remove the files in `dir`, keeping the directory (an open fd may name
-/// it).
-fn clear_dir(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::remove_file(entry.path())?;
+/// Relay the page stream until the agent has every page, and CRIU has
+/// written the other images and waits at its post-dump notification.
+async fn stream_pages(
+    channel: &mut TlsChannel,
+    socket: UnixStream,
+    progress: &mut Progress,
+) -> Result<u64, String> {
+    let Some(copy) = progress.source_copy.as_mut() else {
+        return Err("no dump running".into());
+    };
+    let mut dumped = false;
+    let forward = pages::forward(channel, socket);
+    tokio::pin!(forward);
+    // CRIU's post-dump may come before the agent's last word: both count.
+    let sent = loop {
+        tokio::select! {
+            sent = &mut forward => break sent.map_err(|e| format!("streaming pages to the agent: {e}"))?,
+            next = copy.dump.next() => match next {
+                Next::Event(CriuEvent::Dumped) => dumped = true,
+                Next::Event(CriuEvent::Locked { .. }) => {}
+                Next::Ended(result, _) => {
+                    return Err(result.err().unwrap_or_else(|| "CRIU ended before the page stream did".into()));
+                }
+            },
+        }
+    };
+    while !dumped {
+        match copy.dump.next().await {
+            Next::Event(CriuEvent::Dumped) => dumped = true,
+            Next::Event(CriuEvent::Locked { .. }) => {}
+            Next::Ended(result, _) => {
+                return Err(result
+                    .err()
+                    .unwrap_or_else(|| "CRIU killed the tree without asking".into()));
+            }
         }
     }
-    Ok(())
+    Ok(sent)
+}
+
+/// CRIU's side, on a blocking thread: freeze at "pre-dump", report
+/// "post-dump" and (with the page stream) wait there for the verdict.
+fn run_criu(
+    swrk: crate::criu::swrk::Swrk,
+    pid: i32,
+    mut lock: Option<MigrationLock>,
+    wait_at_post_dump: bool,
+    events: UnboundedSender<CriuEvent>,
+    verdicts: std::sync::mpsc::Receiver<Result<(), String>>,
+    freeze: impl Fn(&mut MigrationLock) -> Result<(), String>,
+) -> DumpResult {
+    let mut locked = false;
+    let result = swrk.dump(pid, |script| match script {
+        "pre-dump" if !locked => {
+            locked = true;
+            let result = lock.as_mut().map_or(Ok(()), &freeze);
+            let _ = events.send(CriuEvent::Locked {
+                at: Instant::now(),
+                result: result.clone(),
+                lock: lock.take().map(Box::new),
+            });
+            result
+        }
+        "post-dump" => {
+            let _ = events.send(CriuEvent::Dumped);
+            if wait_at_post_dump {
+                verdicts
+                    .recv()
+                    .unwrap_or_else(|_| Err("the migration gave up".into()))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Ok(()),
+    });
+    (result, lock.map(Box::new))
+}
+
+fn unix_stream(fd: std::os::fd::OwnedFd) -> Result<UnixStream, String> {
+    let socket = std::os::unix::net::UnixStream::from(fd);
+    socket
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(socket))
+        .map_err(|e| format!("the page stream's socket: {e}"))
 }

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use super::{Progress, transfer::Released};
 use crate::{
     channel::{self, Message, message::RestoreReply},
+    criu::stats::read_dump_stats,
     report::{
-        ConnectionEvent, ConnectionReport, HANDOVER, MAX_EVENTS_PER_HOST, Phase, PhaseClock,
+        self, ConnectionEvent, ConnectionReport, HANDOVER, MAX_EVENTS_PER_HOST, Phase, PhaseClock,
         Report, connection_events,
     },
 };
@@ -53,6 +54,19 @@ pub(super) async fn hand_over(
             failed_here(clock);
             return Err(format!("destination not ready for the hand-over: {err}"));
         }
+    }
+    // The tree here goes first: once CRIU has killed it, nothing here can
+    // run it again, and only then may the destination's copy run.
+    if let Some(copy) = progress.source_copy.take() {
+        let phase = clock.begin(report::SOURCE_EXIT);
+        let killed = copy.kill().await;
+        let outcome = clock.end_with(
+            phase,
+            killed.map_err(|err| format!("ending the tree here: {err}")),
+        )?;
+        progress.dumped = true;
+        report.criu_dump_notifications = outcome.notifications;
+        report.criu_dump = read_dump_stats(&progress.images);
     }
     // The commit: from here on the process is the destination's.
     progress.committed = true;

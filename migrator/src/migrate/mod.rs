@@ -1,14 +1,16 @@
 //! `migrator migrate`: the source side, one step per file, each taking
 //! what the one before leaves and nothing else: discover the tree (here),
 //! `preflight` (the tree, CRIU's refusals, the addresses, the agent:
-//! `Prepared`), `dump` (frozen at CRIU's first notification: `Frozen`),
-//! `transfer` (images sent, addresses given up, held packets: `Released`),
-//! `handover` (ready, commit, restored). `Progress` is what a failure
+//! `Prepared`), `dump` (frozen at CRIU's first notification, the pages
+//! streamed to the agent: `Frozen`), `transfer` (the other images sent,
+//! addresses given up, held packets: `Released`), `handover` (ready, the
+//! tree here killed, commit, restored). `Progress` is what a failure
 //! leaves for `rollback`.
 //!
 //! Any failure before the commit rolls back: the address comes back, CRIU
-//! restores the process here from the same images, the lock is released,
-//! and the connections live on. After the commit the process is the
+//! resumes the tree it kept frozen (or, without the page stream, restores
+//! it from the images here), the lock is released, and the connections
+//! live on. After the commit the process is the
 //! destination's: silence then is reported in doubt, never rolled back.
 //! If this process is killed mid-way, the lock fails open at its deadline
 //! and `migrator recover --images DIR` restores from the images kept.
@@ -63,7 +65,12 @@ pub struct MigrateOptions {
 struct Progress {
     lock: Option<MigrationLock>,
     frozen: bool,
+    /// The tree here is gone (killed by CRIU after its dump): only images
+    /// can bring it back.
     dumped: bool,
+    /// The tree here, frozen by CRIU after a streamed dump, waiting to be
+    /// killed (hand-over) or resumed (rollback).
+    source_copy: Option<dump::SourceCopy>,
     /// We sent the commit: the destination may run the process, so we must
     /// never restore ours unless it says it removed its copy.
     committed: bool,
@@ -134,6 +141,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         lock: None,
         frozen: false,
         dumped: false,
+        source_copy: None,
         committed: false,
         destination_may_own: None,
         pids_needed: Vec::new(),

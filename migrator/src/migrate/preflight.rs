@@ -94,6 +94,8 @@ pub(super) struct Prepared {
     /// Both hosts as they describe themselves, for the report.
     pub source_host: HostInfo,
     pub destination_host: HostInfo,
+    /// The agent takes the dump's pages as they are dumped.
+    pub page_stream: bool,
 }
 
 async fn preflight(
@@ -161,25 +163,26 @@ async fn preflight(
         }))
         .await
         .map_err(|e| e.to_string())?;
-    let destination_host = match channel.receive().await.map_err(|e| e.to_string())? {
-        Message::PreflightOk(reply) => {
-            let mut host = reply.host;
-            // Printed later: text from the other side, escaped.
-            for field in [
-                &mut host.hostname,
-                &mut host.kernel,
-                &mut host.criu_version,
-                &mut host.migrator_version,
-            ] {
-                *field = channel::printable(field);
+    let (destination_host, page_stream) =
+        match channel.receive().await.map_err(|e| e.to_string())? {
+            Message::PreflightOk(reply) => {
+                let mut host = reply.host;
+                // Printed later: text from the other side, escaped.
+                for field in [
+                    &mut host.hostname,
+                    &mut host.kernel,
+                    &mut host.criu_version,
+                    &mut host.migrator_version,
+                ] {
+                    *field = channel::printable(field);
+                }
+                (host, reply.page_stream)
             }
-            host
-        }
-        Message::Refused { reason } => {
-            return Err(format!("agent refused: {}", channel::printable(&reason)));
-        }
-        other => return Err(format!("agent answered {}", other.name())),
-    };
+            Message::Refused { reason } => {
+                return Err(format!("agent refused: {}", channel::printable(&reason)));
+            }
+            other => return Err(format!("agent answered {}", other.name())),
+        };
     Ok(Prepared {
         channel,
         netlink,
@@ -187,6 +190,7 @@ async fn preflight(
         addresses: plan,
         source_host: HostInfo::here(criu_version.to_string()),
         destination_host,
+        page_stream,
     })
 }
 

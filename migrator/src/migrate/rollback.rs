@@ -1,7 +1,8 @@
 //! Putting the process back here after a failure: the addresses (and
 //! announcing them, and once more after a destination we lost touch with
-//! has given them up), CRIU's restore from our images once the tree's
-//! PIDs are free, the lock released.
+//! has given them up), the tree resumed by the CRIU that kept it frozen
+//! (or, if it was killed after a local dump, CRIU's restore from our
+//! images once the tree's PIDs are free), the lock released.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -11,9 +12,9 @@ use crate::{
     report::{self, PhaseClock},
 };
 
-/// Put the process back here: addresses, CRIU restore from our images if
-/// it was dumped, lock released.
-/// Returns the PID of the process restored here, if it had been dumped.
+/// Put the process back here: addresses, the tree resumed (or restored
+/// from our images if it was killed), lock released.
+/// Returns the PID of the process restored here, if it had to be.
 pub(super) async fn rollback(
     options: &MigrateOptions,
     progress: &mut Progress,
@@ -33,7 +34,15 @@ pub(super) async fn rollback(
         // the peers' neighbour caches back.
         announce_again(progress.reclaimed.clone()).await;
     }
-    if progress.dumped {
+    if let Some(copy) = progress.source_copy.take() {
+        // Kept frozen by CRIU: resumed as it was, its memory never left.
+        let phase = clock.begin(report::RESUME);
+        let resumed = copy.resume("the migration is rolling back").await;
+        clock.end_with(
+            phase,
+            resumed.map_err(|e| format!("resuming the tree here: {e}")),
+        )?;
+    } else if progress.dumped {
         // The dumped tree's PIDs come free once its parent reaps it, and a
         // copy the destination restored and undid once the agent reaps it.
         if !progress.pids_needed.is_empty() {

@@ -27,6 +27,10 @@ pub const CONFIRM: &str = "confirm";
 pub const RELEASE: &str = "release";
 pub const DELIVER_HELD: &str = "deliver-held";
 pub const ROLLBACK: &str = "rollback";
+/// CRIU killing the tree on the source, the hand-over's point of no return.
+pub const SOURCE_EXIT: &str = "source-exit";
+/// CRIU resuming the tree on the source it kept frozen (a rollback).
+pub const RESUME: &str = "resume";
 /// Destination: from "ready" (restored, stopped, address owned) to the
 /// source's commit.
 pub const HANDOVER: &str = "hand-over";
