@@ -3,6 +3,11 @@
 //! it already exists), in a fresh directory with a random name per
 //! migration, and files are created exclusively, without following
 //! symlinks, relative to a descriptor of that directory.
+//!
+//! Each migration's directory is a tmpfs of its own (at most
+//! `memory_limit` bytes): images are written once and read once, so they
+//! never touch a disk, and unmounting frees them at once. Where a tmpfs
+//! cannot be mounted the directory stays on the state directory's disk.
 
 use std::{
     ffi::CString,
@@ -42,6 +47,8 @@ pub enum ImagesError {
 #[derive(Clone, Debug)]
 pub struct StateDir {
     path: PathBuf,
+    /// Size of each migration's tmpfs.
+    memory_limit: u64,
 }
 
 impl StateDir {
@@ -99,11 +106,37 @@ impl StateDir {
         }
         Ok(Self {
             path: path.to_owned(),
+            memory_limit: crate::system::memory_total_bytes() / 2,
         })
+    }
+
+    /// Each migration's images may take at most `bytes` of memory.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = bytes;
+        self
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Remove what sessions named `PREFIX-*` left behind (a process killed
+    /// mid-migration): their tmpfs unmounted, their files gone.
+    pub fn remove_stale(&self, prefix: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}-"))
+            {
+                let path = entry.path();
+                unmount(&path);
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
     }
 
     /// A fresh directory for one migration: `PREFIX-<random>`, mode 0700.
@@ -124,8 +157,54 @@ impl StateDir {
                 path: path.clone(),
                 source,
             })?;
+        let in_memory = match mount_tmpfs(&path, self.memory_limit) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(
+                    "images of this migration stay on disk in {}: mounting a tmpfs there failed: {err}",
+                    path.display()
+                );
+                false
+            }
+        };
         let dir = open_dir(&path)?;
-        Ok(SessionDir { path, dir })
+        Ok(SessionDir {
+            path,
+            dir,
+            in_memory,
+        })
+    }
+}
+
+/// A tmpfs of `size` bytes on `path`, only root may enter.
+fn mount_tmpfs(path: &Path, size: u64) -> std::io::Result<()> {
+    let target = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("path with a NUL byte"))?;
+    let options = CString::new(format!("size={size},mode=0700"))
+        .map_err(|_| std::io::Error::other("options"))?;
+    // SAFETY: mount with valid NUL-terminated strings; the result is
+    // checked.
+    let rc = unsafe {
+        libc::mount(
+            c"migrator-images".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Detach whatever is mounted on `path` (nothing if nothing is).
+fn unmount(path: &Path) {
+    if let Ok(target) = CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: umount2 with a valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
@@ -134,6 +213,8 @@ impl StateDir {
 pub struct SessionDir {
     path: PathBuf,
     dir: OwnedFd,
+    /// On a tmpfs of its own.
+    in_memory: bool,
 }
 
 impl SessionDir {
@@ -169,28 +250,57 @@ impl SessionDir {
         Ok(unsafe { File::from_raw_fd(fd) })
     }
 
+    /// Whether the images live in memory (a tmpfs of their own).
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
+    }
+
     /// Remove the directory and everything in it.
     pub fn remove(self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        let Self {
+            path,
+            dir,
+            in_memory,
+        } = self;
+        drop(dir);
+        if in_memory {
+            unmount(&path);
+        }
+        let _ = std::fs::remove_dir_all(&path);
     }
 }
 
 /// Room left on the disk after the images, besides their own size.
 pub const DISK_RESERVE: u64 = 64 << 20;
 
-/// Whether `bytes` of images fit in `dir` with the reserve to spare;
-/// `Err` says how much is needed and how much there is.
-pub fn check_room(dir: &Path, bytes: u64) -> Result<(), String> {
-    let free =
+/// Whether `bytes` of images fit in `dir` with the reserve to spare: on
+/// its filesystem, and for a tmpfs in the memory available; `Err` says
+/// how much is needed and how much there is.
+pub fn check_room(dir: &Path, bytes: u64, in_memory: bool) -> Result<(), String> {
+    let on_disk =
         free_bytes(dir).map_err(|e| format!("checking free space in {}: {e}", dir.display()))?;
+    let available = crate::system::memory_available_bytes();
     let needed = bytes.saturating_add(DISK_RESERVE);
-    if needed > free {
+    if needed > on_disk {
         return Err(format!(
-            "the images need about {} MiB (with {} MiB to spare) but {} has {} MiB free: free space there or choose another --work-dir",
+            "the images need about {} MiB (with {} MiB to spare) but {} has {} MiB free{}",
             bytes >> 20,
             DISK_RESERVE >> 20,
             dir.display(),
-            free >> 20
+            on_disk >> 20,
+            if in_memory {
+                " (its tmpfs: raise the limit, the agent's --max-image-memory)"
+            } else {
+                ": free space there or choose another --work-dir"
+            }
+        ));
+    }
+    if in_memory && needed > available {
+        return Err(format!(
+            "the images need about {} MiB of memory (with {} MiB to spare) but this host has {} MiB available (MemAvailable): free memory, or move the process elsewhere",
+            bytes >> 20,
+            DISK_RESERVE >> 20,
+            available >> 20
         ));
     }
     Ok(())
@@ -274,11 +384,11 @@ mod tests {
     #[test]
     fn room_is_checked_with_a_reserve() {
         let dir = std::env::temp_dir();
-        let err = check_room(&dir, u64::MAX / 4).unwrap_err();
+        let err = check_room(&dir, u64::MAX / 4, false).unwrap_err();
         assert!(err.contains("MiB free"), "{err}");
         let free = free_bytes(&dir).unwrap();
         if free > DISK_RESERVE {
-            assert!(check_room(&dir, 0).is_ok());
+            assert!(check_room(&dir, 0, false).is_ok());
         }
     }
 

@@ -265,6 +265,34 @@ pub fn resident_bytes(pids: &[i32]) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
+/// A `/proc/meminfo` field, in bytes (0 if unreadable).
+fn meminfo_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                line.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map_or(0, |kb| kb.saturating_mul(1024))
+}
+
+/// Memory this host has.
+pub fn memory_total_bytes() -> u64 {
+    meminfo_bytes("MemTotal")
+}
+
+/// Memory that can be had without swapping (the kernel's estimate).
+pub fn memory_available_bytes() -> u64 {
+    meminfo_bytes("MemAvailable")
+}
+
 /// Let a stopped tree run (SIGCONT to every process of it).
 pub fn resume_tree(root: i32) {
     for pid in process_tree(root) {

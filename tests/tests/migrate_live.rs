@@ -70,7 +70,16 @@ fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static st
     } else {
         (DST, SRC)
     };
-    let run = lab.migrate(from, to, pid, &[]);
+    let run = lab.migrate(
+        from,
+        to,
+        pid,
+        if std::env::var_os("KEEP").is_some() {
+            &["--keep-images"]
+        } else {
+            &[]
+        },
+    );
     assert!(
         run.success,
         "migration {round} {from} -> {to}: {}",
@@ -156,6 +165,45 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
     // The peer never saw a reset, an EOF or a wrong byte.
     for conn in lab.peer_connections() {
         assert_eq!(conn["error"], Value::Null, "{conn}");
+    }
+}
+
+/// A process with 256 MiB of memory moves there and back: its pages
+/// stream to the destination's page server while they are dumped (none
+/// is written to the source's images), and the workload, which reads its
+/// whole ballast back every second and exits on the first wrong byte,
+/// keeps running with its connections.
+#[test]
+fn large_process_moves_there_and_back_with_its_memory_intact() {
+    let mut lab = MigrationLab::new("big");
+    let mut pid = lab.start_workload(true, 256);
+    std::thread::sleep(Duration::from_millis(1500));
+    for round in 0..2 {
+        let (report, _, to) = move_round(&lab, round, pid);
+        if let Some(kept) = report["images_kept"].as_str() {
+            let _ = std::fs::copy(format!("{kept}/dump.log"), format!("/tmp/dumplog-{round}"));
+        }
+        assert_eq!(report["outcome"], "migrated", "{report}");
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        eprintln!(
+            "round {round}: freeze window {} ms = {}",
+            report["freeze_window_ms"], report["freeze_window_parts"]
+        );
+        // The memory crossed as the page stream.
+        assert!(
+            report["image_bytes"].as_u64().unwrap() > 256 << 20,
+            "{report}"
+        );
+        let phases = report["phases"].as_array().unwrap();
+        assert!(
+            phases.iter().any(|p| p["name"] == "source-exit"),
+            "the source's copy was not ended by the hand-over: {report}"
+        );
+        // Two checks of the ballast after the move.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
     }
 }
 
@@ -711,30 +759,17 @@ fn trees_criu_would_refuse_are_refused_before_anything_is_frozen() {
     }
 }
 
-/// The destination's state directory cannot hold the images (a 16 MiB
-/// tmpfs, a 64 MiB process): refused at preflight, with how much is
-/// needed and how much is free, before anything is frozen.
+/// The destination gives one migration's images at most 16 MiB of
+/// memory (their tmpfs) and the process has 64 MiB: refused at
+/// preflight, with how much is needed and how much is free, before
+/// anything is frozen.
 #[test]
 fn a_destination_without_room_for_the_images_is_refused_before_the_freeze() {
     let mut lab = MigrationLab::new("room");
     let pid = lab.start_workload(true, 64);
-    let small = lab.dir.0.join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mounting a tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    // The agent's images live on a tmpfs of their own, at most 16 MiB.
     lab.stop_agent(DST);
-    lab.start_agent_with(DST, &["--work-dir", small.to_str().unwrap()]);
+    lab.start_agent_with(DST, &["--max-image-memory", "16"]);
     let run = lab.migrate(SRC, DST, pid, &[]);
     assert!(!run.success);
     assert!(

@@ -62,6 +62,10 @@ enum Task {
         /// Rounds for `migrate` (each: two moves of ours, two baseline).
         #[arg(long, default_value_t = 5)]
         rounds: u32,
+        /// For `migrate`: memory sizes (MiB) of the workload whose freeze
+        /// windows are compared with CRIU by hand, e.g. 64,256,1024.
+        #[arg(long, value_name = "MIB[,MIB...]", default_value = "256")]
+        ballast_mb: String,
     },
 }
 
@@ -144,7 +148,11 @@ fn run(cli: Cli) -> Result<()> {
             build(&root)?;
             test(&root, filter.as_deref())
         }
-        Task::Bench { which, rounds } => {
+        Task::Bench {
+            which,
+            rounds,
+            ballast_mb,
+        } => {
             setup::run()?;
             // The benches drive the `migrator` binary and the lab programs.
             cmd::run(cmd::cargo(&root).args([
@@ -164,7 +172,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             for bin in bins {
                 cmd::section(bin);
-                cmd::run(cmd::cargo(&root).args([
+                let mut run = cmd::cargo(&root);
+                run.args([
                     "run",
                     "--release",
                     "--package",
@@ -173,7 +182,11 @@ fn run(cli: Cli) -> Result<()> {
                     bin,
                     "--",
                     &rounds.to_string(),
-                ]))?;
+                ]);
+                if matches!(which, Bench::Migrate) {
+                    run.args(["--ballast-mb", &ballast_mb]);
+                }
+                cmd::run(&mut run)?;
             }
             Ok(())
         }

@@ -48,6 +48,9 @@ use crate::{
     criu::CriuBinary,
 };
 
+/// Each session's images directory is named `incoming-<random>`.
+pub const SESSION_PREFIX: &str = "incoming";
+
 pub struct AgentConfig {
     pub listen: SocketAddr,
     pub iface: String,
@@ -194,7 +197,7 @@ async fn connection(
         warn!(%from, "refused: all {} sessions busy", limits.max_sessions);
         return;
     };
-    let images = match shared.config.state.new_session("incoming") {
+    let images = match shared.config.state.new_session(SESSION_PREFIX) {
         Ok(images) => images,
         Err(err) => {
             let reason = format!("no room for the images here: {err}");

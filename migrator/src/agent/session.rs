@@ -25,7 +25,7 @@ use crate::{
         ChannelError, Message, TlsChannel,
         message::{PreflightReply, PreflightRequest, ServiceAddress},
     },
-    criu::swrk::{PageServer, Swrk, stream_pair},
+    criu::{page_stream::PageStore, swrk::Swrk},
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     images::SessionDir,
     net::address::Netlink,
@@ -37,8 +37,6 @@ pub(super) struct Session {
     pub lock: Option<MigrationLock>,
     /// CRIU started ahead, waiting for the restore request.
     pub swrk: Option<Swrk>,
-    /// CRIU's page server started ahead, waiting for the dump's pages.
-    pub page_server: Option<PageServer>,
     pub added: Vec<IpAddr>,
     pub restored_pid: Option<i32>,
 }
@@ -48,7 +46,6 @@ impl Session {
     /// shown gone (the source must hear that).
     pub async fn undo(&mut self, netlink: &Netlink) -> Result<(), String> {
         self.swrk = None;
-        self.page_server = None;
         let mut gone = Ok(());
         if let Some(pid) = self.restored_pid.take() {
             // The source restores its own copy from the same images: this
@@ -110,7 +107,6 @@ pub(super) async fn run(
     let mut session = Session {
         lock: None,
         swrk: None,
-        page_server: None,
         added: Vec::new(),
         restored_pid: None,
     };
@@ -160,7 +156,9 @@ async fn serve(
     let config = &shared.config;
     let images = session_dir.path();
     let checked = match config.policy.check(request) {
-        Ok(flows) => preflight(config, request, netlink).await.map(|()| flows),
+        Ok(flows) => preflight(config, request, netlink, session_dir)
+            .await
+            .map(|()| flows),
         Err(reason) => Err(reason),
     };
     let flows = match checked {
@@ -202,25 +200,11 @@ async fn serve(
             return Err(ChannelError::Refused(reason));
         }
     }
-    // The page server too, for the pages the dump streams here. Not when
-    // we share PIDs with the source: its tree must be gone before ours
-    // is restored, so it dumps everything locally first.
+    // The dump's pages stream here as they are dumped. Not when we share
+    // PIDs with the source: its tree must be gone before ours is restored,
+    // so it dumps everything locally first.
     let page_stream = !request.shares_pids_with(&crate::system::pid_namespace_identity())
         || request.pids_needed().is_empty();
-    let page_socket = if page_stream {
-        match start_page_server(config, images) {
-            Ok((server, socket)) => {
-                session.page_server = Some(server);
-                Some(socket)
-            }
-            Err(reason) => {
-                channel.send(&refuse(reason.clone())).await?;
-                return Err(ChannelError::Refused(reason));
-            }
-        }
-    } else {
-        None
-    };
     channel
         .send(&Message::PreflightOk(PreflightReply {
             criu_version: config.criu_version.clone(),
@@ -230,7 +214,7 @@ async fn serve(
         }))
         .await?;
 
-    if let Some(socket) = page_socket {
+    if page_stream {
         // Room for what the tree may have grown to since preflight; the
         // images' tmpfs bounds it in any case.
         let limit = request
@@ -238,8 +222,8 @@ async fn serve(
             .saturating_mul(2)
             .saturating_add(crate::images::DISK_RESERVE)
             .min(MAX_TOTAL_BYTES);
-        pages::deliver(channel, socket, limit, commit_by).await?;
-        session.page_server = None;
+        let mut store = PageStore::new(session_dir);
+        pages::deliver(channel, &mut store, limit, commit_by).await?;
     }
     receive_images(channel, session_dir, commit_by).await?;
     let held = receive_held(channel, &flows, commit_by).await?;
@@ -282,25 +266,6 @@ async fn serve(
     Ok(pid)
 }
 
-/// `criu page-server` on one end of a fresh socket pair, the other end
-/// ours.
-fn start_page_server(
-    config: &super::AgentConfig,
-    images: &std::path::Path,
-) -> Result<(PageServer, tokio::net::UnixStream), String> {
-    let (server_end, our_end) = stream_pair().map_err(|e| e.to_string())?;
-    let server = config
-        .criu
-        .page_server(images, server_end)
-        .map_err(|e| e.to_string())?;
-    let socket = std::os::unix::net::UnixStream::from(our_end);
-    socket
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixStream::from_std(socket))
-        .map(|socket| (server, socket))
-        .map_err(|e| format!("the page server's socket: {e}"))
-}
-
 /// Give up after the restore began: undo everything here first (the copy
 /// killed and reaped, the addresses and the lock gone), then tell the
 /// source, which may then restore its own copy.
@@ -329,12 +294,13 @@ async fn preflight(
     config: &super::AgentConfig,
     request: &PreflightRequest,
     netlink: &Netlink,
+    images: &SessionDir,
 ) -> Result<(), String> {
     netlink
         .link_index(&config.iface)
         .await
         .map_err(|err| err.to_string())?;
-    crate::images::check_room(config.state.path(), request.image_bytes)
+    crate::images::check_room(images.path(), request.image_bytes, images.in_memory())
         .map_err(|why| format!("no room for the images on the destination: {why}"))?;
     for address in &request.service_addresses {
         if let Some((_, iface)) = netlink

@@ -3,12 +3,11 @@
 //! and a closing status the other) carried through this channel, never
 //! through a second connection. On the source, `criu dump` writes it into
 //! a local socket ([`forward`] sends what comes out as data frames and
-//! writes the answers back); on the agent, [`deliver`] writes the frames
-//! into the socket of `criu page-server`, which writes the images there.
+//! writes the answers back); on the agent, [`deliver`] feeds the frames to
+//! a [`PageStore`], which writes the page images there and answers.
 //!
-//! Both ends read and write at once: CRIU waits for the page server's
-//! answer to each opened page map, so neither direction may wait for the
-//! other to finish.
+//! The source reads and writes at once: CRIU waits for the answer to each
+//! opened page map, so neither direction may wait for the other.
 
 use std::time::Instant;
 
@@ -18,6 +17,7 @@ use tokio::{
 };
 
 use super::{Channel, ChannelError, DATA_CHUNK, Message, codec::Frame};
+use crate::criu::page_stream::PageStore;
 
 /// Source: relay CRIU's page stream from `socket` to the agent until CRIU
 /// closes it and the agent says its page server has every byte. Returns
@@ -70,60 +70,68 @@ where
     }
 }
 
-/// Agent: write the source's page stream into the page server's `socket`
-/// and its answers back, refusing a stream over `limit` bytes, until the
-/// source says CRIU closed its end and the page server has closed ours.
+/// Agent: write the source's page stream into `store` (page-map and
+/// pages images) and send its answers back, refusing a stream over
+/// `limit` bytes, until the source says CRIU closed its end. Returns the
+/// bytes received.
 pub async fn deliver<S>(
     channel: &mut Channel<S>,
-    socket: UnixStream,
+    store: &mut PageStore<'_>,
     limit: u64,
     deadline: Instant,
 ) -> Result<u64, ChannelError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (mut from_server, mut to_server) = socket.into_split();
-    let mut buf = vec![0u8; 64 << 10];
     let mut received = 0u64;
-    let (mut source_done, mut server_done) = (false, false);
-    while !(source_done && server_done) {
-        tokio::select! {
-            frame = channel.next_frame(Some(deadline)), if !source_done => match frame? {
-                Frame::Data(pages) => {
-                    received += pages.len() as u64;
-                    if received > limit {
-                        let reason = format!(
-                            "page stream over the {} MiB announced at preflight (with room to spare)",
-                            limit >> 20
-                        );
-                        channel.send(&Message::Refused { reason: reason.clone() }).await?;
-                        return Err(ChannelError::Refused(reason));
-                    }
-                    to_server.write_all(&pages).await?;
+    let mut replies = Vec::new();
+    loop {
+        match channel.next_frame(Some(deadline)).await? {
+            Frame::Data(pages) => {
+                received += pages.len() as u64;
+                if received > limit {
+                    let reason = format!(
+                        "page stream over the {} MiB announced at preflight (with room to spare)",
+                        limit >> 20
+                    );
+                    channel
+                        .send(&Message::Refused {
+                            reason: reason.clone(),
+                        })
+                        .await?;
+                    return Err(ChannelError::Refused(reason));
                 }
-                Frame::Message(payload) => match serde_json::from_slice::<Message>(&payload)? {
-                    Message::PagesEnd { bytes } if bytes == received => source_done = true,
-                    Message::PagesEnd { bytes } => {
-                        return Err(ChannelError::Frame(format!(
-                            "page stream incomplete: got {received} bytes, source sent {bytes}"
-                        )));
-                    }
-                    other => {
-                        return Err(ChannelError::Unexpected {
-                            expected: "page-stream data or pages-end",
-                            got: other.name(),
-                        });
-                    }
-                },
-            },
-            read = from_server.read(&mut buf), if !server_done => {
-                let n = read?;
-                if n == 0 {
-                    server_done = true;
-                } else {
-                    channel.send_data(&buf[..n]).await?;
+                // Writes to the images' tmpfs: copies into memory, done
+                // in place rather than handed to another thread per chunk.
+                if let Err(err) = store.feed(&pages, &mut replies) {
+                    let reason = err.to_string();
+                    channel
+                        .send(&Message::Refused {
+                            reason: reason.clone(),
+                        })
+                        .await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                if !replies.is_empty() {
+                    channel.send_data(&replies).await?;
+                    replies.clear();
                 }
             }
+            Frame::Message(payload) => match serde_json::from_slice::<Message>(&payload)? {
+                Message::PagesEnd { bytes } if bytes == received && store.closed() => break,
+                Message::PagesEnd { bytes } => {
+                    return Err(ChannelError::Frame(format!(
+                        "page stream incomplete: got {received} bytes{}, source sent {bytes}",
+                        if store.closed() { "" } else { " and no close" }
+                    )));
+                }
+                other => {
+                    return Err(ChannelError::Unexpected {
+                        expected: "page-stream data or pages-end",
+                        got: other.name(),
+                    });
+                }
+            },
         }
     }
     channel

@@ -19,9 +19,15 @@ pub struct AgentArgs {
     #[arg(long = "iface", value_name = "IF")]
     iface: Option<String>,
     /// State directory for incoming images (same rules as migrate's
-    /// --work-dir); each session's are removed when it ends.
+    /// --work-dir); each session's are on a tmpfs of their own there,
+    /// removed when it ends (and at start, if a killed agent left some).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/migrator/agent")]
     work_dir: PathBuf,
+    /// Most memory one migration's images may take here (MiB); a larger
+    /// process is refused at preflight. Default: half of this host's
+    /// memory.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    max_image_memory: Option<u64>,
     /// Service addresses a source may move here must lie in one of
     /// these networks (CIDR, repeatable); others are refused at
     /// preflight. Default: any.
@@ -50,6 +56,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         auth,
         iface,
         work_dir,
+        max_image_memory,
         allow_ips,
         max_deadline,
         max_sessions,
@@ -64,6 +71,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .supported_version()
         .map_err(|e| anyhow::anyhow!("{e}; {}", e.fix()))?
         .to_string();
+    let mut state = migrator::images::StateDir::open(&work_dir)?;
+    if let Some(mib) = max_image_memory {
+        state = state.with_memory_limit(mib << 20);
+    }
+    state.remove_stale(migrator::agent::SESSION_PREFIX);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let iface = match iface {
@@ -74,7 +86,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             migrator::agent::AgentConfig {
                 listen,
                 iface,
-                state: migrator::images::StateDir::open(&work_dir)?,
+                state,
                 criu,
                 criu_version,
                 limits: migrator::agent::AgentLimits {

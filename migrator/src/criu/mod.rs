@@ -13,6 +13,7 @@ use std::{
     process::Command,
 };
 
+pub mod page_stream;
 pub mod precheck;
 pub mod stats;
 pub mod swrk;

@@ -27,7 +27,6 @@ use super::CriuBinary;
 /// Log file CRIU writes into the images directory.
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
-pub const PAGE_SERVER_LOG: &str = "page-server.log";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwrkError {
@@ -140,31 +139,6 @@ impl CriuBinary {
             dir,
             log_dir: images_dir.to_owned(),
             page_socket,
-        })
-    }
-
-    /// Start CRIU's page server on `socket` (one end of a stream socket):
-    /// it writes the pages a dump sends into `images_dir`, then exits.
-    pub fn page_server(&self, images_dir: &Path, socket: OwnedFd) -> Result<PageServer, SwrkError> {
-        let mut command = Command::new(&self.path);
-        command
-            .arg("page-server")
-            .arg("--images-dir")
-            .arg(images_dir)
-            .arg("--ps-socket")
-            .arg(socket.as_raw_fd().to_string())
-            .args(["--log-file", PAGE_SERVER_LOG, "-v4"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        inherit_fds(&mut command, vec![socket.as_raw_fd()]);
-        let child = command
-            .spawn()
-            .map_err(io(format!("starting {} page-server", self.path.display())))?;
-        // Dropping `socket` here leaves CRIU the only holder of its end.
-        Ok(PageServer {
-            child,
-            log: images_dir.join(PAGE_SERVER_LOG),
         })
     }
 
@@ -303,30 +277,6 @@ impl Drop for Swrk {
     }
 }
 
-/// `criu page-server` writing a dump's pages into the images directory.
-/// Dropping it stops a page server that is still running.
-pub struct PageServer {
-    child: Child,
-    log: PathBuf,
-}
-
-impl PageServer {
-    /// CRIU's own log of the page server, for errors.
-    pub fn log(&self) -> &Path {
-        &self.log
-    }
-}
-
-impl Drop for PageServer {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        // A subreaper elsewhere in this process may have reaped it.
-        let _ = self.child.wait();
-    }
-}
-
 /// Let the child inherit `fds` (ours are all O_CLOEXEC).
 fn inherit_fds(command: &mut Command, fds: Vec<i32>) {
     // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
@@ -346,8 +296,31 @@ fn inherit_fds(command: &mut Command, fds: Vec<i32>) {
 /// A connected pair of stream sockets (O_CLOEXEC): CRIU's page-server
 /// protocol runs over one, we read or write the other.
 pub fn stream_pair() -> Result<(OwnedFd, OwnedFd), SwrkError> {
-    socket_pair(libc::SOCK_STREAM, "socketpair for the page stream")
+    let pair = socket_pair(libc::SOCK_STREAM, "socketpair for the page stream")?;
+    // The default buffers (about 200 KiB) make CRIU and the relay take
+    // turns every few pages; larger ones let both run at once. FORCE: past
+    // net.core.[rw]mem_max, needs CAP_NET_ADMIN, which we have; without it
+    // the defaults stay, only slower.
+    for fd in [&pair.0, &pair.1] {
+        for option in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+            let size: libc::c_int = PAGE_STREAM_BUFFER;
+            // SAFETY: setsockopt on a socket we own with an int value.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+    Ok(pair)
 }
+
+/// Socket buffers of the page stream's socket pairs.
+const PAGE_STREAM_BUFFER: libc::c_int = 4 << 20;
 
 /// Close our end for writing so a waiting swrk sees EOF and exits.
 fn shutdown_socket(socket: &File) -> std::io::Result<()> {

@@ -86,6 +86,8 @@ struct Progress {
     /// Addresses a rollback put back (and announces).
     reclaimed: Vec<(IpAddr, String)>,
     images: PathBuf,
+    /// The images live on a tmpfs of their own.
+    images_in_memory: bool,
 }
 
 /// Run a migration; the report says how it ended (never panics on the
@@ -148,6 +150,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         removed: Vec::new(),
         reclaimed: Vec::new(),
         images: images.clone(),
+        images_in_memory: session.in_memory(),
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
     match result {

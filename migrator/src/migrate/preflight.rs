@@ -27,17 +27,19 @@ pub(super) async fn prepare(
 ) -> Result<Prepared, String> {
     // preflight: here (CRIU, interface, addresses) and at the agent.
     let phase = clock.begin(report::PREFLIGHT);
-    let prepared = preflight(options, network).await.and_then(|prepared| {
-        // Attach and observe now: loading the programs takes a while and
-        // does not belong in the freeze window.
-        match MigrationLock::observe(&prepared.iface, &network.connections) {
-            Ok(lock) => Ok((prepared, lock)),
-            Err(err) => Err(format!(
-                "attaching the data plane to {}: {err}",
-                prepared.iface
-            )),
-        }
-    });
+    let prepared = preflight(options, network, progress)
+        .await
+        .and_then(|prepared| {
+            // Attach and observe now: loading the programs takes a while and
+            // does not belong in the freeze window.
+            match MigrationLock::observe(&prepared.iface, &network.connections) {
+                Ok(lock) => Ok((prepared, lock)),
+                Err(err) => Err(format!(
+                    "attaching the data plane to {}: {err}",
+                    prepared.iface
+                )),
+            }
+        });
     let (prepared, lock) = clock.end_with(phase, prepared)?;
     progress.lock = Some(lock);
     Ok(prepared)
@@ -101,6 +103,7 @@ pub(super) struct Prepared {
 async fn preflight(
     options: &MigrateOptions,
     network: &discover::ProcessNetwork,
+    progress: &Progress,
 ) -> Result<Prepared, String> {
     let criu_version = options
         .criu
@@ -108,7 +111,7 @@ async fn preflight(
         .map_err(|e| format!("{e}; {}", e.fix()))?;
     refuse_what_criu_would(&network.pids)?;
     let image_bytes = crate::system::resident_bytes(&network.pids);
-    crate::images::check_room(options.state.path(), image_bytes)
+    crate::images::check_room(&progress.images, image_bytes, progress.images_in_memory)
         .map_err(|why| format!("no room for the images here: {why}"))?;
     let netlink = Netlink::connect().map_err(|e| e.to_string())?;
     let mut plan = Vec::new();

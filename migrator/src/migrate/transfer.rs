@@ -38,7 +38,7 @@ pub(super) async fn transfer_and_release(
     let sent = send_images(&mut channel, &progress.images)
         .await
         .map_err(|err| format!("transfer: {err}"));
-    report.image_bytes = clock.end_with(phase, sent)?;
+    report.image_bytes += clock.end_with(phase, sent)?;
 
     // ip-release: the old host stops owning the service addresses.
     let phase = clock.begin(report::IP_RELEASE);

@@ -6,7 +6,9 @@
 //! `lab-workload --from IP [--from IP] --connect ADDR:PORT [--connect ...]
 //! [--ballast-mb N] [--children N]` binds each connection to the `--from`
 //! address of its family; `--ballast-mb` keeps N MiB of written memory,
-//! for a process whose images take a while to dump and send; `--children`
+//! for a process whose images take a while to dump and send (a thread reads
+//! it back every second and exits the process, closing every connection,
+//! if one byte differs from the pattern written); `--children`
 //! forks N idle child processes first, so the tree has more than one
 //! process (they hold no sockets and outlive a parent that is killed);
 //! `--marker TEXT` keeps TEXT in memory (for tests that look for the
@@ -72,6 +74,12 @@ fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_in6, libc::socklen_t) {
     }
 }
 
+/// The ballast's byte at `index`: the page number, and the offset's low
+/// bits, so that a page moved to the wrong place shows too.
+fn ballast_byte(index: usize) -> u8 {
+    ((index / 4096) as u8) ^ (index as u8 & 0x0f)
+}
+
 fn main() {
     let mut from = Vec::<IpAddr>::new();
     let mut connect = Vec::<SocketAddr>::new();
@@ -102,7 +110,24 @@ fn main() {
         }
     }
     // Distinct bytes per page, so no page is the zero page.
-    let ballast: Vec<u8> = (0..ballast_mb << 20).map(|i| (i / 4096) as u8).collect();
+    let ballast: Vec<u8> = (0..ballast_mb << 20).map(ballast_byte).collect();
+    let ballast = std::sync::Arc::new(ballast);
+    if ballast_mb > 0 {
+        let ballast = ballast.clone();
+        thread::spawn(move || {
+            loop {
+                thread::sleep(std::time::Duration::from_secs(1));
+                if let Some(at) = ballast
+                    .iter()
+                    .enumerate()
+                    .position(|(i, byte)| *byte != ballast_byte(i))
+                {
+                    eprintln!("lab-workload: ballast differs at byte {at}");
+                    std::process::exit(3);
+                }
+            }
+        });
+    }
     let echoes: Vec<_> = connect
         .into_iter()
         .map(|to| {
