@@ -221,8 +221,11 @@ pub fn process_tree(root: i32) -> Vec<i32> {
 }
 
 /// Kill a process tree for good: stop every process first (so none can
-/// fork a replacement for one that dies), then SIGKILL them all. Returns
-/// the PIDs signalled; they are free once their parent reaps them.
+/// fork a replacement for one that dies), put its TCP sockets in repair
+/// mode (a copy whose connections live on elsewhere must not close them:
+/// a socket in repair mode closes without a FIN or RST, as CRIU's dumped
+/// trees do), then SIGKILL them all. Returns the PIDs signalled; they are
+/// free once their parent reaps them.
 pub fn kill_tree(root: i32) -> Vec<i32> {
     let signal_all = |pids: &[i32], signal: i32| {
         for pid in pids {
@@ -240,8 +243,77 @@ pub fn kill_tree(root: i32) -> Vec<i32> {
         }
         pids = again;
     }
+    for pid in &pids {
+        if let Err(err) = silence_tcp_sockets(*pid) {
+            tracing::warn!("process {pid}: its TCP sockets may close with a FIN: {err}");
+        }
+    }
     signal_all(&pids, libc::SIGKILL);
     pids
+}
+
+/// Put every TCP socket `pid` holds into repair mode (taken from it with
+/// pidfd_getfd), so that closing them sends nothing. Listening sockets
+/// cannot be repaired and send nothing when closed anyway.
+fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?;
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    for entry in fds.filter_map(Result::ok) {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: pidfd_getfd on our pidfd; the result is checked.
+        let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if ours < 0 {
+            continue;
+        }
+        // SAFETY: a fresh descriptor we own (a duplicate of theirs).
+        let ours = unsafe { OwnedFd::from_raw_fd(ours as i32) };
+        let mut protocol: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into an int we own, its size given.
+        let rc = unsafe {
+            libc::getsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PROTOCOL,
+                (&raw mut protocol).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 || protocol != libc::IPPROTO_TCP {
+            continue;
+        }
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with an int value we own. EPERM for a
+        // listening socket is expected.
+        unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_TCP,
+                libc::TCP_REPAIR,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The CLOCK_BOOTTIME instant `after` from now, in ns, as the data plane

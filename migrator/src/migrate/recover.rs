@@ -4,7 +4,7 @@
 //! back, bring the process back from the images if it died here, and lift
 //! the lock.
 //!
-//! A dump that never finished (no `stats-dump.img`: CRIU writes it only
+//! A dump that never finished (no `stats-dump`: CRIU writes it only
 //! once the tree is dumped and killed) left the tree running here, CRIU
 //! having resumed it: then only the addresses and the lock need putting
 //! right. A finished dump whose pages streamed to the destination has no
@@ -100,7 +100,7 @@ enum DumpState {
 }
 
 fn dump_state(images: &Path) -> anyhow::Result<DumpState> {
-    if !images.join("stats-dump.img").exists() {
+    if !images.join(crate::criu::stats::DUMP_STATS_FILE).exists() {
         return Ok(DumpState::Unfinished);
     }
     let has_pages = std::fs::read_dir(images)?
@@ -126,7 +126,7 @@ mod tests {
         touch("inventory.img");
         touch("pagemap-1.img");
         assert_eq!(dump_state(&dir).ok(), Some(DumpState::Unfinished));
-        touch("stats-dump.img");
+        touch(crate::criu::stats::DUMP_STATS_FILE);
         assert_eq!(dump_state(&dir).ok(), Some(DumpState::PagesElsewhere));
         touch("pages-1.img");
         assert_eq!(dump_state(&dir).ok(), Some(DumpState::Complete));
