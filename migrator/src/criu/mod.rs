@@ -202,6 +202,15 @@ impl CriuBinary {
         }
     }
 
+    /// Whether this kernel tracks dirty memory (soft-dirty bits), which
+    /// iterative pre-dumps need: CRIU's own feature check.
+    pub fn dirty_tracking(&self) -> Result<bool, CriuError> {
+        Ok(self
+            .run(&["check", "--feature", "mem_dirty_track"])?
+            .status
+            .success())
+    }
+
     fn run(&self, args: &[&str]) -> Result<std::process::Output, CriuError> {
         Command::new(&self.path)
             .args(args)

@@ -17,6 +17,7 @@
 
 mod dump;
 mod handover;
+mod precopy;
 mod preflight;
 pub mod recover;
 mod rollback;
@@ -127,6 +128,8 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         unconfirmed_neighbours: Vec::new(),
         images_kept: None,
         events: Vec::new(),
+        memory: None,
+        precopy: None,
     };
     let session = match options
         .state
@@ -244,6 +247,13 @@ async fn run(
     let prepared = preflight::prepare(options, &network, clock, progress).await?;
     report.source_host = Some(prepared.source_host.clone());
     report.destination_host = Some(prepared.destination_host.clone());
+    report.memory = Some(if prepared.page_stream {
+        "streamed to the destination during the dump, through the channel, into a tmpfs there"
+            .to_owned()
+    } else {
+        "dumped here, then sent (both hosts one machine sharing PIDs: the tree must be gone before the restore there)".to_owned()
+    });
+    report.precopy = Some(precopy::describe(options.criu.dirty_tracking()));
     let frozen = dump::dump(options, prepared, clock, report, progress).await?;
     let released = transfer::transfer_and_release(options, frozen, clock, report, progress).await?;
     handover::hand_over(released, clock, report, progress).await

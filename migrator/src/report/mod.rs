@@ -291,6 +291,14 @@ pub struct Report {
     /// null when they were removed.
     #[serde(default)]
     pub images_kept: Option<String>,
+    /// How the memory crossed: streamed during the dump, or dumped here
+    /// and sent after (one machine sharing PIDs).
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Whether pre-copy (iterative pre-dumps while the process runs) could
+    /// shorten the freeze on these hosts, and what was done.
+    #[serde(default)]
+    pub precopy: Option<String>,
 }
 
 impl Report {
@@ -341,6 +349,12 @@ impl Report {
         }
         if let Some(images) = &self.images_kept {
             out.push_str(&format!("  images kept in {images}\n"));
+        }
+        if let Some(memory) = &self.memory {
+            out.push_str(&format!("  memory: {memory}\n"));
+        }
+        if let Some(precopy) = &self.precopy {
+            out.push_str(&format!("  precopy: {precopy}\n"));
         }
         if let Some(window) = self.freeze_window_ms {
             out.push_str(&format!(
