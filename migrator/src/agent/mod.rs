@@ -206,12 +206,19 @@ async fn connection(
             return;
         }
     };
-    match session::run(channel, &shared, &images).await {
+    let (result, fate) = session::run(channel, &shared, &images).await;
+    match result {
         Ok(Some(pid)) => info!(%from, pid, "migration in: process restored, traffic released"),
         Ok(None) => info!(%from, "session ended without a restore"),
         Err(err) => warn!(%from, "session failed: {err}"),
     }
-    images.remove();
+    match fate {
+        session::ImagesFate::Remove => images.remove(),
+        session::ImagesFate::KeepForRecovery { command } => warn!(
+            %from,
+            "the source went silent after we were ready: it may have ended its copy, so the copy restored here was removed but its images are kept; if the process runs nowhere now, restore it here with `{command}` (and remove the directory once it runs somewhere)"
+        ),
+    }
 }
 
 /// The interface that takes over service addresses when none is named:

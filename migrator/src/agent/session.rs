@@ -39,6 +39,19 @@ pub(super) struct Session {
     pub swrk: Option<Swrk>,
     pub added: Vec<IpAddr>,
     pub restored_pid: Option<i32>,
+    /// The source went silent after we said we were ready: it may have
+    /// ended its own copy and committed, so our images may be the only
+    /// ones left (the source's pages streamed here).
+    pub in_doubt: bool,
+}
+
+/// What happens to a session's images when it ends.
+pub(super) enum ImagesFate {
+    Remove,
+    /// Kept for `migrator recover`, with what to run.
+    KeepForRecovery {
+        command: String,
+    },
 }
 
 impl Session {
@@ -88,27 +101,38 @@ pub(super) async fn run(
     mut channel: TlsChannel,
     shared: &Shared,
     images: &SessionDir,
-) -> Result<Option<i32>, ChannelError> {
-    let request = match channel.receive().await? {
-        Message::Preflight(request) => request,
-        other => {
-            return Err(ChannelError::Unexpected {
+) -> (Result<Option<i32>, ChannelError>, ImagesFate) {
+    let request = match channel.receive().await {
+        Ok(Message::Preflight(request)) => request,
+        Ok(other) => {
+            let unexpected = ChannelError::Unexpected {
                 expected: "preflight",
                 got: other.name(),
-            });
+            };
+            return (Err(unexpected), ImagesFate::Remove);
         }
+        Err(err) => return (Err(err), ImagesFate::Remove),
     };
     if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
         let reason = "the agent is shutting down; try again once it is back".to_owned();
-        channel.send(&refuse(reason.clone())).await?;
-        return Err(ChannelError::Refused(reason));
+        let _ = channel.send(&refuse(reason.clone())).await;
+        return (Err(ChannelError::Refused(reason)), ImagesFate::Remove);
     }
-    let netlink = Netlink::connect().map_err(|err| ChannelError::Refused(err.to_string()))?;
+    let netlink = match Netlink::connect() {
+        Ok(netlink) => netlink,
+        Err(err) => {
+            return (
+                Err(ChannelError::Refused(err.to_string())),
+                ImagesFate::Remove,
+            );
+        }
+    };
     let mut session = Session {
         lock: None,
         swrk: None,
         added: Vec::new(),
         restored_pid: None,
+        in_doubt: false,
     };
     let result = serve(
         &mut channel,
@@ -127,13 +151,29 @@ pub(super) async fn run(
             if let Some(lock) = session.lock.take() {
                 lock.close();
             }
-            Ok(Some(pid))
+            (Ok(Some(pid)), ImagesFate::Remove)
         }
         Err(err) => {
             if let Err(problem) = session.undo(&netlink).await {
                 warn!("undoing the session: {problem}");
             }
-            Err(err)
+            let fate = if session.in_doubt {
+                let ips: String = request
+                    .service_addresses
+                    .iter()
+                    .map(|address| format!(" --ip {address}"))
+                    .collect();
+                ImagesFate::KeepForRecovery {
+                    command: format!(
+                        "migrator recover --images {}{ips} --iface {}",
+                        images.path().display(),
+                        shared.config.iface
+                    ),
+                }
+            } else {
+                ImagesFate::Remove
+            };
+            (Err(err), fate)
         }
     }
 }
@@ -243,6 +283,9 @@ async fn serve(
     match channel.receive_before(Some(commit_by)).await {
         Ok(Message::Commit) if Instant::now() < commit_by => {}
         other => {
+            // Silence (or a commit too late) may mean the source ended its
+            // copy: ours is removed, but not the images.
+            session.in_doubt = matches!(other, Ok(Message::Commit) | Err(_));
             let why = match other {
                 Ok(Message::Commit) => "the commit came after the hand-over deadline".to_owned(),
                 Ok(message) => format!("the source sent {} instead of a commit", message.name()),

@@ -224,6 +224,7 @@ pub(super) async fn dump(
     let dumped = match page_socket {
         Some(socket) => {
             // From here a failure leaves the tree to CRIU, which resumes it.
+            progress.pages_at_destination = true;
             progress.source_copy = Some(SourceCopy {
                 verdict: Some(verdict),
                 dump,

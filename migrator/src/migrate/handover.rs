@@ -59,11 +59,25 @@ pub(super) async fn hand_over(
     // run it again, and only then may the destination's copy run.
     if let Some(copy) = progress.source_copy.take() {
         let phase = clock.begin(report::SOURCE_EXIT);
-        let killed = copy.kill().await;
-        let outcome = clock.end_with(
-            phase,
-            killed.map_err(|err| format!("ending the tree here: {err}")),
-        )?;
+        let outcome = match copy.kill().await {
+            Ok(outcome) => {
+                clock.end(phase, true);
+                outcome
+            }
+            Err(err) => {
+                // CRIU resumes the tree when it fails: tell the destination
+                // to remove its copy and its images.
+                clock.end(phase, false);
+                let reason = format!("ending the tree here: {err}");
+                let _ = channel
+                    .send(&Message::Failed {
+                        phase: report::SOURCE_EXIT.to_owned(),
+                        reason: reason.clone(),
+                    })
+                    .await;
+                return Err(reason);
+            }
+        };
         progress.dumped = true;
         report.criu_dump_notifications = outcome.notifications;
         report.criu_dump = read_dump_stats(&progress.images);

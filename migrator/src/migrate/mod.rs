@@ -89,6 +89,9 @@ struct Progress {
     images: PathBuf,
     /// The images live on a tmpfs of their own.
     images_in_memory: bool,
+    /// The memory streamed to the destination: only its images are
+    /// complete.
+    pages_at_destination: bool,
 }
 
 /// Run a migration; the report says how it ended (never panics on the
@@ -154,6 +157,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         reclaimed: Vec::new(),
         images: images.clone(),
         images_in_memory: session.in_memory(),
+        pages_at_destination: false,
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
     match result {
@@ -164,10 +168,19 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             report.outcome = Outcome::InDoubt;
             progress.lock = None;
             report.error = Some(format!(
-                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it here before the lock's deadline ({} s) with `migrator recover --images {}`",
+                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it {} before the lock's deadline ({} s) with `migrator recover --images DIR`, DIR being {}",
                 options.to,
+                if progress.pages_at_destination {
+                    "there"
+                } else {
+                    "here"
+                },
                 options.deadline.as_secs(),
-                images.display()
+                if progress.pages_at_destination {
+                    "the directory the agent's log names (its memory streamed there)".to_owned()
+                } else {
+                    images.display().to_string()
+                }
             ));
         }
         Err(error) => {

@@ -3,7 +3,8 @@
 //! workload, alternating in one run. Figures, not a test.
 //!
 //! Baseline: `criu dump --tcp-established --network-lock nftables`, move
-//! the addresses with `ip addr`, `criu restore --tcp-established`. Its
+//! the addresses with `ip addr`, `criu restore --tcp-established`, the
+//! images in one directory on a tmpfs (ours are on tmpfs too). Its
 //! freeze window runs from the start of the dump to the end of the
 //! restore (CRIU locks the network inside its dump; the restore unlocks).
 //!
@@ -187,6 +188,21 @@ fn baseline(
         .0
         .join(format!("baseline-{round}-{from}-{announce}"));
     std::fs::create_dir_all(&images).unwrap();
+    // In memory, as ours: a disk's writeback would slow both methods'
+    // next moves (the lab's TempDir unmounts it at the end).
+    run_ok(
+        lab,
+        from,
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "mode=0700",
+            "tmpfs",
+            images.to_str().unwrap(),
+        ],
+    );
     let images = images.to_str().unwrap();
     let pidfile = format!("{images}/restored.pid");
     let retransmits = peer_retransmits(lab);
@@ -293,6 +309,7 @@ fn baseline(
     // CRIU leaves its nftables lock on the old host; a user would remove it.
     remove_criu_tables(lab, from);
     let restored = std::fs::read_to_string(&pidfile).unwrap();
+    let _ = lab.output(from, "umount", &["-l", images]);
     (sample, restored.trim().parse().unwrap())
 }
 
@@ -352,7 +369,9 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
             stalls.push(sample.stall - sample.window);
         }
         for (from, to) in [(SRC, DST), (DST, SRC)] {
-            let (sample, next) = baseline(lab, from, to, pid, 100 + round, false);
+            // Each move its own images directory.
+            let tag = 1000 * (ballast_mb as usize + 1) + 10 * round;
+            let (sample, next) = baseline(lab, from, to, pid, tag, false);
             pid = next;
             baseline_windows.push(sample.window);
         }
@@ -374,12 +393,20 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
 fn main() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
-    // `--ballast-mb 64,256,1024`: the memory section's sizes.
+    // `--ballast-mb 64,256,1024`: the memory section's sizes;
+    // `--memory-rounds N`: its rounds (default: rounds, at most 3).
     let mut ballasts: Vec<u32> = Vec::new();
+    let mut memory_rounds = rounds.clamp(1, 3);
     while let Some(arg) = args.next() {
-        if arg == "--ballast-mb" {
-            let list = args.next().expect("--ballast-mb N[,N...]");
-            ballasts.extend(list.split(',').map(|n| n.parse::<u32>().expect("MiB")));
+        match arg.as_str() {
+            "--ballast-mb" => {
+                let list = args.next().expect("--ballast-mb N[,N...]");
+                ballasts.extend(list.split(',').map(|n| n.parse::<u32>().expect("MiB")));
+            }
+            "--memory-rounds" => {
+                memory_rounds = args.next().and_then(|n| n.parse().ok()).expect("N");
+            }
+            other => panic!("unknown argument {other}"),
         }
     }
     let mut lab = MigrationLab::new("bench");
@@ -428,60 +455,62 @@ fn main() {
     for conn in lab.current_connections() {
         assert_eq!(conn["error"], serde_json::Value::Null, "{conn}");
     }
-    let field = |samples: &[Sample], f: Metric| -> (f64, f64, f64) {
-        stats(&mut samples.iter().map(f).collect::<Vec<_>>())
-    };
-    println!(
-        "lab migration, {} moves of ours (3 connections, IPv4 + IPv6; the peer pushes every 10 ms)",
-        samples[0].len()
-    );
-    println!("                                      min     median        max   (ms)");
-    let names = ["ours", "baseline", "baseline+announce", "ours --hold"];
-    let rows: [(&str, Metric); 3] = [
-        ("freeze window", |s| s.window),
-        ("peer-visible stall", |s| s.stall),
-        ("peer retransmits", |s| s.retransmits as f64),
-    ];
-    for (row, f) in rows {
-        let medians: Vec<f64> = samples
-            .iter()
-            .zip(names)
-            .map(|(method, name)| {
-                let (a, b, c) = field(method, f);
-                println!("  {name:<18} {row:<18} {a:8.1} {b:10.1} {c:10.1}");
-                b
-            })
-            .collect();
+    // Rounds 0: only the memory section.
+    if rounds > 0 {
+        let field = |samples: &[Sample], f: Metric| -> (f64, f64, f64) {
+            stats(&mut samples.iter().map(f).collect::<Vec<_>>())
+        };
         println!(
-            "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}, ours --hold/baseline+announce {:.3}",
-            medians[0] / medians[1],
-            medians[0] / medians[2],
-            medians[3] / medians[2]
+            "lab migration, {} moves of ours (3 connections, IPv4 + IPv6; the peer pushes every 10 ms)",
+            samples[0].len()
         );
-    }
-    println!(
-        "  ours: {} moves, bytes lost 0, resets 0 (the peer checked every byte)",
-        samples[0].len()
-    );
-    println!(
-        "  baseline: CRIU's CLI with --network-lock nftables, addresses moved with `ip addr`;\n  \
-         nothing tells the peers (a peer whose neighbour entry points at the old host keeps\n  \
-         sending there until it expires; stalls are cut at {:.0} s). baseline+announce adds\n  \
-         `arping -U` and `ndisc6 -s ADDR PEER` after the restore. Freeze windows of the baselines run from\n  \
-         the start of `criu dump` to the end of `criu restore`.",
-        STALL_CAP_MS / 1e3
-    );
-    println!(
-        "  baseline moves that reset connections: {}",
-        baseline_resets.len()
-    );
-    for reset in &baseline_resets {
-        println!("    {reset}");
+        println!("                                      min     median        max   (ms)");
+        let names = ["ours", "baseline", "baseline+announce", "ours --hold"];
+        let rows: [(&str, Metric); 3] = [
+            ("freeze window", |s| s.window),
+            ("peer-visible stall", |s| s.stall),
+            ("peer retransmits", |s| s.retransmits as f64),
+        ];
+        for (row, f) in rows {
+            let medians: Vec<f64> = samples
+                .iter()
+                .zip(names)
+                .map(|(method, name)| {
+                    let (a, b, c) = field(method, f);
+                    println!("  {name:<18} {row:<18} {a:8.1} {b:10.1} {c:10.1}");
+                    b
+                })
+                .collect();
+            println!(
+                "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}, ours --hold/baseline+announce {:.3}",
+                medians[0] / medians[1],
+                medians[0] / medians[2],
+                medians[3] / medians[2]
+            );
+        }
+        println!(
+            "  ours: {} moves, bytes lost 0, resets 0 (the peer checked every byte)",
+            samples[0].len()
+        );
+        println!(
+            "  baseline: CRIU's CLI with --network-lock nftables, addresses moved with `ip addr`;\n  \
+             nothing tells the peers (a peer whose neighbour entry points at the old host keeps\n  \
+             sending there until it expires; stalls are cut at {:.0} s). baseline+announce adds\n  \
+             `arping -U` and `ndisc6 -s ADDR PEER` after the restore. Freeze windows of the baselines run from\n  \
+             the start of `criu dump` to the end of `criu restore`.",
+            STALL_CAP_MS / 1e3
+        );
+        println!(
+            "  baseline moves that reset connections: {}",
+            baseline_resets.len()
+        );
+        for reset in &baseline_resets {
+            println!("    {reset}");
+        }
     }
     if ballasts.is_empty() {
         return;
     }
-    let memory_rounds = rounds.clamp(1, 3);
     println!(
         "\nfreeze window by memory size, {memory_rounds} round(s) of two moves each, medians (ours / CRIU's CLI by hand with a shared images directory, which copies nothing)"
     );
