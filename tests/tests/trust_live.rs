@@ -135,6 +135,40 @@ fn preflight(addresses: &[&str], flows: &[&str], deadline_ms: u64) -> Message {
 }
 
 /// Send `message`, return the agent's answer as text.
+/// A page stream with no pages: CRIU's closing record (FORCE_CLOSE, 32
+/// bytes), its 4-byte answer, then the end. Returns the agent's last word.
+async fn empty_page_stream(channel: &mut TlsChannel) -> String {
+    page_stream(channel, &page_record(0x1024)).await
+}
+
+/// One page-server record: command, padding, nr_pages, vaddr, dst_id.
+fn page_record(cmd: u32) -> Vec<u8> {
+    let mut record = cmd.to_ne_bytes().to_vec();
+    record.extend_from_slice(&[0u8; 28]);
+    record
+}
+
+async fn page_stream(channel: &mut TlsChannel, bytes: &[u8]) -> String {
+    channel.send_data(bytes).await.unwrap();
+    channel
+        .send(&Message::PagesEnd {
+            bytes: bytes.len() as u64,
+        })
+        .await
+        .unwrap();
+    loop {
+        match channel.receive_data().await {
+            Ok(_answer) => continue,
+            Err(migrator::channel::ChannelError::Refused(reason)) => {
+                return format!("refused: {reason}");
+            }
+            Err(migrator::channel::ChannelError::Frame(_)) => break,
+            Err(err) => return format!("error: {err}"),
+        }
+    }
+    "pages-done".to_owned()
+}
+
 async fn answer(channel: &mut TlsChannel, message: Message) -> String {
     channel.send(&message).await.unwrap();
     match channel.receive().await {
@@ -197,6 +231,7 @@ fn hostile_requests_are_refused_with_nothing_changed() {
         let got = as_source(&lab, async move |mut channel| {
             let ok = answer(&mut channel, preflight(&[SERVICE_V4], &[flow], 30_000)).await;
             assert_eq!(ok, "preflight-ok");
+            assert_eq!(empty_page_stream(&mut channel).await, "pages-done");
             let done = answer(&mut channel, Message::FilesDone { files: 0, bytes: 0 }).await;
             assert_eq!(done, "files-ok");
             let mut last = String::new();
@@ -215,6 +250,7 @@ fn hostile_requests_are_refused_with_nothing_changed() {
     }
     let got = as_source(&lab, async move |mut channel| {
         answer(&mut channel, preflight(&[SERVICE_V4], &[flow], 30_000)).await;
+        empty_page_stream(&mut channel).await;
         answer(&mut channel, Message::FilesDone { files: 0, bytes: 0 }).await;
         channel.send(&Message::Held { count: 1 }).await.unwrap();
         channel.send_data(&[0u8; 60]).await.unwrap();
@@ -224,6 +260,15 @@ fn hostile_requests_are_refused_with_nothing_changed() {
         }
     });
     assert!(got.contains("not TCP over IP"), "{got}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_untouched(&lab);
+    // A page stream asking for what a dump never sends here (pages from
+    // the destination: GET) is refused.
+    let got = as_source(&lab, async move |mut channel| {
+        answer(&mut channel, preflight(&[SERVICE_V4], &[flow], 30_000)).await;
+        page_stream(&mut channel, &page_record(7)).await
+    });
+    assert!(got.contains("unsupported command 0x7"), "{got}");
     std::thread::sleep(Duration::from_millis(200));
     assert_untouched(&lab);
 }

@@ -40,8 +40,9 @@ pub struct MigrateArgs {
     json: bool,
     /// State directory for the images: created mode 0700, or, if it
     /// exists, it must be owned by root and closed to group and others.
-    /// Each migration gets a fresh directory in it, removed at the end
-    /// unless `recover` may need it (the report then says where).
+    /// Each migration gets a fresh directory in it, a tmpfs of its own,
+    /// removed at the end unless `recover` may need it (the report then
+    /// says where).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/migrator/source")]
     work_dir: PathBuf,
     /// Keep the images even when the migration (or its rollback) worked.

@@ -69,12 +69,15 @@ enum Command {
     ///
     /// Phases, each timed and shown as it happens: discover the process
     /// tree's connections; preflight (CRIU here, the agent reachable and
-    /// authenticated, PIDs and service addresses free there); freeze its
-    /// flows and service addresses with the eBPF lock; CRIU dump; stream the
-    /// images; give up the service addresses; then the agent adds them,
-    /// restores, announces (GARP / unsolicited NA), confirms the neighbours
-    /// answer there and releases the lock. Any failure after the freeze
-    /// rolls back: the process runs here again with its connections.
+    /// authenticated, PIDs and service addresses free there, room for the
+    /// images in memory on both hosts); freeze its flows and service
+    /// addresses with the eBPF lock; CRIU dump, the memory streaming to the
+    /// agent as it is dumped while CRIU keeps the tree frozen here; the
+    /// other images; give up the service addresses; then the agent adds
+    /// them, restores (stopped), announces (GARP / unsolicited NA) and
+    /// confirms the neighbours answer there; CRIU kills the tree here, and
+    /// the agent resumes its copy and releases the lock. Any failure before
+    /// that rolls back: CRIU resumes the tree here with its connections.
     ///
     /// Exits 0 only when the process runs on the destination.
     Migrate(migrate::MigrateArgs),
