@@ -252,6 +252,41 @@ pub fn kill_tree(root: i32) -> Vec<i32> {
     pids
 }
 
+/// Whether process `pid` can never run user code again: gone, a zombie,
+/// exiting (PF_EXITING), or with SIGKILL pending.
+pub fn doomed(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let (Ok(stat), Ok(status)) = (
+        std::fs::read_to_string(format!("/proc/{pid}/stat")),
+        std::fs::read_to_string(format!("/proc/{pid}/status")),
+    ) else {
+        return true;
+    };
+    // After the command's closing parenthesis: state, then 6 fields, then
+    // flags.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let state = fields.first().copied().unwrap_or("");
+    let flags = fields
+        .get(7)
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .unwrap_or(0);
+    let pending = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & SIGKILL_BIT != 0)
+    };
+    matches!(state, "Z" | "X" | "x")
+        || flags & PF_EXITING != 0
+        || pending("SigPnd:")
+        || pending("ShdPnd:")
+}
+
 /// Put every TCP socket `pid` holds into repair mode (taken from it with
 /// pidfd_getfd), so that closing them sends nothing. Listening sockets
 /// cannot be repaired and send nothing when closed anyway.
@@ -464,6 +499,28 @@ pub fn describe_pid(pid: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_is_doomed_once_killed_even_before_it_is_reaped() {
+        let Ok(mut child) = std::process::Command::new("sleep").arg("30").spawn() else {
+            return;
+        };
+        let pid = child.id() as i32;
+        assert!(!doomed(pid), "a sleeping process can run again");
+        // Stopped, like a tree CRIU holds: still not doomed.
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert!(!doomed(pid));
+        let _ = child.kill();
+        // Not reaped yet: a zombie (or still exiting), never running again.
+        let started = std::time::Instant::now();
+        while !doomed(pid) && started.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(doomed(pid));
+        let _ = child.wait();
+        assert!(doomed(pid), "gone");
+    }
 
     #[test]
     fn parses_kernel_releases() {

@@ -115,7 +115,18 @@ fn a_flipped_byte_in_the_image_stream_aborts_and_rolls_back() {
     assert!(relay.flipped.load(Ordering::Relaxed), "no byte was flipped");
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
-    let agent_log = std::fs::read_to_string(lab.dir.0.join("dst-migrator.log")).unwrap();
+    // The agent logs once it has undone its side, which may be after the
+    // source is done rolling back.
+    let log_path = lab.dir.0.join("dst-migrator.log");
+    let started = std::time::Instant::now();
+    let mut agent_log = String::new();
+    while started.elapsed() < Duration::from_secs(10) {
+        agent_log = std::fs::read_to_string(&log_path).unwrap();
+        if agent_log.contains("session failed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         agent_log.contains("decrypt"),
         "the agent did not report an integrity failure:\n{agent_log}"

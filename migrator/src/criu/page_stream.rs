@@ -264,14 +264,22 @@ mod tests {
         r
     }
 
-    #[test]
-    fn a_stream_becomes_criu_images_whatever_its_chunking() {
-        let root = std::env::temp_dir().join(format!("migrator-pages-{}", std::process::id()));
+    /// A session directory (on a small tmpfs) in a state directory of its
+    /// own.
+    fn scratch(tag: &str) -> (std::path::PathBuf, SessionDir) {
+        let root =
+            std::env::temp_dir().join(format!("migrator-pages-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let state = crate::images::StateDir::open(&root)
             .unwrap()
             .with_memory_limit(16 << 20);
         let dir = state.new_session("t").unwrap();
+        (root, dir)
+    }
+
+    #[test]
+    fn a_stream_becomes_criu_images_whatever_its_chunking() {
+        let (root, dir) = scratch("stream");
         let dst = (7 << 8) | PS_TYPE_PID;
         let mut stream = record(PS_IOV_OPEN2, 0, 0, dst);
         stream.extend(record(
@@ -317,17 +325,12 @@ mod tests {
             "bytes after the close"
         );
         dir.remove();
-        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(root);
     }
 
     #[test]
     fn what_we_never_ask_for_is_refused() {
-        let root = std::env::temp_dir().join(format!("migrator-pages-r-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let state = crate::images::StateDir::open(&root)
-            .unwrap()
-            .with_memory_limit(16 << 20);
-        let dir = state.new_session("t").unwrap();
+        let (root, dir) = scratch("refused");
         let dst = (1 << 8) | PS_TYPE_PID;
         for bad in [
             record(PS_IOV_HOLE, 1, 0, dst),
@@ -338,6 +341,6 @@ mod tests {
             assert!(store.feed(&bad, &mut Vec::new()).is_err());
         }
         dir.remove();
-        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(root);
     }
 }

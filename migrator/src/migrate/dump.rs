@@ -63,7 +63,7 @@ enum CriuEvent {
 type DumpResult = (Result<Outcome, SwrkError>, Option<Box<MigrationLock>>);
 
 /// `criu dump` running on a blocking thread, and what it has said.
-struct DumpTask {
+pub(super) struct DumpTask {
     task: Option<JoinHandle<DumpResult>>,
     events: UnboundedReceiver<CriuEvent>,
 }
@@ -106,18 +106,53 @@ impl DumpTask {
 /// The tree here, frozen by CRIU at its post-dump notification, waiting
 /// for the verdict.
 pub(super) struct SourceCopy {
+    /// The tree's root, as we see it.
+    root: i32,
     verdict: Option<std::sync::mpsc::Sender<Result<(), String>>>,
     dump: DumpTask,
 }
 
+/// The tree here, doomed: every process of it has SIGKILL pending or is
+/// exiting, so none can run again.
+pub(super) enum DyingCopy {
+    /// CRIU still finishing (and writing its stats).
+    Finishing(DumpTask),
+    /// CRIU already done.
+    Done(Outcome),
+}
+
+impl DyingCopy {
+    /// CRIU's outcome of the dump, once it has finished.
+    pub async fn outcome(self) -> Result<Outcome, String> {
+        match self {
+            Self::Finishing(mut dump) => dump.end().await,
+            Self::Done(outcome) => Ok(outcome),
+        }
+    }
+}
+
 impl SourceCopy {
-    /// Let CRIU kill the tree: after this the process lives only at the
-    /// destination (once it commits). Returns CRIU's outcome.
-    pub async fn kill(mut self) -> Result<Outcome, String> {
+    /// Let CRIU kill the tree; return as soon as no process of it can run
+    /// again (not when CRIU is done: tearing down its memory takes a while
+    /// and belongs outside the freeze window). After this the process
+    /// lives only at the destination, once it commits.
+    pub async fn kill(mut self) -> Result<DyingCopy, String> {
+        // Listed while CRIU still holds every process of it.
+        let tree = crate::system::process_tree(self.root);
         if let Some(verdict) = self.verdict.take() {
             let _ = verdict.send(Ok(()));
         }
-        self.dump.end().await
+        let doomed = async {
+            while !tree.iter().all(|pid| crate::system::doomed(*pid)) {
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+        };
+        tokio::select! {
+            () = doomed => Ok(DyingCopy::Finishing(self.dump)),
+            // CRIU ended first: with success the tree is gone; with a
+            // failure CRIU resumed it.
+            ended = self.dump.end() => ended.map(DyingCopy::Done),
+        }
     }
 
     /// Let CRIU resume the tree, its sockets out of repair mode; the lock
@@ -226,6 +261,7 @@ pub(super) async fn dump(
             // From here a failure leaves the tree to CRIU, which resumes it.
             progress.pages_at_destination = true;
             progress.source_copy = Some(SourceCopy {
+                root: options.pid,
                 verdict: Some(verdict),
                 dump,
             });

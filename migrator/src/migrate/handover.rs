@@ -55,14 +55,15 @@ pub(super) async fn hand_over(
             return Err(format!("destination not ready for the hand-over: {err}"));
         }
     }
-    // The tree here goes first: once CRIU has killed it, nothing here can
-    // run it again, and only then may the destination's copy run.
+    // The tree here goes first: once no process of it can run again, and
+    // only then, may the destination's copy run.
+    let mut dying_copy = None;
     if let Some(copy) = progress.source_copy.take() {
         let phase = clock.begin(report::SOURCE_EXIT);
-        let outcome = match copy.kill().await {
-            Ok(outcome) => {
+        let dying = match copy.kill().await {
+            Ok(dying) => {
                 clock.end(phase, true);
-                outcome
+                dying
             }
             Err(err) => {
                 // CRIU resumes the tree when it fails: tell the destination
@@ -79,8 +80,7 @@ pub(super) async fn hand_over(
             }
         };
         progress.dumped = true;
-        report.criu_dump_notifications = outcome.notifications;
-        report.criu_dump = read_dump_stats(&progress.images);
+        dying_copy = Some(dying);
     }
     // The commit: from here on the process is the destination's.
     progress.committed = true;
@@ -107,6 +107,13 @@ pub(super) async fn hand_over(
         }
     };
     let answered = Instant::now();
+    // CRIU finished with the tree meanwhile: its own account of the dump.
+    if let Some(dying) = dying_copy
+        && let Ok(outcome) = dying.outcome().await
+    {
+        report.criu_dump_notifications = outcome.notifications;
+        report.criu_dump = read_dump_stats(&progress.images);
+    }
     for mut phase in std::mem::take(&mut reply.phases) {
         phase.start_ms += asked_at_ms;
         phase.name = channel::printable(&phase.name);
