@@ -207,6 +207,30 @@ fn large_process_moves_there_and_back_with_its_memory_intact() {
     }
 }
 
+/// `--dump-then-send`: CRIU dumps every image here (and kills the tree),
+/// then the images cross; the process moves there and back with its
+/// memory (checked by the workload) and its connections.
+#[test]
+fn dump_then_send_moves_the_process_with_its_memory() {
+    let mut lab = MigrationLab::new("dts");
+    let mut pid = lab.start_workload(true, 64);
+    std::thread::sleep(Duration::from_millis(1200));
+    for (from, to) in [(SRC, DST), (DST, SRC)] {
+        let run = lab.migrate(from, to, pid, &["--dump-then-send"]);
+        assert!(run.success, "{}", run.stderr);
+        let report = run.report.unwrap();
+        assert_eq!(
+            report["memory"], "dumped here, then sent (--dump-then-send)",
+            "{report}"
+        );
+        assert!(report["image_bytes"].as_u64().unwrap() > 64 << 20);
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+    }
+}
+
 /// With --hold the peers' packets that arrive during the freeze are kept
 /// and handed to the restored sockets after the release (both families).
 #[test]

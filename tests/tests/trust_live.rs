@@ -128,13 +128,13 @@ fn preflight(addresses: &[&str], flows: &[&str], deadline_ms: u64) -> Message {
         flows: flows.iter().map(|f| (*f).to_owned()).collect(),
         deadline_ms,
         hold: true,
+        page_stream: true,
         boot_id: identity.0,
         pid_namespace: identity.1,
         image_bytes: 0,
     })
 }
 
-/// Send `message`, return the agent's answer as text.
 /// A page stream with no pages: CRIU's closing record (FORCE_CLOSE, 32
 /// bytes), its 4-byte answer, then the end. Returns the agent's last word.
 async fn empty_page_stream(channel: &mut TlsChannel) -> String {
@@ -169,6 +169,7 @@ async fn page_stream(channel: &mut TlsChannel, bytes: &[u8]) -> String {
     "pages-done".to_owned()
 }
 
+/// Send `message`, return the agent's answer as text.
 async fn answer(channel: &mut TlsChannel, message: Message) -> String {
     channel.send(&message).await.unwrap();
     match channel.receive().await {

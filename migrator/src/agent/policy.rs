@@ -135,6 +135,7 @@ mod tests {
             flows: flows.iter().map(|f| (*f).to_owned()).collect(),
             deadline_ms,
             hold: false,
+            page_stream: true,
             boot_id: String::new(),
             pid_namespace: 0,
             image_bytes: 0,

@@ -243,8 +243,9 @@ async fn serve(
     // The dump's pages stream here as they are dumped. Not when we share
     // PIDs with the source: its tree must be gone before ours is restored,
     // so it dumps everything locally first.
-    let page_stream = !request.shares_pids_with(&crate::system::pid_namespace_identity())
-        || request.pids_needed().is_empty();
+    let page_stream = request.page_stream
+        && (!request.shares_pids_with(&crate::system::pid_namespace_identity())
+            || request.pids_needed().is_empty());
     channel
         .send(&Message::PreflightOk(PreflightReply {
             criu_version: config.criu_version.clone(),

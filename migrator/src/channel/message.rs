@@ -76,6 +76,10 @@ pub struct PreflightRequest {
     /// Hold (not only drop) peer packets, to deliver them after release.
     #[serde(default)]
     pub hold: bool,
+    /// The source would stream the dump's pages (the agent declines when
+    /// both share PIDs).
+    #[serde(default)]
+    pub page_stream: bool,
     /// The source's boot id and PID namespace: equal to the agent's when
     /// both run on one machine in one PID namespace (then the tree's PIDs
     /// are its own until the dump, and the agent waits for them).

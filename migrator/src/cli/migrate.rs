@@ -55,6 +55,14 @@ pub struct MigrateArgs {
     /// peers' retransmit timeout (200 ms or more).
     #[arg(long)]
     hold: bool,
+    /// Dump the whole process here first, then send the images (CRIU
+    /// kills the tree at the end of the dump; a rollback restores it from
+    /// those images), instead of streaming the memory to the destination
+    /// while it is dumped. On hosts that share their CPUs with the
+    /// destination (a lab VM) it can be the faster of the two; see the
+    /// README's benchmark.
+    #[arg(long)]
+    dump_then_send: bool,
     /// CRIU binary (see `migrator doctor --help`).
     #[arg(long, value_name = "PATH")]
     criu: Option<PathBuf>,
@@ -74,6 +82,7 @@ pub fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         work_dir,
         keep_images,
         hold,
+        dump_then_send,
         criu,
     } = args;
     require_privileges()?;
@@ -92,6 +101,7 @@ pub fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         state: migrator::images::StateDir::open(&work_dir)?,
         keep_images,
         hold,
+        page_stream: !dump_then_send,
         quiet: false,
     }));
     eprint!("{}", result.render());

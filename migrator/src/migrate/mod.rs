@@ -59,6 +59,9 @@ pub struct MigrateOptions {
     /// Hold the peers' packets during the freeze and deliver them to the
     /// restored sockets right after the release.
     pub hold: bool,
+    /// Stream the memory to the destination while it is dumped (else dump
+    /// everything here, then send).
+    pub page_stream: bool,
     pub quiet: bool,
 }
 
@@ -263,6 +266,8 @@ async fn run(
     report.memory = Some(if prepared.page_stream {
         "streamed to the destination during the dump, through the channel, into a tmpfs there"
             .to_owned()
+    } else if !options.page_stream {
+        "dumped here, then sent (--dump-then-send)".to_owned()
     } else {
         "dumped here, then sent (both hosts one machine sharing PIDs: the tree must be gone before the restore there)".to_owned()
     });

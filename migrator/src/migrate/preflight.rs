@@ -160,6 +160,7 @@ async fn preflight(
                 .collect(),
             deadline_ms: options.deadline.as_millis() as u64,
             hold: options.hold,
+            page_stream: options.page_stream,
             boot_id: identity.0.clone(),
             pid_namespace: identity.1,
             image_bytes,

@@ -146,10 +146,10 @@ struct Sample {
     retransmits: u64,
 }
 
-fn ours(lab: &MigrationLab, from: &str, to: &str, pid: i32, hold: bool) -> (Sample, i32) {
+fn ours(lab: &MigrationLab, from: &str, to: &str, pid: i32, extra: &[&str]) -> (Sample, i32) {
     let retransmits = peer_retransmits(lab);
     let start = unix_ms();
-    let run = lab.migrate(from, to, pid, if hold { &["--hold"] } else { &[] });
+    let run = lab.migrate(from, to, pid, extra);
     assert!(run.success, "{}", run.stderr);
     let report = run.report.unwrap();
     let sample = Sample {
@@ -360,33 +360,42 @@ fn fresh_workload(lab: &mut MigrationLab, pid: i32, ballast_mb: u32) -> i32 {
 /// against CRIU's CLI by hand, alternating, each there and back.
 fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds: usize) -> i32 {
     pid = fresh_workload(lab, pid, ballast_mb);
-    let (mut ours_windows, mut baseline_windows, mut stalls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut streamed, mut after_dump, mut by_hand) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        for (from, to) in [(SRC, DST), (DST, SRC)] {
-            let (sample, next) = ours(lab, from, to, pid, false);
-            pid = next;
-            ours_windows.push(sample.window);
-            stalls.push(sample.stall - sample.window);
+        for (windows, extra) in [
+            (&mut streamed, &[][..]),
+            (&mut after_dump, &["--dump-then-send"][..]),
+        ] {
+            for (from, to) in [(SRC, DST), (DST, SRC)] {
+                let (sample, next) = ours(lab, from, to, pid, extra);
+                pid = next;
+                windows.push(sample.window);
+            }
         }
         for (from, to) in [(SRC, DST), (DST, SRC)] {
             // Each move its own images directory.
             let tag = 1000 * (ballast_mb as usize + 1) + 10 * round;
             let (sample, next) = baseline(lab, from, to, pid, tag, false);
             pid = next;
-            baseline_windows.push(sample.window);
+            by_hand.push(sample.window);
         }
         let broken = broken(lab);
         assert!(broken.is_empty(), "{ballast_mb} MiB moves broke {broken:?}");
     }
-    let (a, ours_median, c) = stats(&mut ours_windows);
-    let (d, baseline_median, f) = stats(&mut baseline_windows);
-    let (_, stall_over, _) = stats(&mut stalls);
-    println!(
-        "  {ballast_mb:>5} MiB  ours {ours_median:7.1} ms ({a:.0}..{c:.0})  by hand {baseline_median:7.1} ms ({d:.0}..{f:.0})  ratio {:.3}  ours {:.2} ms/MiB, {:.0} MiB/s inside the window; peer stall - window {stall_over:+.1} ms",
-        ours_median / baseline_median,
-        ours_median / f64::from(ballast_mb),
-        f64::from(ballast_mb) / (ours_median / 1e3),
-    );
+    let (_, hand, _) = stats(&mut by_hand.clone());
+    for (name, windows) in [
+        ("ours, streamed", &mut streamed),
+        ("ours, --dump-then-send", &mut after_dump),
+        ("CRIU by hand", &mut by_hand),
+    ] {
+        let (low, median, high) = stats(windows);
+        println!(
+            "  {ballast_mb:>5} MiB  {name:<24} {median:7.1} ms ({low:.0}..{high:.0})  ratio to by hand {:.3}  {:.2} ms/MiB, {:.0} MiB/s inside the window",
+            median / hand,
+            median / f64::from(ballast_mb),
+            f64::from(ballast_mb) / (median / 1e3),
+        );
+    }
     pid
 }
 
@@ -420,7 +429,8 @@ fn main() {
         // machine conditions.
         for (method, hold) in [(0, false), (3, true)] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
-                let (sample, next) = ours(&lab, from, to, pid, hold);
+                let extra: &[&str] = if hold { &["--hold"] } else { &[] };
+                let (sample, next) = ours(&lab, from, to, pid, extra);
                 let broken = broken(&lab);
                 assert!(
                     broken.is_empty(),
