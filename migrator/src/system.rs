@@ -263,15 +263,15 @@ pub fn doomed(pid: i32) -> bool {
     ) else {
         return true;
     };
-    // After the command's closing parenthesis: state, then 6 fields, then
-    // flags.
+    // After the command's closing parenthesis: state, ppid, pgrp,
+    // session, tty_nr, tpgid, then flags.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
     let state = fields.first().copied().unwrap_or("");
     let flags = fields
-        .get(7)
+        .get(6)
         .and_then(|flags| flags.parse::<u64>().ok())
         .unwrap_or(0);
     let pending = |name: &str| {

@@ -175,8 +175,8 @@ fn large_process_moves_there_and_back_with_its_memory_intact() {
         pid = report["destination_pid"].as_i64().unwrap() as i32;
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
         eprintln!(
-            "round {round}: freeze window {} ms = {}",
-            report["freeze_window_ms"], report["freeze_window_parts"]
+            "round {round}: freeze window {} ms = {}\nphases {}",
+            report["freeze_window_ms"], report["freeze_window_parts"], report["phases"]
         );
         // The memory crossed as the page stream.
         assert!(
