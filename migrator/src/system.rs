@@ -287,12 +287,27 @@ pub fn doomed(pid: i32) -> bool {
         || pending("ShdPnd:")
 }
 
+/// (fd, target path, metadata of the target) for every descriptor.
+pub fn open_fds(pid: i32) -> Vec<(i32, String, std::fs::Metadata)> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let meta = std::fs::metadata(entry.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned(), meta))
+        })
+        .collect()
+}
+
 /// Put every TCP socket `pid` holds into repair mode (taken from it with
 /// pidfd_getfd), so that closing them sends nothing. Listening sockets
 /// cannot be repaired and send nothing when closed anyway.
 fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?;
     // SAFETY: pidfd_open takes a pid and flags; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
@@ -300,17 +315,8 @@ fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
     }
     // SAFETY: a fresh descriptor we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    for entry in fds.filter_map(Result::ok) {
-        let is_socket = std::fs::read_link(entry.path())
-            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !is_socket {
+    for (fd, target, _) in open_fds(pid) {
+        if !target.starts_with("socket:") {
             continue;
         }
         // SAFETY: pidfd_getfd on our pidfd; the result is checked.

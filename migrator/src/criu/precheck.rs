@@ -292,7 +292,7 @@ pub fn read_process(pid: i32) -> Option<ProcessFacts> {
         uids,
         ..ProcessFacts::default()
     };
-    for (fd, path, meta) in open_fds(pid) {
+    for (fd, path, meta) in crate::system::open_fds(pid) {
         if meta.file_type().is_file() {
             facts.files.push(OpenFile {
                 fd,
@@ -337,22 +337,6 @@ fn is_terminal(path: &str) -> bool {
             .is_some_and(|rest| rest.chars().next().is_some_and(|c| c.is_ascii_digit()))
 }
 
-/// (fd, target path, metadata of the target) for every descriptor.
-fn open_fds(pid: i32) -> Vec<(i32, String, std::fs::Metadata)> {
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let fd = entry.file_name().to_str()?.parse().ok()?;
-            let target = std::fs::read_link(entry.path()).ok()?;
-            let meta = std::fs::metadata(entry.path()).ok()?;
-            Some((fd, target.to_string_lossy().into_owned(), meta))
-        })
-        .collect()
-}
-
 /// Whether the descriptor was opened for writing (fdinfo `flags`, octal).
 fn fd_writable(pid: i32, fd: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
@@ -387,7 +371,7 @@ fn writers_outside(
         if tree.contains(&pid) || pid == unsafe { libc::getpid() } {
             continue;
         }
-        for (fd, _, meta) in open_fds(pid) {
+        for (fd, _, meta) in crate::system::open_fds(pid) {
             let id = (meta.dev(), meta.ino());
             if meta.file_type().is_file()
                 && files.contains(&id)
