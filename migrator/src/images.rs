@@ -225,10 +225,7 @@ impl SessionDir {
     /// Create `name` in this directory: a new file (never an existing one,
     /// never through a symlink), mode 0600.
     pub fn create_file(&self, name: &str) -> Result<File, ImagesError> {
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(ImagesError::BadName(name.to_owned()));
-        }
-        let c_name = CString::new(name).map_err(|_| ImagesError::BadName(name.to_owned()))?;
+        let c_name = plain_name(name)?;
         // SAFETY: openat with a directory descriptor we own and a valid
         // NUL-terminated name; the result is checked before use.
         let fd = unsafe {
@@ -248,6 +245,24 @@ impl SessionDir {
         }
         // SAFETY: a fresh descriptor we own.
         Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Remove `name` from this directory (gone already is fine).
+    pub fn remove_file(&self, name: &str) -> Result<(), ImagesError> {
+        let c_name = plain_name(name)?;
+        // SAFETY: unlinkat with a directory descriptor we own and a valid
+        // NUL-terminated name.
+        if unsafe { libc::unlinkat(self.dir.as_raw_fd(), c_name.as_ptr(), 0) } < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::NotFound {
+                return Err(ImagesError::Io {
+                    action: "removing",
+                    path: self.path.join(name),
+                    source: err,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Whether the images live in memory (a tmpfs of their own).
@@ -319,6 +334,14 @@ pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// `name` as a single path component, for the `*at` calls.
+fn plain_name(name: &str) -> Result<CString, ImagesError> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(ImagesError::BadName(name.to_owned()));
+    }
+    CString::new(name).map_err(|_| ImagesError::BadName(name.to_owned()))
 }
 
 fn open_dir(path: &Path) -> Result<OwnedFd, ImagesError> {

@@ -12,6 +12,7 @@ pub mod console;
 pub mod criu;
 pub mod dataplane;
 pub mod doctor;
+pub mod fault;
 pub mod images;
 pub mod migrate;
 pub mod net;

@@ -366,12 +366,42 @@ impl MigrationLab {
     /// `migrator migrate` from `from` to the agent at `target` (ADDR:PORT:
     /// an agent, or something in between).
     pub fn migrate_via(&self, from: &str, target: &str, pid: i32, extra: &[&str]) -> MigrateRun {
+        self.run_migrate(from, target, pid, None, extra)
+    }
+
+    /// [`Self::migrate`] with faults injected (`MIGRATOR_FAULTS`).
+    pub fn migrate_with_faults(
+        &self,
+        from: &str,
+        to: &str,
+        pid: i32,
+        faults: &str,
+        extra: &[&str],
+    ) -> MigrateRun {
+        let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+        self.run_migrate(from, &target, pid, Some(faults), extra)
+    }
+
+    fn run_migrate(
+        &self,
+        from: &str,
+        target: &str,
+        pid: i32,
+        faults: Option<&str>,
+        extra: &[&str],
+    ) -> MigrateRun {
         let report = self.dir.0.join("report.json");
         let _ = std::fs::remove_file(&report);
         let images = self.dir.0.join("images");
         let pid = pid.to_string();
         let auth = self.auth_args(from);
-        let mut args = vec!["migrate", "--pid", &pid, "--to", target];
+        let bin = migrator_bin();
+        let faults = faults.map(|faults| format!("MIGRATOR_FAULTS={faults}"));
+        let mut args = Vec::new();
+        if let Some(faults) = &faults {
+            args.extend([faults.as_str(), bin.to_str().unwrap()]);
+        }
+        args.extend(["migrate", "--pid", &pid, "--to", target]);
         args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(&[
             "--ip",
@@ -384,7 +414,12 @@ impl MigrationLab {
             images.to_str().unwrap(),
         ]);
         args.extend_from_slice(extra);
-        let out = self.output(from, migrator_bin().to_str().unwrap(), &args);
+        let program = if faults.is_some() {
+            "env"
+        } else {
+            bin.to_str().unwrap()
+        };
+        let out = self.output(from, program, &args);
         MigrateRun {
             success: out.status.success(),
             report: std::fs::read_to_string(&report)

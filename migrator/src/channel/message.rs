@@ -181,6 +181,12 @@ pub enum Message {
     PagesDone {
         bytes: u64,
     },
+    /// CRIU's dump failed and runs once more (the tree still frozen):
+    /// forget the page stream so far; a new one follows.
+    PagesRestart,
+    /// The page images so far are gone; no answer for the old stream
+    /// follows this.
+    PagesRestarted,
     /// An image file follows as data frames totalling `size` bytes.
     File {
         name: String,

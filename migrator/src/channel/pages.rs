@@ -2,8 +2,9 @@
 //! protocol (page-map headers and pages one way, a byte per opened image
 //! and a closing status the other) carried through this channel, never
 //! through a second connection. On the source, `criu dump` writes it into
-//! a local socket ([`forward`] sends what comes out as data frames and
-//! writes the answers back); on the agent, [`deliver`] feeds the frames to
+//! a local socket ([`relay`] sends what comes out as data frames and
+//! writes the answers back; [`finish`] or, if the dump failed and runs
+//! again, [`restart`] once CRIU closed it); on the agent, [`deliver`] feeds the frames to
 //! a [`PageStore`], which writes the page images there and answers.
 //!
 //! The source reads and writes at once: CRIU waits for the answer to each
@@ -19,55 +20,92 @@ use tokio::{
 use super::{Channel, ChannelError, DATA_CHUNK, Message, codec::Frame};
 use crate::criu::page_stream::PageStore;
 
-/// Source: relay CRIU's page stream from `socket` to the agent until CRIU
-/// closes it and the agent says its page server has every byte. Returns
-/// the bytes sent.
-pub async fn forward<S>(channel: &mut Channel<S>, socket: UnixStream) -> Result<u64, ChannelError>
+/// Source: relay CRIU's page stream from `socket` to the agent, and the
+/// agent's answers back, until CRIU closes its end (its pages are all
+/// out, or it failed). Returns the bytes sent. Whether the stream counts
+/// is CRIU's verdict: then [`finish`] or [`restart`].
+pub async fn relay<S>(channel: &mut Channel<S>, socket: UnixStream) -> Result<u64, ChannelError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (mut from_criu, mut to_criu) = socket.into_split();
     let mut buf = vec![0u8; DATA_CHUNK];
     let mut sent = 0u64;
-    let mut criu_done = false;
     loop {
         tokio::select! {
-            read = from_criu.read(&mut buf), if !criu_done => {
+            read = from_criu.read(&mut buf) => {
                 let n = read?;
                 if n == 0 {
-                    criu_done = true;
-                    channel.send(&Message::PagesEnd { bytes: sent }).await?;
-                } else {
-                    channel.send_data(&buf[..n]).await?;
-                    sent += n as u64;
+                    return Ok(sent);
                 }
+                channel.send_data(&buf[..n]).await?;
+                sent += n as u64;
             }
             frame = channel.next_frame(None) => match frame? {
-                // An answer for CRIU; once CRIU is gone nobody reads it.
-                Frame::Data(answer) => {
-                    if !criu_done {
-                        to_criu.write_all(&answer).await?;
-                    }
-                }
+                Frame::Data(answer) => to_criu.write_all(&answer).await?,
                 Frame::Message(payload) => {
-                    return match serde_json::from_slice::<Message>(&payload)? {
-                        Message::PagesDone { bytes } if criu_done && bytes == sent => Ok(sent),
-                        Message::PagesDone { bytes } => Err(ChannelError::Frame(format!(
-                            "the agent's page server got {bytes} bytes of {sent} sent{}",
-                            if criu_done { "" } else { " so far" }
-                        ))),
-                        Message::Refused { reason } | Message::Failed { reason, .. } => {
-                            Err(ChannelError::Refused(super::printable(&reason)))
-                        }
-                        other => Err(ChannelError::Unexpected {
-                            expected: "page-stream data or pages-done",
-                            got: other.name(),
-                        }),
-                    };
+                    return Err(refusal_or_unexpected(&payload, "page-stream data")?);
                 }
             }
         }
     }
+}
+
+/// Source, CRIU having dumped: tell the agent the stream of `sent` bytes
+/// is over, and wait until its page server has written all of it.
+pub async fn finish<S>(channel: &mut Channel<S>, sent: u64) -> Result<(), ChannelError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    channel.send(&Message::PagesEnd { bytes: sent }).await?;
+    loop {
+        // Answers for a CRIU that is gone: nobody reads them.
+        let Frame::Message(payload) = channel.next_frame(None).await? else {
+            continue;
+        };
+        return match serde_json::from_slice::<Message>(&payload)? {
+            Message::PagesDone { bytes } if bytes == sent => Ok(()),
+            Message::PagesDone { bytes } => Err(ChannelError::Frame(format!(
+                "the agent's page server got {bytes} bytes of {sent} sent"
+            ))),
+            _ => Err(refusal_or_unexpected(&payload, "pages-done")?),
+        };
+    }
+}
+
+/// Source, CRIU's dump having failed: have the agent drop the page images
+/// so far, and wait until no answer for the old stream can follow.
+pub async fn restart<S>(channel: &mut Channel<S>) -> Result<(), ChannelError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    channel.send(&Message::PagesRestart).await?;
+    loop {
+        let Frame::Message(payload) = channel.next_frame(None).await? else {
+            continue;
+        };
+        return match serde_json::from_slice::<Message>(&payload)? {
+            Message::PagesRestarted => Ok(()),
+            _ => Err(refusal_or_unexpected(&payload, "pages-restarted")?),
+        };
+    }
+}
+
+/// The error for a message other than the one awaited: the agent's
+/// refusal as such, anything else as unexpected.
+fn refusal_or_unexpected(
+    payload: &[u8],
+    expected: &'static str,
+) -> Result<ChannelError, ChannelError> {
+    Ok(match serde_json::from_slice::<Message>(payload)? {
+        Message::Refused { reason } | Message::Failed { reason, .. } => {
+            ChannelError::Refused(super::printable(&reason))
+        }
+        other => ChannelError::Unexpected {
+            expected,
+            got: other.name(),
+        },
+    })
 }
 
 /// Agent: write the source's page stream into `store` (page-map and
@@ -124,6 +162,21 @@ where
                         "page stream incomplete: got {received} bytes{}, source sent {bytes}",
                         if store.closed() { "" } else { " and no close" }
                     )));
+                }
+                // The dump failed and runs again: a new stream from the
+                // start (the tree still frozen at the source).
+                Message::PagesRestart => {
+                    if let Err(err) = store.discard() {
+                        let reason = err.to_string();
+                        channel
+                            .send(&Message::Refused {
+                                reason: reason.clone(),
+                            })
+                            .await?;
+                        return Err(ChannelError::Refused(reason));
+                    }
+                    received = 0;
+                    channel.send(&Message::PagesRestarted).await?;
                 }
                 other => {
                     return Err(ChannelError::Unexpected {

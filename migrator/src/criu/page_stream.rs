@@ -76,6 +76,8 @@ pub struct PageStore<'a> {
     next_pages_id: u32,
     closed: bool,
     pages_written: u64,
+    /// Every image made so far, to discard them if the dump starts over.
+    created: Vec<String>,
 }
 
 impl<'a> PageStore<'a> {
@@ -88,7 +90,19 @@ impl<'a> PageStore<'a> {
             next_pages_id: FIRST_PAGES_ID,
             closed: false,
             pages_written: 0,
+            created: Vec::new(),
         }
+    }
+
+    /// Remove every image written so far and start over, as for a new
+    /// stream (the dump failed and runs again).
+    pub fn discard(&mut self) -> Result<(), PageStreamError> {
+        self.current = None;
+        for name in self.created.drain(..) {
+            self.dir.remove_file(&name)?;
+        }
+        *self = Self::new(self.dir);
+        Ok(())
     }
 
     /// The dump said it sent everything (and got our status).
@@ -195,13 +209,16 @@ impl<'a> PageStore<'a> {
         };
         let pages_id = self.next_pages_id;
         self.next_pages_id += 1;
+        let pages_name = format!("pages-{pages_id}.img");
         let mut pagemap = std::io::BufWriter::new(self.dir.create_file(&name)?);
+        self.created.push(name);
         pagemap.write_all(&IMG_COMMON_MAGIC.to_le_bytes())?;
         pagemap.write_all(&PAGEMAP_MAGIC.to_le_bytes())?;
         let mut head = Vec::new();
         put_field(&mut head, 1, u64::from(pages_id));
         write_entry(&mut pagemap, &head)?;
-        let pages = self.dir.create_file(&format!("pages-{pages_id}.img"))?;
+        let pages = self.dir.create_file(&pages_name)?;
+        self.created.push(pages_name);
         self.current = Some(OpenPagemap {
             dst_id,
             pagemap,
@@ -324,6 +341,32 @@ mod tests {
             store.feed(&[0], &mut replies).is_err(),
             "bytes after the close"
         );
+        dir.remove();
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn a_discarded_stream_leaves_nothing_and_a_new_one_starts_over() {
+        let (root, dir) = scratch("discard");
+        let dst = (3 << 8) | PS_TYPE_PID;
+        let mut stream = record(PS_IOV_OPEN2, 0, 0, dst);
+        stream.extend(record(PS_IOV_ADD_F | (PE_PRESENT << 16), 1, 0x1000, dst));
+        stream.extend([0xaa; PAGE as usize]);
+        let mut store = PageStore::new(&dir);
+        let mut replies = Vec::new();
+        // Cut mid-page, as a dump that fails would.
+        store
+            .feed(&stream[..stream.len() - 100], &mut replies)
+            .unwrap();
+        store.discard().unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(!store.closed());
+        stream.extend(record(PS_IOV_CLOSE, 0, 0, 0));
+        store.feed(&stream, &mut replies).unwrap();
+        assert!(store.closed());
+        assert_eq!(store.pages_written(), PAGE);
+        let pages = std::fs::read(dir.path().join(format!("pages-{FIRST_PAGES_ID}.img"))).unwrap();
+        assert_eq!(pages, [0xaa; PAGE as usize]);
         dir.remove();
         let _ = std::fs::remove_dir_all(root);
     }

@@ -185,47 +185,20 @@ pub(super) async fn dump(
         ..
     } = prepared;
     // CRIU, started now: its start-up stays outside the freeze window.
-    let (swrk, page_socket) = if page_stream {
-        let (criu_end, our_end) = stream_pair().map_err(|e| e.to_string())?;
-        let swrk = options
-            .criu
-            .swrk_streaming(&progress.images, criu_end)
-            .map_err(|e| e.to_string())?;
-        (swrk, Some(unix_stream(our_end)?))
-    } else {
-        let swrk = options
-            .criu
-            .swrk(&progress.images)
-            .map_err(|e| e.to_string())?;
-        (swrk, None)
-    };
+    let criu = start_criu(options, &progress.images, page_stream)?;
 
     // dump, with the freeze at CRIU's "pre-dump" notification: the flows
     // and the service addresses (new SYNs wait too) are locked right before
     // CRIU freezes the tree, and stay locked from there on.
     let phase = clock.begin(report::DUMP);
-    let services = ServiceAddress::lock_rules(&options.service_addresses);
-    let lock = progress.lock.take();
-    let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
-    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (verdict, verdicts) = std::sync::mpsc::channel();
-    let task = tokio::task::spawn_blocking(move || {
-        run_criu(swrk, pid, lock, page_stream, events, verdicts, |lock| {
-            lock.freeze(&services, deadline, hold)
-                .map_err(|e| format!("locking the flows: {e}"))
-        })
-    });
-    let mut dump = DumpTask {
-        task: Some(task),
-        events: events_rx,
-    };
+    let mut attempt = criu.run(options, progress.lock.take(), page_stream);
 
     // The freeze, or a dump that ended before it.
-    let frozen_at = match dump.next().await {
+    let frozen_at = match attempt.dump.next().await {
         Next::Event(CriuEvent::Locked { at, result, lock }) => {
             progress.lock = lock.map(|lock| *lock);
             if let Err(err) = result {
-                let _ = dump.end().await;
+                let _ = attempt.dump.end().await;
                 clock.end(phase, false);
                 return Err(format!("dump: {err}"));
             }
@@ -256,27 +229,27 @@ pub(super) async fn dump(
     let handover_by = frozen_at + options.deadline.saturating_sub(margin);
     channel.set_hard_deadline(handover_by);
 
-    let dumped = match page_socket {
-        Some(socket) => {
-            // From here a failure leaves the tree to CRIU, which resumes it.
-            progress.pages_at_destination = true;
-            progress.source_copy = Some(SourceCopy {
-                root: options.pid,
-                verdict: Some(verdict),
-                dump,
-            });
-            stream_pages(&mut channel, socket, progress)
-                .await
-                .map(|bytes| report.image_bytes += bytes)
-        }
-        None => {
-            drop(verdict);
-            dump.end().await.map(|outcome| {
-                progress.dumped = true;
-                report.criu_dump_notifications = outcome.notifications;
-                report.criu_dump = read_dump_stats(&progress.images);
-            })
-        }
+    let dumped = loop {
+        let failure = match finish_dump(attempt, options.pid, &mut channel, report, progress).await
+        {
+            Ok(()) => break Ok(()),
+            Err(DumpFailure::Criu(err)) if report.dump_retried.is_none() => err,
+            Err(failure) => break Err(failure.to_string()),
+        };
+        // A failed dump leaves the tree running (CRIU resumes it) behind
+        // the lock. Some failures pass (seen here: the parasite failing to
+        // read /proc/self/cgroup), so dump once more, still frozen, from
+        // scratch on both hosts.
+        tracing::warn!(
+            "criu dump failed, dumping once more (still frozen): {err}",
+            err = failure
+        );
+        report.dump_retried = Some(failure);
+        report.image_bytes = 0;
+        attempt = match retry(options, &mut channel, progress, page_stream).await {
+            Ok(attempt) => attempt,
+            Err(err) => break Err(err),
+        };
     };
     clock.end_with(phase, dumped.map_err(|err| format!("dump: {err}")))?;
 
@@ -289,44 +262,216 @@ pub(super) async fn dump(
     })
 }
 
+/// `criu swrk`, started, with the page stream's socket when the pages
+/// stream to the agent.
+struct StartedCriu {
+    swrk: crate::criu::swrk::Swrk,
+    page_socket: Option<UnixStream>,
+}
+
+/// A dump running: CRIU's thread, the page stream's socket, and the
+/// verdict CRIU waits for at post-dump (with the page stream).
+struct Attempt {
+    dump: DumpTask,
+    page_socket: Option<UnixStream>,
+    verdict: std::sync::mpsc::Sender<Result<(), String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DumpFailure {
+    /// CRIU's dump failed: it resumed the tree.
+    #[error("{0}")]
+    Criu(String),
+    /// Anything else (the channel, the agent).
+    #[error("{0}")]
+    Other(String),
+}
+
+fn start_criu(
+    options: &MigrateOptions,
+    images: &std::path::Path,
+    page_stream: bool,
+) -> Result<StartedCriu, String> {
+    if !page_stream {
+        let swrk = options.criu.swrk(images).map_err(|e| e.to_string())?;
+        return Ok(StartedCriu {
+            swrk,
+            page_socket: None,
+        });
+    }
+    let (criu_end, our_end) = stream_pair().map_err(|e| e.to_string())?;
+    let swrk = options
+        .criu
+        .swrk_streaming(images, criu_end)
+        .map_err(|e| e.to_string())?;
+    Ok(StartedCriu {
+        swrk,
+        page_socket: Some(unix_stream(our_end)?),
+    })
+}
+
+impl StartedCriu {
+    /// Start the dump on its own thread; with a `lock`, it freezes at
+    /// CRIU's pre-dump notification (without, the flows are locked
+    /// already).
+    fn run(
+        self,
+        options: &MigrateOptions,
+        lock: Option<MigrationLock>,
+        page_stream: bool,
+    ) -> Attempt {
+        let services = ServiceAddress::lock_rules(&options.service_addresses);
+        let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (verdict, verdicts) = std::sync::mpsc::channel();
+        let swrk = self.swrk;
+        let task = tokio::task::spawn_blocking(move || {
+            run_criu(swrk, pid, lock, page_stream, events, verdicts, |lock| {
+                lock.freeze(&services, deadline, hold)
+                    .map_err(|e| format!("locking the flows: {e}"))
+            })
+        });
+        Attempt {
+            dump: DumpTask {
+                task: Some(task),
+                events: events_rx,
+            },
+            page_socket: self.page_socket,
+            verdict,
+        }
+    }
+}
+
+/// The dump, frozen, to its end: the pages at the agent and CRIU waiting
+/// at post-dump (the copy here kept in `progress`), or every image here.
+async fn finish_dump(
+    attempt: Attempt,
+    root: i32,
+    channel: &mut TlsChannel,
+    report: &mut Report,
+    progress: &mut Progress,
+) -> Result<(), DumpFailure> {
+    let Attempt {
+        mut dump,
+        page_socket,
+        verdict,
+    } = attempt;
+    let Some(socket) = page_socket else {
+        drop(verdict);
+        let outcome = dump.end().await.map_err(DumpFailure::Criu)?;
+        progress.dumped = true;
+        report.criu_dump_notifications = outcome.notifications;
+        report.criu_dump = read_dump_stats(&progress.images);
+        return Ok(());
+    };
+    // From here a failure leaves the tree to CRIU, which resumes it.
+    progress.pages_at_destination = true;
+    let copy = progress.source_copy.insert(SourceCopy {
+        root,
+        verdict: Some(verdict),
+        dump,
+    });
+    report.image_bytes += stream_pages(channel, socket, &mut copy.dump).await?;
+    Ok(())
+}
+
 /// Relay the page stream until the agent has every page, and CRIU has
 /// written the other images and waits at its post-dump notification.
 async fn stream_pages(
     channel: &mut TlsChannel,
     socket: UnixStream,
-    progress: &mut Progress,
-) -> Result<u64, String> {
-    let Some(copy) = progress.source_copy.as_mut() else {
-        return Err("no dump running".into());
-    };
+    dump: &mut DumpTask,
+) -> Result<u64, DumpFailure> {
     let mut dumped = false;
-    let forward = pages::forward(channel, socket);
-    tokio::pin!(forward);
-    // CRIU's post-dump may come before the agent's last word: both count.
-    let sent = loop {
-        tokio::select! {
-            sent = &mut forward => break sent.map_err(|e| format!("streaming pages to the agent: {e}"))?,
-            next = copy.dump.next() => match next {
-                Next::Event(CriuEvent::Dumped) => dumped = true,
-                Next::Event(CriuEvent::Locked { .. }) => {}
-                Next::Ended(result, _) => {
-                    return Err(result.err().unwrap_or_else(|| "CRIU ended before the page stream did".into()));
-                }
-            },
+    let mut failed = None;
+    // CRIU closes the stream when its pages are out, or when it fails;
+    // its own word says which (it may come first).
+    let sent = {
+        let relay = pages::relay(channel, socket);
+        tokio::pin!(relay);
+        loop {
+            tokio::select! {
+                sent = &mut relay => break sent.map_err(|e| DumpFailure::Other(format!("streaming pages to the agent: {e}")))?,
+                next = dump.next(), if !dumped && failed.is_none() => match next {
+                    Next::Event(CriuEvent::Dumped) => dumped = true,
+                    Next::Event(CriuEvent::Locked { .. }) => {}
+                    Next::Ended(result, _) => {
+                        failed = Some(result.err().unwrap_or_else(|| "CRIU ended before the page stream did".into()));
+                    }
+                },
+            }
         }
     };
-    while !dumped {
-        match copy.dump.next().await {
+    while !dumped && failed.is_none() {
+        match dump.next().await {
             Next::Event(CriuEvent::Dumped) => dumped = true,
             Next::Event(CriuEvent::Locked { .. }) => {}
             Next::Ended(result, _) => {
-                return Err(result
-                    .err()
-                    .unwrap_or_else(|| "CRIU killed the tree without asking".into()));
+                failed = Some(
+                    result
+                        .err()
+                        .unwrap_or_else(|| "CRIU killed the tree without asking".into()),
+                );
             }
         }
     }
+    if let Some(err) = failed {
+        return Err(DumpFailure::Criu(err));
+    }
+    pages::finish(channel, sent)
+        .await
+        .map_err(|e| DumpFailure::Other(format!("streaming pages to the agent: {e}")))?;
     Ok(sent)
+}
+
+/// After a failed dump, still frozen: the agent drops the pages it got,
+/// this side the images CRIU wrote (its log kept as `dump.1.log`), and a
+/// new `criu dump` runs (the lock stays as it is).
+async fn retry(
+    options: &MigrateOptions,
+    channel: &mut TlsChannel,
+    progress: &mut Progress,
+    page_stream: bool,
+) -> Result<Attempt, String> {
+    progress.source_copy = None;
+    if page_stream {
+        pages::restart(channel)
+            .await
+            .map_err(|e| format!("restarting the page stream at the agent: {e}"))?;
+    }
+    let images = &progress.images;
+    let _ = std::fs::rename(
+        images.join(crate::criu::swrk::DUMP_LOG),
+        images.join(FAILED_DUMP_LOG),
+    );
+    clear_images(images).map_err(|e| format!("clearing {}: {e}", images.display()))?;
+    let mut attempt = start_criu(options, images, page_stream)?.run(options, None, page_stream);
+    match attempt.dump.next().await {
+        Next::Event(CriuEvent::Locked { result: Ok(()), .. }) => Ok(attempt),
+        Next::Event(CriuEvent::Locked {
+            result: Err(err), ..
+        })
+        | Next::Ended(Err(err), _) => Err(err),
+        Next::Event(CriuEvent::Dumped) | Next::Ended(Ok(_), _) => {
+            Err("CRIU dumped without notifying us first".into())
+        }
+    }
+}
+
+/// The log of a dump that failed and was run again.
+pub const FAILED_DUMP_LOG: &str = "dump.1.log";
+
+/// Remove the images in `dir` (logs stay), keeping the directory (an open
+/// fd may name it).
+fn clear_images(dir: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let is_log = entry.path().extension().is_some_and(|ext| ext == "log");
+        if entry.file_type()?.is_file() && !is_log {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// CRIU's side, on a blocking thread: freeze at "pre-dump", report
@@ -351,6 +496,9 @@ fn run_criu(
                 lock: lock.take().map(Box::new),
             });
             result
+        }
+        "post-dump" if crate::fault::fires(crate::fault::DUMP_FAILS) => {
+            Err("injected fault: the dump fails".into())
         }
         "post-dump" => {
             let _ = events.send(CriuEvent::Dumped);

@@ -136,6 +136,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         events: Vec::new(),
         memory: None,
         precopy: None,
+        dump_retried: None,
     };
     let session = match options
         .state

@@ -299,6 +299,10 @@ pub struct Report {
     /// shorten the freeze on these hosts, and what was done.
     #[serde(default)]
     pub precopy: Option<String>,
+    /// Why CRIU's first dump failed, when it dumped a second time (still
+    /// frozen); null when the first dump went through.
+    #[serde(default)]
+    pub dump_retried: Option<String>,
 }
 
 impl Report {
@@ -352,6 +356,9 @@ impl Report {
         }
         if let Some(memory) = &self.memory {
             out.push_str(&format!("  memory: {memory}\n"));
+        }
+        if let Some(failure) = &self.dump_retried {
+            out.push_str(&format!("  dump retried after: {failure}\n"));
         }
         if let Some(precopy) = &self.precopy {
             out.push_str(&format!("  precopy: {precopy}\n"));

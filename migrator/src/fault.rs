@@ -1,0 +1,39 @@
+//! Faults injected on purpose, so that tests can run what follows a
+//! failure that real components produce only now and then (CRIU's dump
+//! failing once, as its parasite sometimes does here). Named in the
+//! `MIGRATOR_FAULTS` environment variable, comma-separated; each fires
+//! once per process. Unset, nothing fires.
+//!
+//! - `dump-fails`: the first `criu dump` fails at its post-dump
+//!   notification (every page already out), as a CRIU failure would.
+
+use std::sync::Mutex;
+
+/// The variable that names the faults to inject.
+pub const ENV: &str = "MIGRATOR_FAULTS";
+
+/// Faults that fired in this process.
+static FIRED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+/// Whether the fault `name` is asked for and has not fired yet; it counts
+/// as fired from now on.
+pub fn fires(name: &'static str) -> bool {
+    let Ok(asked) = std::env::var(ENV) else {
+        return false;
+    };
+    if !asked.split(',').any(|fault| fault.trim() == name) {
+        return false;
+    }
+    let mut fired = FIRED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if fired.contains(&name) {
+        return false;
+    }
+    fired.push(name);
+    tracing::warn!("injecting the fault {name} ({ENV})");
+    true
+}
+
+/// The dump's fault, by name.
+pub const DUMP_FAILS: &str = "dump-fails";
