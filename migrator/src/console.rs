@@ -48,6 +48,13 @@ fn emit(bytes: &[u8]) {
     }
 }
 
+/// Whether output to `stream` may carry colour: only on a terminal, and
+/// never with `NO_COLOR` set to anything but the empty string
+/// (<https://no-color.org>).
+pub fn colour_allowed(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
 /// For `tracing_subscriber::fmt().with_writer(console::writer)`: each
 /// record is written whole, then the writer is dropped, which emits it.
 pub fn writer() -> RecordWriter {

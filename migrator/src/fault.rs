@@ -4,8 +4,11 @@
 //! `MIGRATOR_FAULTS` environment variable, comma-separated; each fires
 //! once per process. Unset, nothing fires.
 //!
-//! - `dump-fails`: the first `criu dump` fails at its post-dump
+//! - `dump-fails` (source): the first `criu dump` fails at its post-dump
 //!   notification (every page already out), as a CRIU failure would.
+//! - `restored-reply-lost` (agent): the answer to the first commit is
+//!   never sent (the connection closes instead), as when the link fails
+//!   right after the hand-over.
 
 use std::sync::Mutex;
 
@@ -35,5 +38,5 @@ pub fn fires(name: &'static str) -> bool {
     true
 }
 
-/// The dump's fault, by name.
 pub const DUMP_FAILS: &str = "dump-fails";
+pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";

@@ -127,6 +127,11 @@ impl MigrationLab {
 
     /// An agent on `host` with extra arguments (policy, limits).
     pub fn start_agent_with(&mut self, host: &str, extra: &[&str]) {
+        self.start_agent_injecting(host, extra, None);
+    }
+
+    /// An agent on `host` with faults injected (`MIGRATOR_FAULTS`).
+    pub fn start_agent_injecting(&mut self, host: &str, extra: &[&str], faults: Option<&str>) {
         let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
         let work = self.dir.0.join(format!("agent-{host}"));
         let auth = self.auth_args(host);
@@ -136,7 +141,7 @@ impl MigrationLab {
         }
         args.extend(auth.iter().map(String::as_str));
         args.extend_from_slice(extra);
-        let agent = self.spawn(host, &migrator_bin(), &args);
+        let agent = self.spawn_with(host, &migrator_bin(), &args, faults);
         self.agents.push((host.to_owned(), agent.id()));
         self.children.push(agent);
         // Ready once it listens.
@@ -160,12 +165,26 @@ impl MigrationLab {
     }
 
     fn spawn(&self, host: &str, program: &std::path::Path, args: &[&str]) -> Child {
+        self.spawn_with(host, program, args, None)
+    }
+
+    fn spawn_with(
+        &self,
+        host: &str,
+        program: &std::path::Path,
+        args: &[&str],
+        faults: Option<&str>,
+    ) -> Child {
         let log = std::fs::File::create(self.dir.0.join(format!(
             "{host}-{}.log",
             program.file_name().unwrap().to_string_lossy()
         )))
         .unwrap();
-        Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        if let Some(faults) = faults {
+            command.env("MIGRATOR_FAULTS", faults);
+        }
+        command
             .arg(format!("--net={}", self.lab.netns_path(host).display()))
             .arg(program)
             .args(args)
@@ -422,6 +441,7 @@ impl MigrationLab {
         let out = self.output(from, program, &args);
         MigrateRun {
             success: out.status.success(),
+            code: out.status.code(),
             report: std::fs::read_to_string(&report)
                 .ok()
                 .and_then(|text| serde_json::from_str(&text).ok()),
@@ -521,6 +541,8 @@ pub struct Workload {
 
 pub struct MigrateRun {
     pub success: bool,
+    /// The exit status (None if killed by a signal).
+    pub code: Option<i32>,
     pub report: Option<Value>,
     pub stderr: String,
 }

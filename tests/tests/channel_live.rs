@@ -115,6 +115,7 @@ fn a_flipped_byte_in_the_image_stream_aborts_and_rolls_back() {
     assert!(relay.flipped.load(Ordering::Relaxed), "no byte was flipped");
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    assert_eq!(run.code, Some(4), "rolled back exits 4");
     // The agent logs once it has undone its side, which may be after the
     // source is done rolling back.
     let log_path = lab.dir.0.join("dst-migrator.log");
@@ -350,4 +351,41 @@ fn a_link_cut_during_the_restore_never_runs_two_copies() {
     assert!(!lab.has_address(DST, SERVICE_V4) && !lab.pins_left(DST));
     assert!(lab.has_address(SRC, SERVICE_V4));
     assert_flowing(&lab);
+}
+
+/// The destination's answer to the commit is lost (injected: its agent
+/// closes the connection instead of answering, as a link failing right
+/// after the hand-over would): the source cannot know whether the copy
+/// there runs, says so (in doubt, exit 6) and never resumes its own. One
+/// copy runs, on the destination, with its connections.
+#[test]
+fn a_lost_answer_to_the_commit_is_in_doubt_and_leaves_one_copy() {
+    let mut lab = MigrationLab::new("lost");
+    let pid = lab.start_workload(true, 0);
+    lab.stop_agent(DST);
+    lab.start_agent_injecting(DST, &[], Some("restored-reply-lost"));
+    std::thread::sleep(Duration::from_millis(300));
+    let run = lab.migrate(SRC, DST, pid, &["--deadline", "8s"]);
+    assert_eq!(outcome(&run), "in-doubt", "{}", run.stderr);
+    assert_eq!(run.code, Some(6), "in doubt exits 6");
+    let report = run.report.unwrap();
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("runs on") && error.contains("or nowhere"),
+        "{error}"
+    );
+    // The copy here is gone for good; the one there runs and owns the
+    // addresses.
+    assert!(
+        MigrationLab::netns_of(pid).is_none(),
+        "the source's copy runs"
+    );
+    assert_eq!(running_workloads(&[lab.netns_inode(SRC)]), 0);
+    assert_eq!(running_workloads(&[lab.netns_inode(DST)]), 1);
+    assert!(lab.has_address(DST, SERVICE_V4) && lab.has_address(DST, SERVICE_V6));
+    assert!(!lab.has_address(SRC, SERVICE_V4) && !lab.has_address(SRC, SERVICE_V6));
+    assert_flowing(&lab);
+    for conn in lab.peer_connections() {
+        assert_eq!(conn["error"], Value::Null, "{conn}");
+    }
 }

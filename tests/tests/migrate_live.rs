@@ -76,8 +76,9 @@ fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static st
         "migration {round} {from} -> {to}: {}",
         run.stderr
     );
+    assert_eq!(run.code, Some(0), "migrated exits 0");
     let report = run.report.unwrap();
-    assert_eq!(report["schema_version"], 2);
+    assert_eq!(report["schema_version"], 3);
     assert!(report["failed_phase"].is_null(), "{report}");
     assert!(
         !report["destination_host"]["criu_version"]
@@ -339,8 +340,8 @@ fn wrong_token_is_refused_before_anything_is_frozen() {
     lab.token = wrong;
     let run = lab.migrate(SRC, DST, pid, &[]);
     lab.token = good;
-    assert!(!run.success);
-    assert_eq!(outcome(&run), "failed");
+    assert_eq!(outcome(&run), "refused");
+    assert_eq!(run.code, Some(3), "refused before the freeze exits 3");
     assert!(run.stderr.contains("token"), "{}", run.stderr);
     let report = run.report.unwrap();
     assert!(
@@ -371,8 +372,8 @@ fn service_address_already_on_the_destination_is_refused_before_freezing() {
     );
     assert!(out.status.success());
     let run = lab.migrate(SRC, DST, pid, &[]);
-    assert!(!run.success);
-    assert_eq!(outcome(&run), "failed");
+    assert_eq!(outcome(&run), "refused");
+    assert_eq!(run.code, Some(3), "refused before the freeze exits 3");
     assert!(
         run.stderr.contains("already assigned on the destination"),
         "{}",
@@ -431,7 +432,8 @@ fn pid_that_stays_taken_fails_clearly_and_recover_restores() {
         "took {:?}",
         started.elapsed()
     );
-    assert!(!run.success);
+    assert_eq!(outcome(&run), "failed");
+    assert_eq!(run.code, Some(5), "a failed rollback exits 5");
     let report = run.report.unwrap();
     let error = report["error"].as_str().unwrap();
     assert!(error.contains("pid-wait"), "{error}");
@@ -476,6 +478,7 @@ fn agent_killed_mid_page_stream_rolls_back_with_connections_alive() {
     );
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    assert_eq!(run.code, Some(4), "rolled back exits 4");
     let report = run.report.unwrap();
     assert!(
         report["error"]
@@ -694,6 +697,7 @@ fn unconfirmed_address_rolls_back_with_connections_alive() {
     let run = lab.migrate(SRC, DST, pid, &[]);
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    assert_eq!(run.code, Some(4), "rolled back exits 4");
     let report = run.report.unwrap();
     assert!(
         report["error"].as_str().unwrap().contains("confirm"),
@@ -727,6 +731,7 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
     let run = lab.migrate(SRC, DST, pid, &[]);
     assert!(!run.success);
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
+    assert_eq!(run.code, Some(4), "rolled back exits 4");
     let report = run.report.unwrap();
     // The agent confirms after its restore: it had restored the tree.
     let error = report["error"].as_str().unwrap();

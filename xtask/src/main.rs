@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | run | test`.
+//! Project tasks: `cargo xtask setup | build | run | test | bench | dist`.
 //!
 //! Every task that needs prerequisites runs `setup` first, so the two
 //! README commands work on a fresh machine.
@@ -54,6 +54,11 @@ enum Task {
         /// Only tests whose name contains this (nextest filter).
         filter: Option<String>,
     },
+    /// Set up, build migrator in release mode and write what a package
+    /// ships to target/dist: the binary, shell completions (bash, zsh,
+    /// fish) and one man page per command, all from the binary's own
+    /// command line definitions.
+    Dist,
     /// Set up, build in release mode and print benchmark figures (each
     /// next to a baseline measured in the same run). Not a test.
     Bench {
@@ -148,6 +153,10 @@ fn run(cli: Cli) -> Result<()> {
             build(&root)?;
             test(&root, filter.as_deref())
         }
+        Task::Dist => {
+            setup::run()?;
+            dist(&root)
+        }
         Task::Bench {
             which,
             rounds,
@@ -200,6 +209,40 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(PathBuf::from)
         .unwrap_or(manifest_dir)
+}
+
+fn dist(root: &std::path::Path) -> Result<()> {
+    cmd::section("dist");
+    cmd::run(cmd::cargo(root).args([
+        "build",
+        "--release",
+        "--package",
+        "migrator",
+        "--bin",
+        "migrator",
+    ]))?;
+    let dist = root.join("target/dist");
+    let completions = dist.join("completions");
+    std::fs::create_dir_all(&completions)?;
+    let binary = root.join("target/release/migrator");
+    std::fs::copy(&binary, dist.join("migrator"))?;
+    for (shell, file) in [
+        ("bash", "migrator.bash"),
+        ("zsh", "_migrator"),
+        ("fish", "migrator.fish"),
+    ] {
+        let out = cmd::new(&binary).args(["completions", shell]).output()?;
+        anyhow::ensure!(out.status.success(), "migrator completions {shell} failed");
+        std::fs::write(completions.join(file), out.stdout)?;
+    }
+    let man = dist.join("man");
+    cmd::run(cmd::new(&binary).arg("man").arg("--dir").arg(&man))?;
+    eprintln!(
+        "wrote {}: the binary, completions/ (bash, zsh, fish), man/ ({} pages)",
+        dist.display(),
+        std::fs::read_dir(&man)?.count()
+    );
+    Ok(())
 }
 
 fn build(root: &std::path::Path) -> Result<()> {

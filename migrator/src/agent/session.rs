@@ -306,6 +306,9 @@ async fn serve(
         }
     };
     let pid = reply.pid;
+    if crate::fault::fires(crate::fault::RESTORED_REPLY_LOST) {
+        return Ok(pid);
+    }
     channel.send(&Message::Restored(Box::new(reply))).await?;
     Ok(pid)
 }

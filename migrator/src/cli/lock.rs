@@ -15,7 +15,9 @@ use migrator::{
 };
 use migrator_common::FlowPolicy;
 
-use super::{IfaceArg, Targets, not_attached, require_privileges};
+use serde_json::json;
+
+use super::{IfaceArg, JsonArg, Targets, not_attached, require_privileges, tell};
 
 #[derive(Args)]
 pub struct AttachArgs {
@@ -24,19 +26,25 @@ pub struct AttachArgs {
     /// tcx (kernel >= 6.6), clsact (any kernel), or auto.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     mode: AttachMode,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
-pub fn run_attach(args: AttachArgs) -> anyhow::Result<ExitCode> {
-    let AttachArgs { iface, mode } = args;
+pub fn run_attach(args: AttachArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let AttachArgs { iface, mode, json } = args;
     let root = dataplane::default_pin_root();
     require_privileges()?;
     let mut dp = Dataplane::load_pinned(&root)?;
     let (how, new) = dp.attach(&iface.name, mode)?;
-    if new {
-        eprintln!("attached to {} ({how:?})", iface.name);
-    } else {
-        eprintln!("{} was already attached ({how:?})", iface.name);
-    }
+    let how = format!("{how:?}").to_lowercase();
+    let done = json!({ "interface": iface.name, "mode": how, "newly_attached": new });
+    tell(json.json, quiet, &done, || {
+        if new {
+            format!("attached to {} ({how})", iface.name)
+        } else {
+            format!("{} was already attached ({how})", iface.name)
+        }
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -44,17 +52,21 @@ pub fn run_attach(args: AttachArgs) -> anyhow::Result<ExitCode> {
 pub struct DetachArgs {
     #[command(flatten)]
     iface: IfaceArg,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
-pub fn run_detach(args: DetachArgs) -> anyhow::Result<ExitCode> {
-    let DetachArgs { iface } = args;
+pub fn run_detach(args: DetachArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    let DetachArgs { iface, json } = args;
     let root = dataplane::default_pin_root();
     require_privileges()?;
-    if dataplane::detach(&root, &iface.name)? {
-        eprintln!("detached from {}", iface.name);
-    } else {
+    if !dataplane::detach(&root, &iface.name)? {
         return Err(not_attached(&iface.name));
     }
+    let done = json!({ "interface": iface.name, "detached": true });
+    tell(json.json, quiet, &done, || {
+        format!("detached from {}", iface.name)
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -71,14 +83,17 @@ pub struct FreezeArgs {
     /// Fail-open deadline: after this the lock lifts by itself.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     deadline: Duration,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
-pub fn run_freeze(args: FreezeArgs) -> anyhow::Result<ExitCode> {
+pub fn run_freeze(args: FreezeArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let FreezeArgs {
         iface,
         targets,
         hold,
         deadline,
+        json,
     } = args;
     let root = dataplane::default_pin_root();
     require_privileges()?;
@@ -86,8 +101,8 @@ pub fn run_freeze(args: FreezeArgs) -> anyhow::Result<ExitCode> {
         bail!("nothing to freeze: give --flow LOCAL=REMOTE and/or --ip IP[:PORT]");
     }
     let mut dp = Dataplane::load_pinned(&root)?;
-    let (_, new) = dp.attach(&iface.name, AttachMode::Auto)?;
-    if new {
+    let (_, newly_attached) = dp.attach(&iface.name, AttachMode::Auto)?;
+    if newly_attached && !quiet && !json.json {
         eprintln!("attached to {}", iface.name);
     }
     // The maps just loaded are the pinned ones: no need to reopen them.
@@ -103,13 +118,23 @@ pub fn run_freeze(args: FreezeArgs) -> anyhow::Result<ExitCode> {
     for service in &targets.services {
         table.set_service(service.key(), policy)?;
     }
-    eprintln!(
-        "{} {} flow(s) and {} service rule(s); fails open in {:.1}s unless released",
-        if hold { "holding" } else { "froze" },
-        keys.len(),
-        targets.services.len(),
-        deadline.as_secs_f64()
-    );
+    let done = json!({
+        "interface": iface.name,
+        "newly_attached": newly_attached,
+        "policy": if hold { "hold" } else { "drop" },
+        "flows": keys.len(),
+        "service_rules": targets.services.len(),
+        "deadline_seconds": deadline.as_secs_f64(),
+    });
+    tell(json.json, quiet, &done, || {
+        format!(
+            "{} {} flow(s) and {} service rule(s); fails open in {:.1}s unless released",
+            if hold { "holding" } else { "froze" },
+            keys.len(),
+            targets.services.len(),
+            deadline.as_secs_f64()
+        )
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -122,13 +147,16 @@ pub struct ReleaseArgs {
     /// Release every flow and service rule.
     #[arg(long, conflicts_with_all = ["flows", "services"])]
     all: bool,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
-pub fn run_release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
+pub fn run_release(args: ReleaseArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let ReleaseArgs {
         iface,
         targets,
         all,
+        json,
     } = args;
     let root = dataplane::default_pin_root();
     require_privileges()?;
@@ -139,29 +167,42 @@ pub fn run_release(args: ReleaseArgs) -> anyhow::Result<ExitCode> {
         return Err(not_attached(&iface.name));
     }
     let mut table = FlowTable::open_pinned(&root)?;
-    if all {
+    let (flows, services, unknown) = if all {
         let (flows, services) = table.release_all()?;
-        eprintln!("released {flows} flow(s) and {services} service rule(s)");
+        (flows, services, Vec::new())
     } else {
         if targets.flows.is_empty() && targets.services.is_empty() {
             bail!("nothing to release: give --flow, --ip or --all");
         }
         let mut unknown = Vec::new();
+        let (mut flows, mut services) = (0, 0);
         for flow in &targets.flows {
-            if !table.release_flow(&flow.key())? {
+            if table.release_flow(&flow.key())? {
+                flows += 1;
+            } else {
                 unknown.push(flow.to_string());
             }
         }
         for service in &targets.services {
-            if !table.release_service(&service.key())? {
+            if table.release_service(&service.key())? {
+                services += 1;
+            } else {
                 unknown.push(service.to_string());
             }
         }
-        let released = targets.flows.len() + targets.services.len() - unknown.len();
-        eprintln!("released {released}");
-        if !unknown.is_empty() {
-            bail!("not tracked, nothing done for: {}", unknown.join(", "));
-        }
+        (flows, services, unknown)
+    };
+    let done = json!({
+        "interface": iface.name,
+        "flows_released": flows,
+        "service_rules_released": services,
+        "not_tracked": unknown,
+    });
+    tell(json.json, quiet, &done, || {
+        format!("released {flows} flow(s) and {services} service rule(s)")
+    });
+    if !unknown.is_empty() {
+        bail!("not tracked, nothing done for: {}", unknown.join(", "));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Args;
 use migrator::{channel::message::ServiceAddress, dataplane::spec::parse_duration, migrate};
 
-use super::{AuthArgs, locate_criu, require_privileges};
+use super::{AuthArgs, JsonArg, locate_criu, require_privileges, tell};
 
 #[derive(Args)]
 pub struct MigrateArgs {
@@ -68,7 +68,21 @@ pub struct MigrateArgs {
     criu: Option<PathBuf>,
 }
 
-pub fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+/// Bad input, missing privileges, an unreadable token: refused before
+/// anything started, like a preflight refusal.
+pub fn run_migrate(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    match migrate_and_report(args, quiet) {
+        Ok(code) => Ok(code),
+        Err(err) => {
+            eprintln!("migrator: {err:#}");
+            Ok(ExitCode::from(
+                migrator::report::Outcome::Refused.exit_code(),
+            ))
+        }
+    }
+}
+
+fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let MigrateArgs {
         pid,
         to,
@@ -102,9 +116,13 @@ pub fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         keep_images,
         hold,
         page_stream: !dump_then_send,
-        quiet: false,
+        quiet,
     }));
-    eprint!("{}", result.render());
+    if !quiet {
+        eprint!("{}", result.render());
+    } else if let Some(error) = &result.error {
+        eprintln!("migrator: {}: {error}", result.verdict());
+    }
     let text = serde_json::to_string_pretty(&result)?;
     if let Some(path) = report {
         std::fs::write(&path, &text)
@@ -113,11 +131,7 @@ pub fn run_migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     if json {
         println!("{text}");
     }
-    Ok(if result.outcome == migrator::report::Outcome::Migrated {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(result.outcome.exit_code()))
 }
 
 #[derive(Args)]
@@ -134,14 +148,17 @@ pub struct RecoverArgs {
     /// CRIU binary (see `migrator doctor --help`).
     #[arg(long, value_name = "PATH")]
     criu: Option<PathBuf>,
+    #[command(flatten)]
+    json: JsonArg,
 }
 
-pub fn run_recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
+pub fn run_recover(args: RecoverArgs, quiet: bool) -> anyhow::Result<ExitCode> {
     let RecoverArgs {
         images,
         ips,
         iface,
         criu,
+        json,
     } = args;
     require_privileges()?;
     let criu = locate_criu(criu.as_deref())?;
@@ -152,22 +169,38 @@ pub fn run_recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         iface.as_deref(),
         &criu,
     ))?;
-    for address in &recovered.addresses_added {
-        eprintln!("added {address}");
-    }
-    match recovered.pid {
-        Some(pid) => eprintln!("restored from {}: pid {pid}", images.display()),
-        None => eprintln!(
-            "the dump in {} never finished, so CRIU resumed the process where it ran: nothing to restore",
-            images.display()
-        ),
-    }
-    eprintln!(
-        "released {} flow(s) and {} service rule(s)",
-        recovered.flows_released, recovered.services_released
-    );
-    for iface in &recovered.detached {
-        eprintln!("detached from {iface}");
-    }
+    let done = serde_json::json!({
+        "images": images,
+        "addresses_added": recovered.addresses_added,
+        "restored_pid": recovered.pid,
+        "flows_released": recovered.flows_released,
+        "service_rules_released": recovered.services_released,
+        "detached": recovered.detached,
+    });
+    tell(json.json, quiet, &done, || {
+        let mut lines: Vec<String> = recovered
+            .addresses_added
+            .iter()
+            .map(|address| format!("added {address}"))
+            .collect();
+        lines.push(match recovered.pid {
+            Some(pid) => format!("restored from {}: pid {pid}", images.display()),
+            None => format!(
+                "the dump in {} never finished, so CRIU resumed the process where it ran: nothing to restore",
+                images.display()
+            ),
+        });
+        lines.push(format!(
+            "released {} flow(s) and {} service rule(s)",
+            recovered.flows_released, recovered.services_released
+        ));
+        lines.extend(
+            recovered
+                .detached
+                .iter()
+                .map(|iface| format!("detached from {iface}")),
+        );
+        lines.join("\n")
+    });
     Ok(ExitCode::SUCCESS)
 }

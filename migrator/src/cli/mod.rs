@@ -3,6 +3,7 @@
 //! they share and dispatches.
 
 mod agent;
+mod docs;
 mod doctor;
 mod lock;
 mod migrate;
@@ -24,9 +25,16 @@ use migrator::{
 /// checkpoints it with CRIU, restores it on the destination, moves the
 /// service IP and releases traffic only once the destination owns it. Peers
 /// see a short, slow patch of network, never a reset.
+///
+/// Logging: RUST_LOG (e.g. `RUST_LOG=debug`), on stderr; colour only on a
+/// terminal and never with NO_COLOR set.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 pub struct Cli {
+    /// Only warnings and errors on stderr: no progress lines, no summary
+    /// (the report file and --json are unchanged).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,7 +87,22 @@ enum Command {
     /// the agent resumes its copy and releases the lock. Any failure before
     /// that rolls back: CRIU resumes the tree here with its connections.
     ///
-    /// Exits 0 only when the process runs on the destination.
+    /// Exit status, one per thing to do next (the report's `outcome`):
+    ///
+    /// 0  migrated: the process runs on the destination.
+    ///
+    /// 3  refused before the freeze: nothing changed; fix what the error
+    /// says and run again.
+    ///
+    /// 4  rolled back: the process runs here again, connections alive.
+    ///
+    /// 5  failed: the process runs nowhere and the lock holds its peers
+    /// until the deadline; run the `migrator recover` the error names.
+    ///
+    /// 6  in doubt: it runs on the destination or nowhere; look there
+    /// first (the error says how).
+    ///
+    /// 2  bad usage.
     Migrate(migrate::MigrateArgs),
     /// Restore a process from the images a failed migration left behind,
     /// and lift the lock it left.
@@ -120,6 +143,11 @@ enum Command {
     Watch(watch::WatchArgs),
     /// Show tracked flows and service rules with their counters.
     Status(lock::StatusArgs),
+    /// Print shell completions, e.g. `migrator completions bash >
+    /// /etc/bash_completion.d/migrator`.
+    Completions(docs::CompletionsArgs),
+    /// Print the man page (or write one per command with --dir).
+    Man(docs::ManArgs),
 }
 
 #[derive(Args)]
@@ -184,6 +212,24 @@ pub struct Targets {
     pub services: Vec<ServiceSpec>,
 }
 
+/// What a command says it did: JSON on stdout with --json, else the text
+/// on stderr (none with --quiet).
+pub fn tell(json: bool, quiet: bool, value: &serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else if !quiet {
+        eprintln!("{}", text());
+    }
+}
+
+/// `--json`, for the commands that say what they did.
+#[derive(Args)]
+pub struct JsonArg {
+    /// Print what was done as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Data plane commands change kernel state: refuse early and clearly
 /// without the privileges, before anything is touched.
 pub fn require_privileges() -> anyhow::Result<()> {
@@ -209,14 +255,16 @@ pub fn not_attached(iface: &str) -> anyhow::Error {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
-        Command::Attach(args) => lock::run_attach(args),
-        Command::Detach(args) => lock::run_detach(args),
-        Command::Freeze(args) => lock::run_freeze(args),
-        Command::Release(args) => lock::run_release(args),
-        Command::Migrate(args) => migrate::run_migrate(args),
-        Command::Recover(args) => migrate::run_recover(args),
+        Command::Attach(args) => lock::run_attach(args, cli.quiet),
+        Command::Detach(args) => lock::run_detach(args, cli.quiet),
+        Command::Freeze(args) => lock::run_freeze(args, cli.quiet),
+        Command::Release(args) => lock::run_release(args, cli.quiet),
+        Command::Migrate(args) => migrate::run_migrate(args, cli.quiet),
+        Command::Recover(args) => migrate::run_recover(args, cli.quiet),
         Command::Agent(args) => agent::run(args),
         Command::Watch(args) => watch::run(args),
         Command::Status(args) => lock::run_status(args),
+        Command::Completions(args) => docs::run_completions(args),
+        Command::Man(args) => docs::run_man(args),
     }
 }

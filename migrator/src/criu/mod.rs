@@ -156,7 +156,13 @@ pub fn locate(flag: Option<&Path>) -> Result<CriuBinary, CriuError> {
 }
 
 fn existing(path: &Path, source: CriuSource) -> Option<CriuBinary> {
-    path.exists().then(|| CriuBinary {
+    let found = path.exists();
+    tracing::debug!(
+        "CRIU at {}? {} ({source:?})",
+        path.display(),
+        if found { "found" } else { "missing" }
+    );
+    found.then(|| CriuBinary {
         path: path.to_owned(),
         source,
     })

@@ -150,6 +150,11 @@ impl Dataplane {
                 .and_then(|(_, version)| version)
                 .is_some_and(|version| version >= KernelVersion::TCX),
         };
+        tracing::debug!(
+            "attaching to {iface} with {} ({mode:?} asked), links pinned in {}",
+            if use_tcx { "TCX" } else { "clsact" },
+            links.display()
+        );
         let (result, how) = if use_tcx {
             (self.attach_tcx(&root, iface), Attachment::Tcx)
         } else {

@@ -107,7 +107,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
     let mut report = Report {
         schema_version: report::SCHEMA_VERSION,
         started_unix_ms: crate::system::unix_ms(),
-        outcome: Outcome::Failed,
+        outcome: Outcome::Refused,
         error: None,
         failed_phase: None,
         source_host: None,
@@ -203,6 +203,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
                         // (until its deadline) so the peers see a slow network,
                         // not resets, while someone restores from the images.
                         progress.lock = None;
+                        report.outcome = Outcome::Failed;
                         report.error = Some(format!(
                             "{}; ROLLBACK FAILED: {err}; the lock stays until its deadline ({} s): restore from the images kept in {} (`migrator recover --images {}`) before then",
                             report.error.take().unwrap_or_default(),

@@ -39,7 +39,7 @@ pub const HANDOVER: &str = "hand-over";
 pub const RECLAIM: &str = "reclaim";
 
 /// The report's layout version: bumped when a field changes meaning.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// A host that took part, as it describes itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,13 +233,32 @@ pub enum Outcome {
     /// Something failed after the freeze; the process runs on the source
     /// again with its connections.
     RolledBack,
-    /// Refused before anything was frozen, or a failure the rollback could
-    /// not repair (see `error`).
+    /// Refused before anything was frozen: nothing changed, the process
+    /// runs here as before (`error` says what to fix).
+    Refused,
+    /// A failure the rollback could not repair: the process runs nowhere,
+    /// the lock holds its peers until its deadline, and `recover` restores
+    /// it from the images (`error` says how).
     Failed,
     /// The source committed the hand-over and then heard nothing: the
     /// process runs on the destination or nowhere, never on both (`error`
     /// says how to find out and how to recover).
     InDoubt,
+}
+
+impl Outcome {
+    /// `migrator migrate`'s exit status for this outcome, one per thing
+    /// to do next (documented in `--help` and the README; 1 and 2 are
+    /// left to other errors and to bad usage).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Migrated => 0,
+            Self::Refused => 3,
+            Self::RolledBack => 4,
+            Self::Failed => 5,
+            Self::InDoubt => 6,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -306,10 +325,10 @@ pub struct Report {
 }
 
 impl Report {
-    /// The human summary.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let verdict = match self.outcome {
+    /// The outcome in one line: what happened to the process, and where
+    /// it runs.
+    pub fn verdict(&self) -> String {
+        match self.outcome {
             Outcome::Migrated => format!(
                 "migrated pid {} to {} (pid {} there)",
                 self.source_pid,
@@ -326,13 +345,24 @@ impl Report {
                     self.source_pid
                 ),
             },
-            Outcome::Failed => format!("failed: pid {} not migrated", self.source_pid),
+            Outcome::Refused => format!(
+                "refused: nothing was frozen, pid {} runs here as before",
+                self.source_pid
+            ),
+            Outcome::Failed => format!(
+                "FAILED: pid {} runs nowhere; restore it with `migrator recover` (below)",
+                self.source_pid
+            ),
             Outcome::InDoubt => format!(
                 "IN DOUBT: pid {} was handed over to {} but the destination did not confirm",
                 self.source_pid, self.destination
             ),
-        };
-        out.push_str(&format!("{verdict}\n"));
+        }
+    }
+
+    /// The human summary.
+    pub fn render(&self) -> String {
+        let mut out = format!("{}\n", self.verdict());
         if let Some(phase) = &self.failed_phase {
             out.push_str(&format!("  failed phase: {phase}\n"));
         }

@@ -88,10 +88,19 @@ impl Terminal {
         let Some(snapshot) = self.last.as_ref() else {
             return Ok(());
         };
-        let dim = Style::default().fg(Color::DarkGray);
+        // NO_COLOR: the same screen, without colour.
+        let colour = crate::console::colour_allowed(&std::io::stdout());
+        let fg = move |c: Color| {
+            if colour {
+                Style::default().fg(c)
+            } else {
+                Style::default()
+            }
+        };
+        let dim = fg(Color::DarkGray);
         let mut top_lines = vec![Line::from(render::header(snapshot))];
         if let Some(why) = &snapshot.local_retransmits_uncounted {
-            top_lines.push(Line::from(why.clone()).style(Style::default().fg(Color::Yellow)));
+            top_lines.push(Line::from(why.clone()).style(fg(Color::Yellow)));
         }
         top_lines.push(match &self.messages {
             Some((count, last)) => Line::from(format!(
@@ -114,9 +123,9 @@ impl Terminal {
                 .iter()
                 .map(|row| {
                     let style = match row.mode {
-                        RowMode::Frozen => Style::default().fg(Color::Red),
-                        RowMode::Held => Style::default().fg(Color::Magenta),
-                        RowMode::Released => Style::default().fg(Color::Green),
+                        RowMode::Frozen => fg(Color::Red),
+                        RowMode::Held => fg(Color::Magenta),
+                        RowMode::Released => fg(Color::Green),
                         RowMode::Observe => Style::default(),
                     };
                     TableRow::new(render::cells(row).to_vec()).style(style)
