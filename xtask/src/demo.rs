@@ -55,6 +55,13 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     for state in ["images", "agent-src", "agent-dst"] {
         let _ = std::fs::remove_dir_all(dir.join(state));
     }
+    // Reports and pictures of earlier runs: the summary is of this one.
+    for entry in std::fs::read_dir(&dir)?.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("report-") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let lab = lab::Lab::new(prefix);
     lab::become_subreaper();
     cmd::section("lab up");
@@ -150,6 +157,20 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
             unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
             let _ = watch.wait();
             eprintln!("    report: {}", report.display());
+            // Its picture: phases of both hosts and the connections' packet
+            // events on one time axis (`migrator report FILE --svg OUT`).
+            let picture = report.with_extension("svg");
+            let drawn = cmd::new(bin.join("migrator"))
+                .arg("report")
+                .arg(&report)
+                .arg("--svg")
+                .arg(&picture)
+                .arg("--quiet")
+                .stdout(Stdio::null())
+                .status();
+            if drawn.is_ok_and(|status| status.success()) {
+                eprintln!("    timeline: {}", picture.display());
+            }
             let new_pid = read_json(&report)
                 .and_then(|r| r["destination_pid"].as_i64())
                 .map(|p| p as i32);
@@ -166,6 +187,13 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
             break;
         }
     }
+
+    cmd::section("the moves side by side (migrator report DIR)");
+    let _ = cmd::new(bin.join("migrator"))
+        .arg("report")
+        .arg(&dir)
+        .arg("--quiet")
+        .status();
 
     cmd::section("verdict (from the peer, which never moved)");
     std::thread::sleep(Duration::from_millis(500));

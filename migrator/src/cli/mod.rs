@@ -7,6 +7,7 @@ mod docs;
 mod doctor;
 mod lock;
 mod migrate;
+mod report;
 mod watch;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -116,6 +117,11 @@ enum Command {
     /// and detaches the data plane. Images whose pages streamed to the
     /// destination can only be restored there.
     Recover(migrate::RecoverArgs),
+    /// Read migration reports: one (its summary; --svg draws its phases
+    /// and connections on one time axis), or many side by side (counts
+    /// by outcome, the freeze window and each phase as min / p50 / p95 /
+    /// max, the slowest and what dominated it).
+    Report(report::ReportArgs),
     /// Receive migrations: run this on the destination host.
     ///
     /// Every byte with a source travels in TLS 1.3; a source proves the
@@ -261,6 +267,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Release(args) => lock::run_release(args, cli.quiet),
         Command::Migrate(args) => migrate::run_migrate(args, cli.quiet),
         Command::Recover(args) => migrate::run_recover(args, cli.quiet),
+        Command::Report(args) => report::run(args, cli.quiet),
         Command::Agent(args) => agent::run(args),
         Command::Watch(args) => watch::run(args),
         Command::Status(args) => lock::run_status(args),

@@ -3,6 +3,9 @@
 //! outcome. Written as JSON (`--report FILE`, `--json`) and summed up for
 //! people on stderr, with a progress line per phase as it happens.
 
+pub mod summary;
+pub mod timeline;
+
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
