@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod doctor;
 pub mod fault;
 pub mod images;
+pub mod metrics;
 pub mod migrate;
 pub mod net;
 pub mod report;

@@ -80,6 +80,7 @@ fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static st
     let report = run.report.unwrap();
     assert_eq!(report["schema_version"], 3);
     assert!(report["failed_phase"].is_null(), "{report}");
+    assert!(report["error_code"].is_null(), "{report}");
     assert!(
         !report["destination_host"]["criu_version"]
             .as_str()
@@ -344,6 +345,7 @@ fn wrong_token_is_refused_before_anything_is_frozen() {
     assert_eq!(run.code, Some(3), "refused before the freeze exits 3");
     assert!(run.stderr.contains("token"), "{}", run.stderr);
     let report = run.report.unwrap();
+    assert_eq!(report["error_code"], "refused:preflight", "{report}");
     assert!(
         report["phases"]
             .as_array()
@@ -488,6 +490,7 @@ fn agent_killed_mid_page_stream_rolls_back_with_connections_alive() {
         "{report}"
     );
     assert_eq!(report["failed_phase"], "dump", "{report}");
+    assert_eq!(report["error_code"], "rolled-back:dump", "{report}");
     // Back on the source: resumed by CRIU, addresses back, lock gone.
     let connections = lab.peer_connections();
     assert_eq!(connections.len(), 3);
@@ -704,6 +707,7 @@ fn unconfirmed_address_rolls_back_with_connections_alive() {
         "{report}"
     );
     assert_eq!(report["failed_phase"], "confirm", "{report}");
+    assert_eq!(report["error_code"], "rolled-back:confirm", "{report}");
     assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
     assert!(!lab.has_address(DST, SERVICE_V4) && !lab.has_address(DST, SERVICE_V6));
     assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));

@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use migrator_tests::{lab::SRC, migration::MigrationLab, migrator_bin};
+use migrator_tests::{
+    lab::{DST, SERVICE_V4, SRC},
+    migration::MigrationLab,
+    migrator_bin,
+};
 use serde_json::Value;
 
 fn watch_in(lab: &MigrationLab, args: &[&str]) -> Command {
@@ -205,12 +209,74 @@ fn metrics_endpoint_matches_status() {
         );
         assert_eq!(value("migrator_flow_frozen", local), 0.0);
     }
-    for name in [
-        "migrator_packets_held_total",
-        "migrator_local_retransmits_total",
-    ] {
+    // OpenMetrics: counters are typed under their name without `_total`.
+    for name in ["migrator_packets_held", "migrator_local_retransmits"] {
         assert!(text.contains(&format!("# TYPE {name} counter")), "{name}");
     }
+    assert!(
+        text.contains("# UNIT migrator_received_bytes bytes"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+}
+
+/// The agent's metrics count migrations by outcome and put each moved
+/// process's freeze window in the histogram, as the source's report has
+/// it (the agent learns when the source froze from the restore request).
+#[test]
+fn agent_metrics_count_migrations_and_their_freeze_windows() {
+    let mut lab = MigrationLab::new("am");
+    let pid = lab.start_workload(true, 0);
+    lab.stop_agent(DST);
+    lab.start_agent_with(DST, &["--metrics-addr", "127.0.0.1:9465"]);
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(run.success, "{}", run.stderr);
+    let report = run.report.unwrap();
+    let window_s = report["freeze_window_ms"].as_f64().unwrap() / 1e3;
+    let moved = report["destination_pid"].as_i64().unwrap() as i32;
+    // Back (the source's agent counts that one), then here again with the
+    // address already taken here: refused at this agent's preflight.
+    let back = lab.migrate(DST, SRC, moved, &[]);
+    assert!(back.success, "{}", back.stderr);
+    let pid = back.report.unwrap()["destination_pid"].as_i64().unwrap() as i32;
+    let taken = lab.output(
+        DST,
+        "ip",
+        &["addr", "add", &format!("{SERVICE_V4}/32"), "dev", "eth0"],
+    );
+    assert!(taken.status.success());
+    let refused = lab.migrate(SRC, DST, pid, &[]);
+    assert_eq!(refused.code, Some(3), "{}", refused.stderr);
+    let scrape = lab.output(DST, "curl", &["-sf", "http://127.0.0.1:9465/metrics"]);
+    assert!(scrape.status.success(), "curl failed: {scrape:?}");
+    let text = String::from_utf8(scrape.stdout).unwrap();
+    let sample = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+    };
+    assert_eq!(
+        sample("migrator_migrations_total{outcome=\"migrated\"}"),
+        1.0
+    );
+    assert_eq!(sample("migrator_freeze_window_seconds_count"), 1.0);
+    // The agent's view of the window: within a few ms of the source's
+    // (the restore request's time on the wire, the report's last steps).
+    let seen = sample("migrator_freeze_window_seconds_sum");
+    assert!(
+        (seen - window_s).abs() < 0.005,
+        "agent {seen} s, report {window_s} s"
+    );
+    assert!(
+        text.contains("# UNIT migrator_freeze_window_seconds seconds"),
+        "{text}"
+    );
+    assert_eq!(
+        sample("migrator_migrations_total{outcome=\"refused\"}"),
+        1.0
+    );
 }
 
 /// A command running in a detached tmux session of its own (a real

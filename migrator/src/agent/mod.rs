@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub criu_version: String,
     pub limits: AgentLimits,
     pub policy: AgentPolicy,
+    /// Serve the agent's Prometheus metrics here.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How much of the agent a client may hold, and for how long.
@@ -96,6 +98,7 @@ struct Shared {
     /// One CRIU restore (and takeover) at a time on this host.
     restoring: tokio::sync::Mutex<()>,
     stopping: AtomicBool,
+    migrations: crate::metrics::migrations::Migrations,
 }
 
 /// Serve migrations until SIGTERM or Ctrl-C. `credentials`: how the agent
@@ -109,7 +112,16 @@ pub async fn serve(config: AgentConfig, credentials: Credentials) -> anyhow::Res
             config.listen
         )
     })?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let migrations = crate::metrics::migrations::Migrations::register(&mut registry);
+    if let Some(addr) = config.metrics_addr {
+        crate::metrics::spawn_server(addr, registry)
+            .await
+            .map_err(|err| anyhow::anyhow!("--metrics-addr {addr}: {err}"))?;
+        info!("serving Prometheus metrics on http://{addr}/metrics");
+    }
     let shared = Arc::new(Shared {
+        migrations,
         acceptor: Acceptor::new(credentials)?,
         handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
         sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),

@@ -43,6 +43,11 @@ pub(super) struct Session {
     /// ended its own copy and committed, so our images may be the only
     /// ones left (the source's pages streamed here).
     pub in_doubt: bool,
+    /// When the source froze (on our clock), once it asked for the
+    /// restore.
+    pub frozen_at: Option<Instant>,
+    /// When the lock here released the flows to our copy.
+    pub released_at: Option<Instant>,
 }
 
 /// What happens to a session's images when it ends.
@@ -114,6 +119,7 @@ pub(super) async fn run(
         Err(err) => return (Err(err), ImagesFate::Remove),
     };
     if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        shared.migrations.record("refused", None);
         let reason = "the agent is shutting down; try again once it is back".to_owned();
         let _ = channel.send(&refuse(reason.clone())).await;
         return (Err(ChannelError::Refused(reason)), ImagesFate::Remove);
@@ -133,6 +139,8 @@ pub(super) async fn run(
         added: Vec::new(),
         restored_pid: None,
         in_doubt: false,
+        frozen_at: None,
+        released_at: None,
     };
     let result = serve(
         &mut channel,
@@ -143,6 +151,18 @@ pub(super) async fn run(
         &mut session,
     )
     .await;
+    let outcome = match &result {
+        Ok(_) => "migrated",
+        Err(_) if session.in_doubt => "in-doubt",
+        Err(_) if session.frozen_at.is_some() => "undone",
+        Err(_) => "refused",
+    };
+    let window = session
+        .frozen_at
+        .zip(session.released_at)
+        .filter(|_| result.is_ok())
+        .map(|(frozen, released)| released.saturating_duration_since(frozen));
+    shared.migrations.record(outcome, window);
     match result {
         Ok(pid) => {
             // Done: the lock was released; take our entries away.
@@ -267,7 +287,8 @@ async fn serve(
         pages::deliver(channel, &mut store, limit, commit_by).await?;
     }
     receive_images(channel, session_dir, commit_by).await?;
-    let held = receive_held(channel, &flows, commit_by).await?;
+    let (held, frozen_at) = receive_held(channel, &flows, commit_by).await?;
+    session.frozen_at = Some(frozen_at);
 
     let restoring = shared.restoring.lock().await;
     let taken = match takeover::take_over(config, images, request, netlink, session).await {
@@ -297,6 +318,7 @@ async fn serve(
         }
     }
     let handed = taken.hand_over(session, held, waited_from, images);
+    session.released_at = Some(Instant::now());
     drop(restoring);
     let reply = match handed {
         Ok(reply) => reply,
@@ -457,11 +479,13 @@ async fn receive_images(
 
 /// At most one batch of held packets, each of a migrating flow, then the
 /// restore request.
+/// The held packets, up to the restore request; with when the source
+/// froze, on our clock.
 async fn receive_held(
     channel: &mut TlsChannel,
     flows: &[FlowSpec],
     deadline: Instant,
-) -> Result<Vec<bytes::Bytes>, ChannelError> {
+) -> Result<(Vec<bytes::Bytes>, Instant), ChannelError> {
     let mut held = Vec::new();
     let mut batches = 0;
     loop {
@@ -484,7 +508,13 @@ async fn receive_held(
                     held.push(frame);
                 }
             }
-            Message::Restore => return Ok(held),
+            Message::Restore { frozen_for_ms } => {
+                // A source's clock reading, so bounded: at most its lock's
+                // longest deadline ago.
+                let ago = Duration::from_secs_f64((frozen_for_ms / 1e3).clamp(0.0, 3600.0));
+                let now = Instant::now();
+                return Ok((held, now.checked_sub(ago).unwrap_or(now)));
+            }
             other => {
                 return Err(ChannelError::Unexpected {
                     expected: "held packets or restore",

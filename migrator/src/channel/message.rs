@@ -203,7 +203,12 @@ pub enum Message {
     Held {
         count: u64,
     },
-    Restore,
+    /// Restore now; the source froze `frozen_for_ms` ago (the agent's
+    /// freeze-window metric starts there).
+    Restore {
+        #[serde(default)]
+        frozen_for_ms: f64,
+    },
     /// The agent restored the process (stopped), owns the addresses and
     /// the neighbours answer it; the lock still holds. It resumes and
     /// releases only on `Commit`.

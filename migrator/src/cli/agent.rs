@@ -48,6 +48,11 @@ pub struct AgentArgs {
     /// CRIU binary (see `migrator doctor --help`).
     #[arg(long, value_name = "PATH")]
     criu: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR:PORT (path /metrics):
+    /// `migrator_migrations_total{outcome}` (migrated, undone, in-doubt,
+    /// refused) and the `migrator_freeze_window_seconds` histogram.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -63,6 +68,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         handshake_timeout,
         idle_timeout,
         criu,
+        metrics_addr,
     } = args;
     require_privileges()?;
     let credentials = auth.credentials()?;
@@ -99,6 +105,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     allow: allow_ips,
                     max_deadline,
                 },
+                metrics_addr,
             },
             credentials,
         )

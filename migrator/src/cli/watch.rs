@@ -32,9 +32,14 @@ pub struct WatchArgs {
     /// Print one snapshot and exit.
     #[arg(long)]
     once: bool,
-    /// Serve Prometheus metrics on ADDR:PORT (path /metrics).
+    /// Serve Prometheus metrics on ADDR:PORT (path /metrics, OpenMetrics
+    /// text): per connection, labelled `local` and `remote`.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// With --metrics-addr: one series per metric summed over the
+    /// connections, instead of one per connection (for hosts with many).
+    #[arg(long, requires = "metrics_addr")]
+    no_connection_labels: bool,
     /// No live table: with --metrics-addr and neither --plain nor
     /// --json, run headless.
     #[arg(long)]
@@ -51,6 +56,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         json,
         once,
         metrics_addr,
+        no_connection_labels,
         no_tui,
     } = args;
     require_privileges()?;
@@ -82,6 +88,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
         output,
         once,
         metrics_addr,
+        connection_labels: !no_connection_labels,
     }))?;
     Ok(ExitCode::SUCCESS)
 }

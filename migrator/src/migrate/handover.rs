@@ -32,7 +32,9 @@ pub(super) async fn hand_over(
     let asked_at_ms = clock.now_ms();
     progress.destination_may_own = Some(handover_by);
     channel
-        .send(&Message::Restore)
+        .send(&Message::Restore {
+            frozen_for_ms: frozen_at.elapsed().as_secs_f64() * 1e3,
+        })
         .await
         .map_err(|e| format!("asking for the restore: {e}"))?;
     match channel.receive_before(Some(handover_by)).await {

@@ -137,6 +137,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         memory: None,
         precopy: None,
         dump_retried: None,
+        error_code: None,
     };
     let session = match options
         .state
@@ -237,6 +238,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         .find(|p| p.name == report::FREEZE)
         .map(|p| p.start_ms);
     report.failed_phase = report.phases.iter().find(|p| !p.ok).map(|p| p.name.clone());
+    report.error_code = Report::code_for(&report.outcome, report.failed_phase.as_deref());
     if let (Some(start), Some(window)) = (frozen_at_ms, report.freeze_window_ms) {
         report.freeze_window_parts = report::window_parts(&report.phases, start, start + window);
     }

@@ -325,6 +325,29 @@ pub struct Report {
     /// frozen); null when the first dump went through.
     #[serde(default)]
     pub dump_retried: Option<String>,
+    /// A stable code next to `error`, for scripts and dashboards: the
+    /// outcome and the first failed phase, e.g. `refused:preflight`,
+    /// `rolled-back:restore`, `failed:rollback`, `in-doubt:hand-over`;
+    /// null when migrated.
+    #[serde(default)]
+    pub error_code: Option<String>,
+}
+
+impl Report {
+    /// [`Report::error_code`] from the outcome and the failed phase.
+    pub fn code_for(outcome: &Outcome, failed_phase: Option<&str>) -> Option<String> {
+        let outcome = match outcome {
+            Outcome::Migrated => return None,
+            Outcome::Refused => "refused",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Failed => "failed",
+            Outcome::InDoubt => "in-doubt",
+        };
+        Some(match failed_phase {
+            Some(phase) => format!("{outcome}:{phase}"),
+            None => outcome.to_owned(),
+        })
+    }
 }
 
 impl Report {
@@ -368,6 +391,9 @@ impl Report {
         let mut out = format!("{}\n", self.verdict());
         if let Some(phase) = &self.failed_phase {
             out.push_str(&format!("  failed phase: {phase}\n"));
+        }
+        if let Some(code) = &self.error_code {
+            out.push_str(&format!("  code: {code}\n"));
         }
         if let Some(error) = &self.error {
             out.push_str(&format!("  reason: {error}\n"));

@@ -11,17 +11,7 @@ pub mod model;
 pub mod render;
 mod tui;
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
-
-use std::io::Write as _;
-
-use tokio::{io::AsyncWriteExt as _, net::TcpListener};
+use std::{collections::BTreeSet, io::Write as _, net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     console,
@@ -51,6 +41,8 @@ pub struct WatchOptions {
     pub output: Output,
     pub once: bool,
     pub metrics_addr: Option<SocketAddr>,
+    /// Metrics per connection (`local`, `remote` labels), or summed.
+    pub connection_labels: bool,
 }
 
 /// Where a running migration publishes its current phase, per network
@@ -237,15 +229,19 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
         warned_no_connections: false,
         retransmit_counter: None,
     };
-    let metrics = Arc::new(Mutex::new(String::new()));
+    let latest = crate::metrics::connections::Latest::default();
     if let Some(addr) = options.metrics_addr {
-        let listener = TcpListener::bind(addr)
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(crate::metrics::connections::Connections::new(
+            latest.clone(),
+            options.connection_labels,
+        )));
+        crate::metrics::spawn_server(addr, registry)
             .await
             .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
         console::say(format!(
             "serving Prometheus metrics on http://{addr}/metrics"
         ));
-        tokio::spawn(serve_metrics(listener, metrics.clone()));
     }
     // Taken before the terminal and dropped after it: messages kept
     // while the table is up are printed once the screen is restored.
@@ -308,9 +304,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
             Ok(snapshot) => snapshot,
             Err(err) => break Err(err),
         };
-        if let Ok(mut text) = metrics.lock() {
-            *text = render::prometheus(&snapshot);
-        }
+        latest.set(&snapshot);
         let mut stdout = std::io::stdout().lock();
         match options.output {
             Output::Tui => {
@@ -335,40 +329,4 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
     state.close();
     drop(hold);
     result
-}
-
-/// A minimal HTTP/1.1 responder: GET /metrics (or /) answers with the
-/// latest exposition, anything else 404. One request per connection.
-async fn serve_metrics(listener: TcpListener, metrics: Arc<Mutex<String>>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt as _;
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&request);
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if path == "/metrics" || path == "/" {
-                let text = metrics.lock().map(|t| t.clone()).unwrap_or_default();
-                ("200 OK", text)
-            } else {
-                ("404 Not Found", "not found: try /metrics\n".to_owned())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
 }

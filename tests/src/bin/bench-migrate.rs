@@ -10,11 +10,16 @@
 //!
 //! For each: freeze window, the stall the peer sees (its longest gap in
 //! the echoed stream around the move) and the peer's retransmissions
-//! (RetransSegs of the peer's namespace).
+//! (RetransSegs of the peer's namespace). Our freeze windows are read
+//! from our reports the way `migrator report DIR` reads them.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::time::Instant;
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
+use migrator::report::summary::{self, Summary};
 use migrator_tests::{
     lab::{self, DST, PEER, SRC},
     migration::MigrationLab,
@@ -146,12 +151,27 @@ struct Sample {
     retransmits: u64,
 }
 
-fn ours(lab: &MigrationLab, from: &str, to: &str, pid: i32, extra: &[&str]) -> (Sample, i32) {
+/// Our move; its report is kept in `reports` (for `migrator report`).
+fn ours(
+    lab: &MigrationLab,
+    from: &str,
+    to: &str,
+    pid: i32,
+    extra: &[&str],
+    reports: &Path,
+) -> (Sample, i32) {
     let retransmits = peer_retransmits(lab);
     let start = unix_ms();
     let run = lab.migrate(from, to, pid, extra);
     assert!(run.success, "{}", run.stderr);
     let report = run.report.unwrap();
+    std::fs::create_dir_all(reports).unwrap();
+    let n = std::fs::read_dir(reports).unwrap().count();
+    std::fs::write(
+        reports.join(format!("move-{n:03}.json")),
+        report.to_string(),
+    )
+    .unwrap();
     let sample = Sample {
         window: report["freeze_window_ms"].as_f64().unwrap(),
         stall: stall(lab, start),
@@ -358,18 +378,31 @@ fn fresh_workload(lab: &mut MigrationLab, pid: i32, ballast_mb: u32) -> i32 {
 
 /// Freeze windows of a process with `ballast_mb` MiB of memory, ours
 /// against CRIU's CLI by hand, alternating, each there and back.
+/// Our freeze windows as `migrator report DIR` sums them up: (min, p50,
+/// max), and the summary itself.
+fn our_windows(reports: &Path) -> ((f64, f64, f64), Summary) {
+    let loaded = summary::load(&[reports.to_owned()]).expect("our reports");
+    let summary = summary::summarise(&loaded.reports);
+    let w = summary.freeze_window_ms.clone().expect("frozen moves");
+    ((w.min, w.p50, w.max), summary)
+}
+
 fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds: usize) -> i32 {
     pid = fresh_workload(lab, pid, ballast_mb);
-    let (mut streamed, mut after_dump, mut by_hand) = (Vec::new(), Vec::new(), Vec::new());
+    let streamed = lab.dir.0.join(format!("reports/{ballast_mb}-streamed"));
+    let after_dump = lab
+        .dir
+        .0
+        .join(format!("reports/{ballast_mb}-dump-then-send"));
+    let mut by_hand = Vec::new();
     for round in 0..rounds {
-        for (windows, extra) in [
-            (&mut streamed, &[][..]),
-            (&mut after_dump, &["--dump-then-send"][..]),
+        for (reports, extra) in [
+            (&streamed, &[][..]),
+            (&after_dump, &["--dump-then-send"][..]),
         ] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
-                let (sample, next) = ours(lab, from, to, pid, extra);
+                let (_, next) = ours(lab, from, to, pid, extra, reports);
                 pid = next;
-                windows.push(sample.window);
             }
         }
         for (from, to) in [(SRC, DST), (DST, SRC)] {
@@ -382,13 +415,13 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
         let broken = broken(lab);
         assert!(broken.is_empty(), "{ballast_mb} MiB moves broke {broken:?}");
     }
-    let (_, hand, _) = stats(&mut by_hand.clone());
-    for (name, windows) in [
-        ("ours, streamed", &mut streamed),
-        ("ours, --dump-then-send", &mut after_dump),
-        ("CRIU by hand", &mut by_hand),
+    let hand = stats(&mut by_hand);
+    for (name, (low, median, high)) in [
+        ("ours, streamed", our_windows(&streamed).0),
+        ("ours, --dump-then-send", our_windows(&after_dump).0),
+        ("CRIU by hand", hand),
     ] {
-        let (low, median, high) = stats(windows);
+        let hand = hand.1;
         println!(
             "  {ballast_mb:>5} MiB  {name:<24} {median:7.1} ms ({low:.0}..{high:.0})  ratio to by hand {:.3}  {:.2} ms/MiB, {:.0} MiB/s inside the window",
             median / hand,
@@ -424,13 +457,19 @@ fn main() {
     // ours, baseline, baseline + announce, ours with --hold
     let mut samples: [Vec<Sample>; 4] = Default::default();
     let mut baseline_resets = Vec::new();
+    let reports = [
+        lab.dir.0.join("reports/small"),
+        PathBuf::new(),
+        PathBuf::new(),
+        lab.dir.0.join("reports/small-hold"),
+    ];
     for round in 0..rounds {
         // Each round: every method there and back, so all meet the same
         // machine conditions.
         for (method, hold) in [(0, false), (3, true)] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
                 let extra: &[&str] = if hold { &["--hold"] } else { &[] };
-                let (sample, next) = ours(&lab, from, to, pid, extra);
+                let (sample, next) = ours(&lab, from, to, pid, extra, &reports[method]);
                 let broken = broken(&lab);
                 assert!(
                     broken.is_empty(),
@@ -485,8 +524,14 @@ fn main() {
             let medians: Vec<f64> = samples
                 .iter()
                 .zip(names)
-                .map(|(method, name)| {
-                    let (a, b, c) = field(method, f);
+                .enumerate()
+                .map(|(i, (method, name))| {
+                    // Our freeze windows as `migrator report` gives them.
+                    let (a, b, c) = if row == "freeze window" && (i == 0 || i == 3) {
+                        our_windows(&reports[i]).0
+                    } else {
+                        field(method, f)
+                    };
                     println!("  {name:<18} {row:<18} {a:8.1} {b:10.1} {c:10.1}");
                     b
                 })
@@ -517,6 +562,8 @@ fn main() {
         for reset in &baseline_resets {
             println!("    {reset}");
         }
+        println!("\nours, where the windows went (migrator report):");
+        print!("{}", our_windows(&reports[0]).1.render());
     }
     if ballasts.is_empty() {
         return;
