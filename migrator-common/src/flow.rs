@@ -192,7 +192,9 @@ pub struct FlowStats {
     pub peer_seq_valid: u32,
     /// 1 when the latest window we advertised was zero.
     pub local_window_zero: u32,
-    pub _pad: u32,
+    /// 1 once the kernel program logged that this flow's lock passed its
+    /// deadline (said once per flow, not per packet).
+    pub deadline_logged: u32,
     /// CLOCK_BOOTTIME ns of the peer retransmit before the latest one (0
     /// if fewer than two): with the latest, the peer's current backoff.
     pub prev_peer_retransmit_ns: u64,

@@ -490,6 +490,23 @@ fn lock_fails_open_at_its_deadline_without_userspace() {
     // The freeze command exits at once: from here on no migrator process
     // exists, exactly as if it had been killed mid-migration.
     freeze(&lab, &flow, "1s");
+    // Someone watching hears it from the kernel program (aya-log) when
+    // the lock lets traffic through again.
+    let watch = lab
+        .local
+        .command(migrator_bin().to_str().unwrap())
+        .args([
+            "watch",
+            "--plain",
+            "--interval",
+            "200ms",
+            "--ip",
+            "198.18.7.1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     thread::sleep(Duration::from_millis(500));
     let before_deadline = stream.received.load(Ordering::Relaxed);
     // Past the deadline plus the peer's next backed-off retransmit.
@@ -501,6 +518,16 @@ fn lock_fails_open_at_its_deadline_without_userspace() {
         stream.received.load(Ordering::Relaxed) > before_deadline + 10 * CHUNK as u64,
         "traffic did not resume after the deadline"
     );
+    // SAFETY: kill has no memory preconditions; SIGTERM ends watch cleanly.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    let said = watch.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&said.stderr);
+    let expired: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("migrator::ebpf") && l.contains("passed its deadline"))
+        .collect();
+    assert_eq!(expired.len(), 1, "once per flow, from the kernel: {said}");
+    assert!(expired[0].contains("local port 5000"), "{said}");
     let (sent, received) = stream.finish();
     assert_eq!(received, sent);
 }

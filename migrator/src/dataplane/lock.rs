@@ -17,6 +17,8 @@ pub struct MigrationLock {
     root: PathBuf,
     flows: Vec<FlowSpec>,
     services: Vec<ServiceKey>,
+    /// The kernel programs' messages, in our log while we hold the lock.
+    _logs: Option<super::logs::LogForwarder>,
 }
 
 impl MigrationLock {
@@ -25,7 +27,9 @@ impl MigrationLock {
         let root = default_pin_root();
         let mut dataplane = Dataplane::load_pinned(&root)?;
         dataplane.attach(iface, AttachMode::Auto)?;
+        let logs = dataplane.forward_logs();
         let mut lock = Self {
+            _logs: logs,
             table: dataplane.take_table()?,
             root,
             flows: flows.to_vec(),

@@ -10,6 +10,7 @@
 mod attach;
 pub mod btf;
 pub mod lock;
+pub mod logs;
 pub mod spec;
 pub mod status;
 pub mod table;
@@ -166,6 +167,9 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // The programs' log ring too: any process here can read it.
+        let log_ring = maps_dir.join(logs::LOG_MAP);
+        loader.map_pin_path(logs::LOG_MAP, log_ring.as_path());
         let ebpf = loader.load(EBPF_OBJECT)?;
         Self::from_ebpf(ebpf, Some(pin_root.to_owned()))
     }
@@ -182,6 +186,12 @@ impl Dataplane {
                 })?;
         }
         Ok(dataplane)
+    }
+
+    /// Forward the programs' log messages into `tracing` while the
+    /// returned forwarder lives (see [`logs`]).
+    pub fn forward_logs(&mut self) -> Option<logs::LogForwarder> {
+        logs::forward(&mut self.ebpf)
     }
 
     pub fn classifier(

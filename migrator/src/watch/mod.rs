@@ -68,6 +68,8 @@ struct State {
     opened_pin: Option<u64>,
     /// Kept alive: it holds the tracepoint link (our own retransmits).
     dataplane: Option<Dataplane>,
+    /// The kernel programs' messages, shown like ours (status line, log).
+    logs: Option<dataplane::logs::LogForwarder>,
     table: Option<FlowTable>,
     followed: Followed,
     warned_no_connections: bool,
@@ -91,6 +93,7 @@ impl State {
             // Nothing to read and nothing to attach: wait for a migration.
             self.table = None;
             self.dataplane = None;
+            self.logs = None;
             return Ok(());
         }
         let mut dp = Dataplane::load_pinned(&self.root)?;
@@ -106,6 +109,7 @@ impl State {
             console::say(format!("migrator watch: {why}"));
         }
         self.retransmit_counter = Some(counter);
+        self.logs = dp.forward_logs();
         self.table = Some(dp.take_table()?);
         self.dataplane = Some(dp);
         self.opened_pin = self.flows_pin_inode();
@@ -222,6 +226,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
         root: root.clone(),
         opened_pin: None,
         dataplane: None,
+        logs: None,
         table: None,
         followed: Followed {
             added: BTreeSet::new(),
