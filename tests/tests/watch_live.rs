@@ -229,7 +229,10 @@ fn agent_metrics_count_migrations_and_their_freeze_windows() {
     let pid = lab.start_workload(true, 0);
     lab.stop_agent(DST);
     lab.start_agent_with(DST, &["--metrics-addr", "127.0.0.1:9465"]);
-    let run = lab.migrate(SRC, DST, pid, &[]);
+    // The source keeps its own, in a file for node_exporter.
+    let file = lab.dir.0.join("source.prom");
+    let file_arg = ["--metrics-file", file.to_str().unwrap()];
+    let run = lab.migrate(SRC, DST, pid, &file_arg);
     assert!(run.success, "{}", run.stderr);
     let report = run.report.unwrap();
     let window_s = report["freeze_window_ms"].as_f64().unwrap() / 1e3;
@@ -245,8 +248,16 @@ fn agent_metrics_count_migrations_and_their_freeze_windows() {
         &["addr", "add", &format!("{SERVICE_V4}/32"), "dev", "eth0"],
     );
     assert!(taken.status.success());
-    let refused = lab.migrate(SRC, DST, pid, &[]);
+    let refused = lab.migrate(SRC, DST, pid, &file_arg);
     assert_eq!(refused.code, Some(3), "{}", refused.stderr);
+    let source = std::fs::read_to_string(&file).unwrap();
+    for line in [
+        "migrator_source_migrations_total{outcome=\"migrated\"} 1",
+        "migrator_source_migrations_total{outcome=\"refused\"} 1",
+        "migrator_source_freeze_window_seconds_count 1",
+    ] {
+        assert!(source.lines().any(|l| l == line), "no {line} in:\n{source}");
+    }
     let scrape = lab.output(DST, "curl", &["-sf", "http://127.0.0.1:9465/metrics"]);
     assert!(scrape.status.success(), "curl failed: {scrape:?}");
     let text = String::from_utf8(scrape.stdout).unwrap();

@@ -2,7 +2,6 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
 use clap::Args;
 use migrator::{channel::message::ServiceAddress, dataplane::spec::parse_duration, migrate};
 
@@ -35,6 +34,13 @@ pub struct MigrateArgs {
     /// Write the report (JSON) to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
+    /// Add this move to a metrics file in the format of node_exporter's
+    /// textfile collector (e.g. /var/lib/node_exporter/migrator.prom):
+    /// `migrator_source_migrations_total{outcome}` and the
+    /// `migrator_source_freeze_window_seconds` histogram, accumulated over
+    /// every run that names the file.
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
     /// Print the report as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     json: bool,
@@ -92,6 +98,7 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         iface,
         deadline,
         report,
+        metrics_file,
         json,
         work_dir,
         keep_images,
@@ -124,12 +131,34 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         eprintln!("migrator: {}: {error}", result.verdict());
     }
     let text = serde_json::to_string_pretty(&result)?;
-    if let Some(path) = report {
-        std::fs::write(&path, &text)
-            .with_context(|| format!("writing the report to {}", path.display()))?;
+    // From here the exit status is the migration's: a file that cannot be
+    // written is said loudly, but must not make a move look refused.
+    if let Some(path) = report
+        && let Err(err) = std::fs::write(&path, &text)
+    {
+        eprintln!(
+            "migrator: could not write the report to {}: {err}",
+            path.display()
+        );
     }
     if json {
         println!("{text}");
+    }
+    if let Some(path) = metrics_file {
+        let outcome = serde_json::to_value(&result.outcome)?;
+        let window = result
+            .freeze_window_ms
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1e3));
+        if let Err(err) = migrator::metrics::migrations::Migrations::add_to_file(
+            &path,
+            outcome.as_str().unwrap_or("unknown"),
+            window,
+        ) {
+            eprintln!(
+                "migrator: could not add this move to the metrics in {}: {err}",
+                path.display()
+            );
+        }
     }
     Ok(ExitCode::from(result.outcome.exit_code()))
 }
