@@ -105,6 +105,25 @@ fn debug(what: &str, sample: &Sample, lab: &MigrationLab, from: f64) {
     }
 }
 
+/// With `BENCH_KEEP_REPORTS=DIR`, our reports so far are copied there
+/// (the lab's own directory goes with the lab), to draw them afterwards
+/// with `migrator report FILE --svg OUT`.
+fn keep_reports(lab: &MigrationLab) {
+    let Some(keep) = std::env::var_os("BENCH_KEEP_REPORTS") else {
+        return;
+    };
+    let from = lab.dir.0.join("reports");
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&from)
+        .arg(&keep)
+        .status();
+    eprintln!(
+        "reports copied to {}: {copied:?}",
+        Path::new(&keep).display()
+    );
+}
+
 /// The workload's connections that broke (reset, EOF, wrong byte).
 fn broken(lab: &MigrationLab) -> Vec<String> {
     lab.current_connections()
@@ -167,17 +186,14 @@ fn ours(
     let report = run.report.unwrap();
     std::fs::create_dir_all(reports).unwrap();
     let n = std::fs::read_dir(reports).unwrap().count();
-    std::fs::write(
-        reports.join(format!("move-{n:03}.json")),
-        report.to_string(),
-    )
-    .unwrap();
+    let file = reports.join(format!("move-{n:03}.json"));
+    std::fs::write(&file, report.to_string()).unwrap();
     let sample = Sample {
         window: report["freeze_window_ms"].as_f64().unwrap(),
         stall: stall(lab, start),
         retransmits: peer_retransmits(lab) - retransmits,
     };
-    debug("ours", &sample, lab, start);
+    debug(&format!("ours {}", file.display()), &sample, lab, start);
     (sample, report["destination_pid"].as_i64().unwrap() as i32)
 }
 
@@ -565,6 +581,7 @@ fn main() {
         println!("\nours, where the windows went (migrator report):");
         print!("{}", our_windows(&reports[0]).1.render());
     }
+    keep_reports(&lab);
     if ballasts.is_empty() {
         return;
     }
