@@ -260,6 +260,7 @@ impl MigrationLab {
             stdout,
             uid,
             marker,
+            listen,
         } = workload;
         let reap = !unreaped;
         let v4 = format!("{}:9000", lab::PEER_V4);
@@ -298,6 +299,19 @@ impl MigrationLab {
             .args(["--ballast-mb", &ballast_mb.to_string()])
             .args(["--children", &children.to_string()])
             .args(marker.iter().flat_map(|m| ["--marker", m.as_str()]))
+            .args(
+                listen
+                    .then(|| {
+                        [
+                            "--listen".to_owned(),
+                            format!("{}:{SERVICE_PORT}", lab::SERVICE_V4),
+                            "--listen".to_owned(),
+                            format!("[{}]:{SERVICE_PORT}", lab::SERVICE_V6),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::null());
@@ -537,7 +551,13 @@ pub struct Workload {
     pub uid: Option<u32>,
     /// Text the workload keeps in its memory.
     pub marker: Option<String>,
+    /// Also a server: accepts and echoes on [`SERVICE_PORT`] of both
+    /// service addresses.
+    pub listen: bool,
 }
+
+/// The port the workload listens on as a server (`Workload::listen`).
+pub const SERVICE_PORT: u16 = 7000;
 
 pub struct MigrateRun {
     pub success: bool,

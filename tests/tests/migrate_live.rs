@@ -7,8 +7,9 @@
 use std::{process::Command, time::Duration};
 
 use migrator_tests::{
-    lab::{DST, SERVICE_V4, SERVICE_V6, SRC},
-    migration::MigrationLab,
+    lab::{DST, PEER, SERVICE_V4, SERVICE_V6, SRC},
+    migration::{MigrationLab, SERVICE_PORT, Workload},
+    wire::in_netns,
 };
 use serde_json::Value;
 
@@ -281,6 +282,107 @@ fn a_dump_that_fails_once_is_run_again_and_the_process_moves() {
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
         assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
     }
+}
+
+/// A server moves while new clients keep arriving (one every 20 ms from
+/// the peer, IPv4 and IPv6 in turn, to its listening sockets on the
+/// service addresses). With --hold a client whose SYN came during the
+/// freeze gets in right after the release (the SYN held and delivered to
+/// the restored listener), not at its SYN retransmit a second later.
+/// There and back: every client connects, none waits longer than the
+/// freeze window + 50 ms, and every connection echoes afterwards.
+#[test]
+fn new_clients_during_the_freeze_get_in_right_after_the_release_with_hold() {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, TcpStream},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::Instant,
+    };
+    let mut lab = MigrationLab::new("syn");
+    let mut pid = lab.start(Workload {
+        own_pid_namespace: true,
+        listen: true,
+        ..Workload::default()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = Arc::new(AtomicBool::new(false));
+    let arriving = stop.clone();
+    let clients = in_netns(&lab.lab.netns_path(PEER), move || {
+        let targets: [SocketAddr; 2] = [
+            format!("{SERVICE_V4}:{SERVICE_PORT}").parse().unwrap(),
+            format!("[{SERVICE_V6}]:{SERVICE_PORT}").parse().unwrap(),
+        ];
+        let mut attempts = Vec::new();
+        let mut i = 0;
+        while !arriving.load(Ordering::Relaxed) {
+            let to = targets[i % 2];
+            i += 1;
+            // Each on a thread of its own: one waiting for its SYN's answer
+            // does not hold up the next arrival.
+            attempts.push(std::thread::spawn(move || {
+                let started = Instant::now();
+                TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                    .map(|stream| (to, started.elapsed(), stream))
+                    .map_err(|e| format!("{to}: {e}"))
+            }));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        attempts
+            .into_iter()
+            .map(|attempt| attempt.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut windows = Vec::new();
+    for (from, to) in [(SRC, DST), (DST, SRC)] {
+        let run = lab.migrate(from, to, pid, &["--hold"]);
+        assert!(run.success, "{from} -> {to}: {}", run.stderr);
+        let report = run.report.unwrap();
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        windows.push(report["freeze_window_ms"].as_f64().unwrap());
+        assert!(
+            report["new_connections_held"].as_u64().unwrap() > 0,
+            "no client arrived during a {} ms freeze: {report}",
+            report["freeze_window_ms"]
+        );
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let attempts = clients.join().unwrap();
+    let failed: Vec<&String> = attempts.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(failed.is_empty(), "clients that never got in: {failed:?}");
+    let longest = windows.iter().copied().fold(0.0, f64::max);
+    let slowest = attempts
+        .iter()
+        .filter_map(|a| a.as_ref().ok())
+        .map(|(_, waited, _)| waited.as_secs_f64() * 1e3)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{} clients, slowest connect {slowest:.1} ms, windows {windows:.1?} ms",
+        attempts.len()
+    );
+    assert!(
+        slowest <= longest + 50.0,
+        "a client waited {slowest:.1} ms for a {longest:.1} ms freeze"
+    );
+    // Every connection made along the way is served by the process now.
+    for (to, _, stream) in attempts.into_iter().filter_map(Result::ok) {
+        let mut stream = stream;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        stream.write_all(b"?").unwrap();
+        let mut byte = [0u8; 1];
+        stream
+            .read_exact(&mut byte)
+            .unwrap_or_else(|e| panic!("a connection to {to} no longer echoes: {e}"));
+        assert_eq!(&byte, b"?");
+    }
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
 
 /// With --hold the peers' packets that arrive during the freeze are kept

@@ -102,8 +102,10 @@ pub fn safe_name(name: &str) -> bool {
         && name.len() <= 255
 }
 
-/// A held packet must be one of the migrating flows', peer to us.
-pub fn check_held(frame: &[u8], flows: &[FlowSpec]) -> Result<(), String> {
+/// A held packet must come from a peer to a migrating flow, or to a
+/// service address that moves (what the source's service rule held: a new
+/// client's SYN, a connection accepted after the discovery).
+pub fn check_held(frame: &[u8], flows: &[FlowSpec], services: &[IpAddr]) -> Result<(), String> {
     if frame.len() > MAX_HELD_BYTES {
         return Err(format!(
             "held packet of {} bytes, over {MAX_HELD_BYTES}",
@@ -112,7 +114,7 @@ pub fn check_held(frame: &[u8], flows: &[FlowSpec]) -> Result<(), String> {
     }
     let packet = crate::net::inject::rebuild(frame)
         .ok_or("a held packet that is not TCP over IP: refused")?;
-    if flows.contains(&packet.flow) {
+    if flows.contains(&packet.flow) || services.contains(&packet.flow.local.ip()) {
         Ok(())
     } else {
         Err(format!(
@@ -217,9 +219,14 @@ mod tests {
         tcp[12] = 5 << 4;
         let flow: FlowSpec = "198.18.0.100:4000=198.18.0.1:9000".parse().unwrap();
         let other: FlowSpec = "198.18.0.100:4001=198.18.0.1:9000".parse().unwrap();
-        assert_eq!(check_held(&frame, &[flow]), Ok(()));
-        assert!(check_held(&frame, &[other]).is_err());
-        assert!(check_held(&[0u8; 10], &[flow]).is_err());
-        assert!(check_held(&vec![0u8; 4096], &[flow]).is_err());
+        assert_eq!(check_held(&frame, &[flow], &[]), Ok(()));
+        assert!(check_held(&frame, &[other], &[]).is_err());
+        // To an address that moves, though no listed flow: a new client's.
+        let moving: IpAddr = "198.18.0.100".parse().unwrap();
+        let staying: IpAddr = "198.18.0.101".parse().unwrap();
+        assert_eq!(check_held(&frame, &[other], &[moving]), Ok(()));
+        assert!(check_held(&frame, &[other], &[staying]).is_err());
+        assert!(check_held(&[0u8; 10], &[flow], &[moving]).is_err());
+        assert!(check_held(&vec![0u8; 4096], &[flow], &[moving]).is_err());
     }
 }

@@ -287,7 +287,8 @@ async fn serve(
         pages::deliver(channel, &mut store, limit, commit_by).await?;
     }
     receive_images(channel, session_dir, commit_by).await?;
-    let (held, frozen_at) = receive_held(channel, &flows, commit_by).await?;
+    let services: Vec<IpAddr> = request.service_addresses.iter().map(|a| a.ip).collect();
+    let (held, frozen_at) = receive_held(channel, &flows, &services, commit_by).await?;
     session.frozen_at = Some(frozen_at);
 
     let restoring = shared.restoring.lock().await;
@@ -302,7 +303,31 @@ async fn serve(
     // and the peers answer it. It runs only if the source commits in time.
     channel.send(&Message::Ready).await?;
     let waited_from = Instant::now();
-    match channel.receive_before(Some(commit_by)).await {
+    let mut held = held;
+    let mut late_batch = false;
+    let commit = loop {
+        match channel.receive_before(Some(commit_by)).await {
+            // Right before its commit, what reached the source since its
+            // first batch (peers that still sent there: a new client's SYN
+            // among them). Its copy may already be ended, so nothing here
+            // may fail the hand-over: a packet we would not take is left
+            // out, as a dropped one (its sender resends it).
+            Ok(Message::Held { count }) if !late_batch && count <= MAX_HELD => {
+                late_batch = true;
+                for _ in 0..count {
+                    let Ok(frame) = channel.receive_data().await else {
+                        break;
+                    };
+                    match policy::check_held(&frame, &flows, &services) {
+                        Ok(()) => held.push(frame),
+                        Err(reason) => warn!("a held packet left out: {reason}"),
+                    }
+                }
+            }
+            other => break other,
+        }
+    };
+    match commit {
         Ok(Message::Commit) if Instant::now() < commit_by => {}
         other => {
             // Silence (or a commit too late) may mean the source ended its
@@ -484,6 +509,7 @@ async fn receive_images(
 async fn receive_held(
     channel: &mut TlsChannel,
     flows: &[FlowSpec],
+    services: &[IpAddr],
     deadline: Instant,
 ) -> Result<(Vec<bytes::Bytes>, Instant), ChannelError> {
     let mut held = Vec::new();
@@ -501,7 +527,7 @@ async fn receive_held(
                 }
                 for _ in 0..count {
                     let frame = channel.receive_data().await?;
-                    if let Err(reason) = policy::check_held(&frame, flows) {
+                    if let Err(reason) = policy::check_held(&frame, flows, services) {
                         channel.send(&refuse(reason.clone())).await?;
                         return Err(ChannelError::Refused(reason));
                     }

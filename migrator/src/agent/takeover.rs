@@ -222,6 +222,7 @@ impl TakenOver {
 
         let mut held_delivered = Vec::new();
         let mut deliveries = Vec::new();
+        let mut syns_delivered = 0;
         if self.hold {
             let phase = clock.begin(report::DELIVER_HELD);
             let mut frames = source_held;
@@ -230,7 +231,9 @@ impl TakenOver {
                     .into_iter()
                     .map(|packet| bytes::Bytes::from(packet.frame)),
             );
-            (held_delivered, deliveries) = deliver_held(&frames, clock);
+            let delivered = deliver_held(&frames, clock);
+            (held_delivered, deliveries, syns_delivered) =
+                (delivered.per_flow, delivered.events, delivered.syns);
             clock.end(phase, true);
         }
         let released_at = Instant::now();
@@ -259,6 +262,7 @@ impl TakenOver {
             confirmed: self.confirmed,
             unconfirmed: self.unconfirmed,
             held_delivered,
+            syns_delivered,
             events,
         })
     }
@@ -267,22 +271,35 @@ impl TakenOver {
 /// Inject held frames into the local stack; count per flow, and note
 /// when each went in. A packet that cannot be delivered is only lost the
 /// way a dropped one is: the peer retransmits it.
-fn deliver_held(
-    frames: &[bytes::Bytes],
-    clock: &PhaseClock,
-) -> (Vec<(String, u64)>, Vec<report::ConnectionEvent>) {
+/// What was delivered: held packets per migrating flow, their events, and
+/// the new clients' SYNs.
+struct Delivered {
+    per_flow: Vec<(String, u64)>,
+    events: Vec<report::ConnectionEvent>,
+    syns: u64,
+}
+
+fn deliver_held(frames: &[bytes::Bytes], clock: &PhaseClock) -> Delivered {
     let injector = match crate::net::inject::Injector::open() {
         Ok(injector) => injector,
         Err(err) => {
             warn!("held packets not delivered: {err}");
-            return (Vec::new(), Vec::new());
+            return Delivered {
+                per_flow: Vec::new(),
+                events: Vec::new(),
+                syns: 0,
+            };
         }
     };
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
     let mut events = Vec::new();
+    let mut syns = 0;
     for frame in frames {
         match injector.deliver(frame) {
-            Ok(Some(flow)) => {
+            // A new client's first segment: its connection is not one of
+            // the migration's, and it needs no lane of its own.
+            Ok(Some((_, true))) => syns += 1,
+            Ok(Some((flow, false))) => {
                 *counts.entry(flow.to_string()).or_default() += 1;
                 events.push(report::ConnectionEvent {
                     connection: flow.to_string(),
@@ -296,7 +313,11 @@ fn deliver_held(
             Err(err) => warn!("a held packet was not delivered: {err}"),
         }
     }
-    (counts.into_iter().collect(), events)
+    Delivered {
+        per_flow: counts.into_iter().collect(),
+        events,
+        syns,
+    }
 }
 
 /// For each distinct peer of the migrated flows that sits on one of this

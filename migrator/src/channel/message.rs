@@ -145,6 +145,10 @@ pub struct RestoreReply {
     /// source's and the destination's own).
     #[serde(default)]
     pub held_delivered: Vec<(String, u64)>,
+    /// New clients' SYNs held during the freeze and delivered (to the
+    /// restored listening sockets).
+    #[serde(default)]
+    pub syns_delivered: u64,
     /// The destination's packet events, `at_ms` from when it got the
     /// restore request.
     #[serde(default)]

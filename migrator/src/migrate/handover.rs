@@ -25,6 +25,7 @@ pub(super) async fn hand_over(
         frozen_at,
         handover_by,
         packets_at_ip_release,
+        hold,
     } = released;
     // restore, announce, confirm: at the agent, which then waits,
     // the process stopped and the lock on, for our commit.
@@ -84,6 +85,11 @@ pub(super) async fn hand_over(
         progress.dumped = true;
         dying_copy = Some(dying);
     }
+    // With --hold, what still reached us (peers that had not learnt the
+    // new owner yet: a new client's SYN among them) goes with the commit.
+    if hold && let Err(err) = super::transfer::send_held(&mut channel, progress).await {
+        tracing::warn!("held packets that came late were not sent: {err}");
+    }
     // The commit: from here on the process is the destination's.
     progress.committed = true;
     let answer = match channel.send(&Message::Commit).await {
@@ -136,6 +142,7 @@ pub(super) async fn hand_over(
     );
     report.destination_pid = Some(reply.pid);
     report.criu_restore = reply.criu_restore.take();
+    report.new_connections_held = reply.syns_delivered;
     report.confirmed_neighbours = std::mem::take(&mut reply.confirmed);
     report.unconfirmed_neighbours = std::mem::take(&mut reply.unconfirmed);
 

@@ -138,6 +138,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         precopy: None,
         dump_retried: None,
         error_code: None,
+        new_connections_held: 0,
     };
     let session = match options
         .state

@@ -17,6 +17,9 @@ pub(super) struct Released {
     pub handover_by: Instant,
     /// Each flow's packets in at the moment we gave the addresses up.
     pub packets_at_ip_release: Vec<u64>,
+    /// The peers' packets are held (--hold): those that still reach us
+    /// go with the commit.
+    pub hold: bool,
 }
 
 pub(super) async fn transfer_and_release(
@@ -61,24 +64,9 @@ pub(super) async fn transfer_and_release(
     // Held packets go with the restore request: the agent delivers them
     // to the restored sockets right after its release.
     if options.hold {
-        let held = progress
-            .lock
-            .as_mut()
-            .map(MigrationLock::drain_held)
-            .unwrap_or_default();
-        let sent: Result<(), ChannelError> = async {
-            channel
-                .send(&Message::Held {
-                    count: held.len() as u64,
-                })
-                .await?;
-            for packet in &held {
-                channel.send_data(&packet.frame).await?;
-            }
-            Ok(())
-        }
-        .await;
-        sent.map_err(|e| format!("sending held packets: {e}"))?;
+        send_held(&mut channel, progress)
+            .await
+            .map_err(|e| format!("sending held packets: {e}"))?;
     }
 
     Ok(Released {
@@ -86,7 +74,29 @@ pub(super) async fn transfer_and_release(
         frozen_at,
         handover_by,
         packets_at_ip_release,
+        hold: options.hold,
     })
+}
+
+/// The peers' packets our lock held since the last call, to the agent.
+pub(super) async fn send_held(
+    channel: &mut TlsChannel,
+    progress: &mut Progress,
+) -> Result<(), ChannelError> {
+    let held = progress
+        .lock
+        .as_mut()
+        .map(MigrationLock::drain_held)
+        .unwrap_or_default();
+    channel
+        .send(&Message::Held {
+            count: held.len() as u64,
+        })
+        .await?;
+    for packet in &held {
+        channel.send_data(&packet.frame).await?;
+    }
+    Ok(())
 }
 
 async fn send_images(channel: &mut TlsChannel, dir: &Path) -> Result<u64, ChannelError> {

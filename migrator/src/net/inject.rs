@@ -79,9 +79,10 @@ impl Injector {
         })
     }
 
-    /// Deliver one held Ethernet frame; returns its connection. Frames that
-    /// are not TCP over IPv4 or IPv6 are skipped (None).
-    pub fn deliver(&self, frame: &[u8]) -> Result<Option<FlowSpec>, InjectError> {
+    /// Deliver one held Ethernet frame; returns its connection, and
+    /// whether it opens one (a new client's SYN). Frames that are not TCP
+    /// over IPv4 or IPv6 are skipped (None).
+    pub fn deliver(&self, frame: &[u8]) -> Result<Option<(FlowSpec, bool)>, InjectError> {
         let Some(packet) = rebuild(frame) else {
             return Ok(None);
         };
@@ -93,7 +94,7 @@ impl Injector {
             to: packet.destination,
             source,
         })?;
-        Ok(Some(packet.flow))
+        Ok(Some((packet.flow, packet.syn)))
     }
 }
 
@@ -145,7 +146,15 @@ pub struct Rebuilt {
     pub destination: IpAddr,
     /// The connection, seen from the receiving host.
     pub flow: FlowSpec,
+    /// A SYN without ACK: a client opening the connection.
+    pub syn: bool,
     pub bytes: Vec<u8>,
+}
+
+/// SYN set, ACK not: the first segment of a connection.
+fn opens(flags: u8) -> bool {
+    use pnet::packet::tcp::TcpFlags;
+    flags & TcpFlags::SYN != 0 && flags & TcpFlags::ACK == 0
 }
 
 pub fn rebuild(frame: &[u8]) -> Option<Rebuilt> {
@@ -165,7 +174,11 @@ pub fn rebuild(frame: &[u8]) -> Option<Rebuilt> {
                 let mut tcp = MutableTcpPacket::new(bytes.get_mut(header_len..)?)?;
                 let checksum = tcp::ipv4_checksum(&tcp.to_immutable(), &source, &destination);
                 tcp.set_checksum(checksum);
-                (tcp.get_source(), tcp.get_destination())
+                (
+                    tcp.get_source(),
+                    tcp.get_destination(),
+                    opens(tcp.get_flags()),
+                )
             };
             let mut ip = MutableIpv4Packet::new(&mut bytes)?;
             let checksum = ipv4::checksum(&ip.to_immutable());
@@ -176,6 +189,7 @@ pub fn rebuild(frame: &[u8]) -> Option<Rebuilt> {
                     local: SocketAddr::new(IpAddr::V4(destination), ports.1),
                     remote: SocketAddr::new(IpAddr::V4(source), ports.0),
                 },
+                syn: ports.2,
                 bytes,
             })
         }
@@ -191,7 +205,11 @@ pub fn rebuild(frame: &[u8]) -> Option<Rebuilt> {
                 let mut tcp = MutableTcpPacket::new(bytes.get_mut(40..)?)?;
                 let checksum = tcp::ipv6_checksum(&tcp.to_immutable(), &source, &destination);
                 tcp.set_checksum(checksum);
-                (tcp.get_source(), tcp.get_destination())
+                (
+                    tcp.get_source(),
+                    tcp.get_destination(),
+                    opens(tcp.get_flags()),
+                )
             };
             Some(Rebuilt {
                 destination: IpAddr::V6(destination),
@@ -199,6 +217,7 @@ pub fn rebuild(frame: &[u8]) -> Option<Rebuilt> {
                     local: SocketAddr::new(IpAddr::V6(destination), ports.1),
                     remote: SocketAddr::new(IpAddr::V6(source), ports.0),
                 },
+                syn: ports.2,
                 bytes,
             })
         }

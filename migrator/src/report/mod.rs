@@ -325,6 +325,11 @@ pub struct Report {
     /// frozen); null when the first dump went through.
     #[serde(default)]
     pub dump_retried: Option<String>,
+    /// New connections that arrived during the freeze (a client's SYN to
+    /// a service address), held and delivered to the restored listening
+    /// sockets with --hold; without it they wait for their SYN retransmit.
+    #[serde(default)]
+    pub new_connections_held: u64,
     /// A stable code next to `error`, for scripts and dashboards: the
     /// outcome and the first failed phase, e.g. `refused:preflight`,
     /// `rolled-back:restore`, `failed:rollback`, `in-doubt:hand-over`;
@@ -415,6 +420,12 @@ impl Report {
         }
         if let Some(memory) = &self.memory {
             out.push_str(&format!("  memory: {memory}\n"));
+        }
+        if self.new_connections_held > 0 {
+            out.push_str(&format!(
+                "  new connections held during the freeze and delivered: {}\n",
+                self.new_connections_held
+            ));
         }
         if let Some(failure) = &self.dump_retried {
             out.push_str(&format!("  dump retried after: {failure}\n"));

@@ -495,7 +495,13 @@ fn main() {
                 pid = next;
             }
         }
-        for (method, announce) in [(1, false), (2, true)] {
+        // BENCH_ONLY_OURS: our two methods only (an A/B of --hold).
+        let baselines: &[(usize, bool)] = if std::env::var_os("BENCH_ONLY_OURS").is_some() {
+            &[]
+        } else {
+            &[(1, false), (2, true)]
+        };
+        for &(method, announce) in baselines {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
                 let (sample, next) = baseline(&lab, from, to, pid, round, announce);
                 pid = next;

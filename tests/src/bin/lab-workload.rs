@@ -12,12 +12,14 @@
 //! forks N idle child processes first, so the tree has more than one
 //! process (they hold no sockets and outlive a parent that is killed);
 //! `--marker TEXT` keeps TEXT in memory (for tests that look for the
-//! process's memory on the wire).
+//! process's memory on the wire); `--listen ADDR:PORT` also accepts
+//! connections there and echoes them (a server that new clients reach
+//! while it moves).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::FromRawFd as _,
     thread,
 };
@@ -37,6 +39,23 @@ fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
         let rc = libc::connect(fd, (&raw const target).cast(), len);
         assert_eq!(rc, 0, "connect {to}: {}", std::io::Error::last_os_error());
         TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Send back every byte, until the other side closes.
+fn echo(stream: TcpStream) {
+    let mut reader = stream.try_clone().unwrap();
+    let mut writer = stream;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if writer.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -86,6 +105,7 @@ fn main() {
     let mut ballast_mb = 0usize;
     let mut children = 0usize;
     let mut marker = Vec::new();
+    let mut listen = Vec::<SocketAddr>::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -94,6 +114,7 @@ fn main() {
             "--ballast-mb" => ballast_mb = args.next().unwrap().parse().expect("--ballast-mb N"),
             "--children" => children = args.next().unwrap().parse().expect("--children N"),
             "--marker" => marker = args.next().expect("--marker TEXT").into_bytes(),
+            "--listen" => listen.push(args.next().unwrap().parse().expect("--listen ADDR:PORT")),
             other => panic!(
                 "unknown argument {other}; usage: lab-workload --from IP --connect ADDR:PORT"
             ),
@@ -128,6 +149,14 @@ fn main() {
             }
         });
     }
+    for at in listen {
+        let listener = TcpListener::bind(at).unwrap_or_else(|e| panic!("listen {at}: {e}"));
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                thread::spawn(move || echo(stream));
+            }
+        });
+    }
     let echoes: Vec<_> = connect
         .into_iter()
         .map(|to| {
@@ -136,21 +165,7 @@ fn main() {
                 .find(|ip| ip.is_ipv4() == to.is_ipv4())
                 .expect("a --from address of the same family as each --connect");
             let stream = connect_from(source, to);
-            thread::spawn(move || {
-                let mut reader = stream.try_clone().unwrap();
-                let mut writer = stream;
-                let mut buf = vec![0u8; 65_536];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if writer.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            })
+            thread::spawn(move || echo(stream))
         })
         .collect();
     for echo in echoes {
