@@ -16,6 +16,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-arping", // baseline benchmark: the gratuitous ARP a careful user sends
     "ndisc6", // baseline benchmark: ndisc6, the IPv6 neighbour solicitation a careful user sends
     "curl",   // tests scrape the watch command's metrics with a real HTTP client
+    "nginx-light", // the real multi-process server the tests move (master + workers)
 ];
 
 /// One setup step: installs what it finds missing, returns what it did.

@@ -1,0 +1,153 @@
+//! A real server as it is run: Debian's nginx, a master and two workers
+//! sharing listening sockets on the service addresses, moved there and
+//! back while keep-alive clients keep asking and new clients keep
+//! arriving, in the lab with the real kernel and CRIU.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use migrator_tests::{
+    lab::{DST, PEER, SERVICE_V4, SERVICE_V6, SRC},
+    migration::{HTTP_PORT, MigrationLab},
+    wire::in_netns,
+};
+
+/// One request on `stream`, its answer read whole: nginx's "ok".
+fn get(stream: &mut TcpStream) -> Result<(), String> {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
+        .map_err(|e| format!("sending: {e}"))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).map_err(|e| format!("reading: {e}"))?;
+        if n == 0 {
+            return Err(format!("closed mid-answer after {} bytes", answer.len()));
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n")
+            && answer.len() >= end + 4 + 3
+        {
+            let text = String::from_utf8_lossy(&answer);
+            return if text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nok\n") {
+                Ok(())
+            } else {
+                Err(format!("unexpected answer: {text:?}"))
+            };
+        }
+    }
+}
+
+fn targets() -> [SocketAddr; 2] {
+    [
+        format!("{SERVICE_V4}:{HTTP_PORT}").parse().unwrap(),
+        format!("[{SERVICE_V6}]:{HTTP_PORT}").parse().unwrap(),
+    ]
+}
+
+/// Ten moves there and back with `--hold`: no request fails, no
+/// connection resets, every new client gets in within the freeze window
+/// + 50 ms (its SYN, if it came during the freeze, held and delivered to
+/// the listening socket), and the listening sockets keep accepting.
+#[test]
+fn nginx_moves_ten_times_with_keepalive_and_new_clients() {
+    let mut lab = MigrationLab::new("ngx");
+    let mut pid = lab.start_nginx();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = lab.lab.netns_path(PEER);
+    // Keep-alive clients: one connection each, a request every 10 ms.
+    let keepalive: Vec<_> = (0..4)
+        .map(|i| {
+            let stop = stop.clone();
+            in_netns(&peer, move || {
+                let to = targets()[i % 2];
+                let mut stream = TcpStream::connect(to).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut requests = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    get(&mut stream)
+                        .map_err(|e| format!("keep-alive {to}, request {requests}: {e}"))?;
+                    requests += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok::<u64, String>(requests)
+            })
+        })
+        .collect();
+    // New clients: one every 20 ms, each on its own thread, one request.
+    let arriving = stop.clone();
+    let arrivals = in_netns(&peer, move || {
+        let mut attempts = Vec::new();
+        let mut i = 0;
+        while !arriving.load(Ordering::Relaxed) {
+            let to = targets()[i % 2];
+            i += 1;
+            attempts.push(std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                    .map_err(|e| format!("connecting to {to}: {e}"))?;
+                let waited = started.elapsed();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                get(&mut stream).map_err(|e| format!("new client of {to}: {e}"))?;
+                Ok::<Duration, String>(waited)
+            }));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        attempts
+            .into_iter()
+            .map(|a| a.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut windows = Vec::new();
+    for round in 0..10 {
+        let (from, to) = if round % 2 == 0 {
+            (SRC, DST)
+        } else {
+            (DST, SRC)
+        };
+        let run = lab.migrate(from, to, pid, &["--hold"]);
+        assert!(run.success, "move {round} {from} -> {to}: {}", run.stderr);
+        let report = run.report.unwrap();
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        // The whole tree moved: the master and its two workers.
+        assert_eq!(migrator::system::process_tree(pid).len(), 3, "{report}");
+        windows.push(report["freeze_window_ms"].as_f64().unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in keepalive {
+        let requests = client.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        assert!(requests > 100, "{requests} requests");
+    }
+    let attempts = arrivals.join().unwrap();
+    let failed: Vec<&String> = attempts.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(failed.is_empty(), "new clients that failed: {failed:?}");
+    let longest = windows.iter().copied().fold(0.0, f64::max);
+    let slowest = attempts
+        .iter()
+        .filter_map(|a| a.as_ref().ok())
+        .map(|waited| waited.as_secs_f64() * 1e3)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{} new clients, slowest connect {slowest:.1} ms; freeze windows {windows:.1?} ms",
+        attempts.len()
+    );
+    assert!(
+        slowest <= longest + 50.0,
+        "a new client waited {slowest:.1} ms; the longest freeze was {longest:.1} ms"
+    );
+}
