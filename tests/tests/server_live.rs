@@ -54,9 +54,10 @@ fn targets() -> [SocketAddr; 2] {
 }
 
 /// Ten moves there and back with `--hold`: no request fails, no
-/// connection resets, every new client gets in within the freeze window
-/// + 50 ms (its SYN, if it came during the freeze, held and delivered to
-/// the listening socket), and the listening sockets keep accepting.
+/// connection resets, every new client gets in within 50 ms of the
+/// longest freeze window (its SYN, if it came during the freeze, held and
+/// delivered to the listening socket), and the listening sockets keep
+/// accepting.
 #[test]
 fn nginx_moves_ten_times_with_keepalive_and_new_clients() {
     let mut lab = MigrationLab::new("ngx");
