@@ -32,6 +32,27 @@ pub const SERVICE_V4: &str = "198.18.0.100";
 pub const SERVICE_V6: &str = "2001:db8::100";
 /// Port the agent listens on, at the destination's management address.
 pub const AGENT_PORT: u16 = 7070;
+/// Where the lab's nginx listens, on both service addresses.
+pub const HTTP_PORT: u16 = 8080;
+
+/// Debian's nginx as it is run, for the lab: a master and two workers
+/// sharing listening sockets on [`HTTP_PORT`] of both service addresses,
+/// answering "ok"; its pid file and temporary files in `dir`, nothing
+/// written to log files (CRIU refuses a regular file that changed size
+/// behind the process's back). The workers run as root: without
+/// CAP_SYS_RESOURCE CRIU cannot read another user's resource limits.
+pub fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nuser root;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
+         error_log /dev/null crit;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  keepalive_timeout 120s;\n  keepalive_requests 1000000;\n\
+           client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{\n    listen {SERVICE_V4}:{HTTP_PORT};\n    listen [{SERVICE_V6}]:{HTTP_PORT};\n\
+             location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n"
+    )
+}
 
 /// Management addresses (v4, v6) of a host.
 pub fn host_addresses(host: &str) -> (&'static str, &'static str) {

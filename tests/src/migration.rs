@@ -248,28 +248,12 @@ impl MigrationLab {
         })
     }
 
-    /// Debian's nginx on `src` as it is run: a master and two workers
-    /// sharing listening sockets on [`HTTP_PORT`] of both service
-    /// addresses, in a PID namespace of its own (nothing written to log
-    /// files, temporary files in the test's directory). The workers run as
-    /// root: without CAP_SYS_RESOURCE (this VM's root lacks it) CRIU cannot
-    /// read another user's resource limits, and migrate refuses such a
-    /// tree at preflight. Returns the master's PID once it listens.
+    /// Debian's nginx on `src` ([`lab::nginx_conf`]), in a PID namespace
+    /// of its own. Returns the master's PID once it listens.
     pub fn start_nginx(&mut self) -> i32 {
         let dir = self.dir.0.join("nginx");
         std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        let conf = format!(
-            "daemon off;\nuser root;\nmaster_process on;\nworker_processes 2;\npid {d}/nginx.pid;\n\
-             error_log /dev/null crit;\nevents {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  keepalive_timeout 120s;\n  keepalive_requests 1000000;\n\
-               client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               server {{\n    listen {}:{HTTP_PORT};\n    listen [{}]:{HTTP_PORT};\n\
-                 location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
-            lab::SERVICE_V4,
-            lab::SERVICE_V6
-        );
+        let conf = lab::nginx_conf(&dir);
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let child = Command::new("nsenter")
@@ -612,8 +596,7 @@ pub struct Workload {
 /// The port the workload listens on as a server (`Workload::listen`).
 pub const SERVICE_PORT: u16 = 7000;
 
-/// The port nginx listens on ([`MigrationLab::start_nginx`]).
-pub const HTTP_PORT: u16 = 8080;
+pub use crate::lab::HTTP_PORT;
 
 pub struct MigrateRun {
     pub success: bool,

@@ -40,6 +40,12 @@ enum Task {
         /// Round trips to make.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// Move Debian's nginx (a master and two workers) instead, with
+        /// `--hold`, while keep-alive clients ask every 10 ms and a new
+        /// client arrives every 20 ms; the verdict counts failed and slow
+        /// connects.
+        #[arg(long)]
+        server: bool,
     },
     /// The lab of network namespaces (`peer`, `src`, `dst` on a bridge):
     /// `up` builds it (replacing any old one), `down` removes it and
@@ -119,12 +125,16 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             build(&root)
         }
-        Task::Run { rounds } => {
+        Task::Run { rounds, server } => {
             setup::run()?;
             build(&root)?;
             cmd::section("migrator doctor");
             cmd::run(cmd::new(root.join("target/debug/migrator")).arg("doctor"))?;
-            demo::run(&root, LAB_PREFIX, rounds)
+            if server {
+                demo::run_server(&root, LAB_PREFIX, rounds)
+            } else {
+                demo::run(&root, LAB_PREFIX, rounds)
+            }
         }
         Task::Lab { action } => {
             let lab = lab::Lab::new(LAB_PREFIX);
