@@ -35,6 +35,21 @@ pub const AGENT_PORT: u16 = 7070;
 /// Where the lab's nginx listens, on both service addresses.
 pub const HTTP_PORT: u16 = 8080;
 
+/// nginx in `host`'s namespace of `lab`, with `conf` ([`nginx_conf`]),
+/// in a PID namespace of its own (as the lab's workload: the restored
+/// tree never collides with the PIDs of the one it replaces), quiet.
+pub fn nginx_command(lab: &Lab, host: &str, conf: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new("nsenter");
+    command
+        .arg(format!("--net={}", lab.netns_path(host).display()))
+        .args(["unshare", "--pid", "--fork", "setsid", "nginx", "-c"])
+        .arg(conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    command
+}
+
 /// Debian's nginx as it is run, for the lab: a master and two workers
 /// sharing listening sockets on [`HTTP_PORT`] of both service addresses,
 /// answering "ok"; its pid file and temporary files in `dir`, nothing

@@ -256,13 +256,7 @@ impl MigrationLab {
         let conf = lab::nginx_conf(&dir);
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.lab.netns_path(lab::SRC).display()))
-            .args(["unshare", "--pid", "--fork", "setsid", "nginx", "-c"])
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = lab::nginx_command(&self.lab, lab::SRC, &conf_path)
             .spawn()
             .unwrap();
         let launcher = child.id() as i32;

@@ -228,15 +228,7 @@ pub fn run_server(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     std::fs::create_dir_all(&conf_dir)?;
     let conf = conf_dir.join("nginx.conf");
     std::fs::write(&conf, lab::nginx_conf(&conf_dir))?;
-    // Its own PID namespace, as the workload's: the restored tree never
-    // collides with the PIDs of the one it replaces.
-    let launcher = Command::new("nsenter")
-        .arg(format!("--net={}", lab.netns_path(lab::SRC).display()))
-        .args(["unshare", "--pid", "--fork", "setsid", "nginx", "-c"])
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let launcher = lab::nginx_command(lab, lab::SRC, &conf)
         .spawn()
         .context("starting nginx (cargo xtask setup installs nginx-light)")?;
     let started = Instant::now();

@@ -132,23 +132,12 @@ where
                         "page stream over the {} MiB announced at preflight (with room to spare)",
                         limit >> 20
                     );
-                    channel
-                        .send(&Message::Refused {
-                            reason: reason.clone(),
-                        })
-                        .await?;
-                    return Err(ChannelError::Refused(reason));
+                    return Err(refuse(channel, reason).await);
                 }
                 // Writes to the images' tmpfs: copies into memory, done
                 // in place rather than handed to another thread per chunk.
                 if let Err(err) = store.feed(&pages, &mut replies) {
-                    let reason = err.to_string();
-                    channel
-                        .send(&Message::Refused {
-                            reason: reason.clone(),
-                        })
-                        .await?;
-                    return Err(ChannelError::Refused(reason));
+                    return Err(refuse(channel, err.to_string()).await);
                 }
                 if !replies.is_empty() {
                     channel.send_data(&replies).await?;
@@ -167,13 +156,7 @@ where
                 // start (the tree still frozen at the source).
                 Message::PagesRestart => {
                     if let Err(err) = store.discard() {
-                        let reason = err.to_string();
-                        channel
-                            .send(&Message::Refused {
-                                reason: reason.clone(),
-                            })
-                            .await?;
-                        return Err(ChannelError::Refused(reason));
+                        return Err(refuse(channel, err.to_string()).await);
                     }
                     received = 0;
                     channel.send(&Message::PagesRestarted).await?;
@@ -191,4 +174,21 @@ where
         .send(&Message::PagesDone { bytes: received })
         .await?;
     Ok(received)
+}
+
+/// Tell the source why the stream is refused; the error to end with (the
+/// channel's own, if even that could not be sent).
+async fn refuse<S>(channel: &mut Channel<S>, reason: String) -> ChannelError
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match channel
+        .send(&Message::Refused {
+            reason: reason.clone(),
+        })
+        .await
+    {
+        Ok(()) => ChannelError::Refused(reason),
+        Err(err) => err,
+    }
 }

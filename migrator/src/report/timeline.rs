@@ -5,7 +5,10 @@
 //! drops, holds, held deliveries) and the stall that peer saw. Drawn with
 //! plotters' SVG backend.
 
-use plotters::{coord::Shift, prelude::*};
+use plotters::{
+    coord::{Shift, types::RangedCoordf64},
+    prelude::*,
+};
 
 use super::{ConnectionEvent, FREEZE, Phase, RELEASE, Report};
 
@@ -141,20 +144,24 @@ fn title(report: &Report) -> String {
     )
 }
 
-fn draw_phases(area: &Area, report: &Report, rows: &[(String, String)]) -> Result<(), DrawError> {
-    let end = report
-        .phases
-        .iter()
-        .map(|p| p.start_ms + p.duration_ms)
-        .fold(report.total_ms, f64::max)
-        .max(1.0);
-    let n = rows.len().max(1) as f64;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A panel: its caption, `x` in ms on the report's timeline, `rows`
+/// rows (labelled by the caller, in the label area), the freeze window
+/// shaded.
+fn chart<'a, 'b>(
+    area: &'a Area<'b>,
+    report: &Report,
+    (caption, size): (String, u32),
+    x: std::ops::Range<f64>,
+    rows: f64,
+) -> Result<Chart<'a, 'b>, DrawError> {
     let mut chart = ChartBuilder::on(area)
-        .caption(title(report), ("sans-serif", 18))
+        .caption(caption, ("sans-serif", size))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(LABEL_PX)
-        .build_cartesian_2d(0.0..end * 1.02, 0.0..n)
+        .build_cartesian_2d(x, 0.0..rows)
         .map_err(draw_error)?;
     chart
         .configure_mesh()
@@ -165,9 +172,21 @@ fn draw_phases(area: &Area, report: &Report, rows: &[(String, String)]) -> Resul
         .map_err(draw_error)?;
     if let Some((from, to)) = window(report) {
         chart
-            .draw_series([Rectangle::new([(from, 0.0), (to, n)], WINDOW.filled())])
+            .draw_series([Rectangle::new([(from, 0.0), (to, rows)], WINDOW.filled())])
             .map_err(draw_error)?;
     }
+    Ok(chart)
+}
+
+fn draw_phases(area: &Area, report: &Report, rows: &[(String, String)]) -> Result<(), DrawError> {
+    let end = report
+        .phases
+        .iter()
+        .map(|p| p.start_ms + p.duration_ms)
+        .fold(report.total_ms, f64::max)
+        .max(1.0);
+    let n = rows.len().max(1) as f64;
+    let mut chart = chart(area, report, (title(report), 18), 0.0..end * 1.02, n)?;
     let row_of = |phase: &Phase| {
         rows.iter()
             .position(|(host, name)| *host == phase.host && *name == phase.name)
@@ -223,28 +242,8 @@ fn zoom(report: &Report) -> (f64, f64) {
 fn draw_lanes(area: &Area, report: &Report, lanes: &[String]) -> Result<(), DrawError> {
     let (from, to) = zoom(report);
     let n = lanes.len().max(1) as f64;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "the freeze window, per connection (marks above a lane: on the source; below: on the destination)",
-            ("sans-serif", 16),
-        )
-        .margin(10)
-        .x_label_area_size(35)
-        .y_label_area_size(LABEL_PX)
-        .build_cartesian_2d(from..to, 0.0..n)
-        .map_err(draw_error)?;
-    chart
-        .configure_mesh()
-        .disable_y_mesh()
-        .y_labels(0)
-        .x_desc("ms since the migration started")
-        .draw()
-        .map_err(draw_error)?;
-    if let Some((start, end)) = window(report) {
-        chart
-            .draw_series([Rectangle::new([(start, 0.0), (end, n)], WINDOW.filled())])
-            .map_err(draw_error)?;
-    }
+    let caption = "the freeze window, per connection (marks above a lane: on the source; below: on the destination)";
+    let mut chart = chart(area, report, (caption.to_owned(), 16), from..to, n)?;
     let y_of = |lane: usize| n - lane as f64 - 0.5;
     for (i, lane) in lanes.iter().enumerate() {
         if let Some((start, end)) = stall(report, lane) {

@@ -10,12 +10,13 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
+
+use migrator_tests::http::get;
 
 #[derive(Default)]
 struct Verdict {
@@ -24,30 +25,6 @@ struct Verdict {
     failures: Vec<String>,
     slowest_connect_ms: f64,
     connects_over_1s: u64,
-}
-
-fn get(stream: &mut TcpStream) -> Result<(), String> {
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
-        .map_err(|e| format!("sending: {e}"))?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut buf).map_err(|e| format!("reading: {e}"))?;
-        if n == 0 {
-            return Err("closed mid-answer".into());
-        }
-        answer.extend_from_slice(&buf[..n]);
-        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n")
-            && answer.len() >= end + 4 + 3
-        {
-            return if answer.starts_with(b"HTTP/1.1 200") {
-                Ok(())
-            } else {
-                Err(format!("answer {:?}", String::from_utf8_lossy(&answer)))
-            };
-        }
-    }
 }
 
 fn main() {
