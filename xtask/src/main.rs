@@ -104,6 +104,11 @@ enum Bench {
     /// 256 MiB of image frames through the TLS channel and through plain
     /// TCP with the same framing, alternating: MiB/s and the time ratio.
     Channel,
+    /// The fault matrix: each fault (agent killed, migrate killed, the
+    /// channel cut, CRIU killed) at each point of a migration, with the
+    /// live copies of the process sampled every 10 ms: outcome, copies,
+    /// connections, whether it needs `recover`.
+    Faults,
 }
 
 fn main() -> std::process::ExitCode {
@@ -188,6 +193,7 @@ fn run(cli: Cli) -> Result<()> {
                 Bench::Migrate => &["bench-migrate"],
                 Bench::Watch => &["bench-watch"],
                 Bench::Channel => &["bench-channel"],
+                Bench::Faults => &["bench-faults"],
             };
             for bin in bins {
                 cmd::section(bin);
