@@ -6,6 +6,7 @@
 
 // Test helpers panic on broken fixtures: that is a test failure, not a bug path.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
+pub mod faults;
 pub mod frames;
 pub mod http;
 pub mod lab;

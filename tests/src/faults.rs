@@ -1,0 +1,209 @@
+//! The fault matrix's cells: one migration of the lab workload with one
+//! fault injected at one point, the live copies of the process sampled
+//! every 10 ms on both hosts throughout, and what was left once things
+//! settled. Run by `bench-faults` (the matrix as a table) and by the
+//! tests (its invariants).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    lab::{DST, SRC},
+    migration::MigrationLab,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// The destination's agent, SIGKILL.
+    AgentKilled,
+    /// `migrate`, SIGKILL.
+    MigrateKilled,
+    /// The channel between the hosts, both ways (nftables on the
+    /// destination), healed after the lock's deadline.
+    NetworkCut,
+    /// CRIU on the host working at that point (the source's for the dump
+    /// and transfer, the destination's for the restore).
+    CriuKilled,
+}
+
+impl Fault {
+    pub const ALL: [Self; 4] = [
+        Self::AgentKilled,
+        Self::MigrateKilled,
+        Self::NetworkCut,
+        Self::CriuKilled,
+    ];
+}
+
+/// Points, by the phase the source publishes when it gets there.
+pub const POINTS: [&str; 3] = ["dump", "transfer", "restore (destination)"];
+
+/// How many `lab-workload` copies run in these namespaces: not stopped,
+/// not zombies, not traced (CRIU holds the copies it dumps or restores
+/// with ptrace).
+pub fn live_copies(netns: &[u64]) -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| netns.contains(&m.ino()))
+        })
+        .filter(|e| {
+            let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+                return false;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            field("Name:") == "lab-workload"
+                && !field("State:").starts_with(['T', 't', 'Z', 'X'])
+                && field("TracerPid:") == "0"
+        })
+        .count()
+}
+
+/// The phase the source published last.
+fn phase_of(lab: &MigrationLab) -> String {
+    let root = crate::lab::pin_root_of(&lab.lab.netns_path(SRC));
+    root.and_then(|root| std::fs::read_to_string(migrator::watch::phase_file(&root)).ok())
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn kill_in(lab: &MigrationLab, host: &str, comm: &str) -> usize {
+    let mut killed = 0;
+    for pid in crate::lab::processes_in(&lab.lab.netns_path(host)) {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let matches = match comm {
+            "agent" => name.trim() == "migrator" && cmdline.contains("agent"),
+            "migrate" => name.trim() == "migrator" && cmdline.contains("migrate"),
+            // Run through its loader by the launcher setup writes: known
+            // by its path, not its name, and once dumping by the title it
+            // gives itself ("criu: dump ...").
+            "criu" => cmdline.contains("sbin/criu") || cmdline.contains("criu: "),
+            other => name.trim() == other,
+        };
+        if matches {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed += 1;
+        }
+    }
+    killed
+}
+
+fn inject(lab: &MigrationLab, fault: Fault, point: &str) -> String {
+    match fault {
+        Fault::AgentKilled => format!("{} agent(s) killed", kill_in(lab, DST, "agent")),
+        Fault::MigrateKilled => format!("{} migrate killed", kill_in(lab, SRC, "migrate")),
+        Fault::NetworkCut => {
+            // Both ways, on the destination's side of the channel; healed
+            // after the lock's deadline.
+            lab.nft(
+                DST,
+                "table inet cut {\n  chain input {\n    type filter hook input priority 0;\n    tcp dport 7070 drop\n  }\n  chain output {\n    type filter hook output priority 0;\n    tcp sport 7070 drop\n  }\n}\n",
+            );
+            "channel cut both ways".to_owned()
+        }
+        Fault::CriuKilled => {
+            let host = if point.starts_with("restore") {
+                DST
+            } else {
+                SRC
+            };
+            format!("{} criu killed on {host}", kill_in(lab, host, "criu"))
+        }
+    }
+}
+
+/// What one cell did.
+pub struct Cell {
+    pub fault: Fault,
+    pub point: &'static str,
+    pub outcome: String,
+    pub injected: String,
+    pub max_live: usize,
+    pub live_after: usize,
+    pub intact: bool,
+    pub settle_ms: f64,
+}
+
+/// One migration src -> dst with `fault` at `point`, locks with a
+/// `deadline_s` deadline; returns once settled (past the deadline).
+pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
+    let mut lab = MigrationLab::new("faults");
+    let pid = lab.start_workload(true, 16);
+    std::thread::sleep(Duration::from_millis(500));
+    let hosts = vec![lab.netns_inode(SRC), lab.netns_inode(DST)];
+    let (stop, max_live) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let sampler = {
+        let (stop, max_live, hosts) = (stop.clone(), max_live.clone(), hosts.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                max_live.fetch_max(live_copies(&hosts), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let started = Instant::now();
+    let deadline = format!("{deadline_s}s");
+    let run = std::thread::scope(|scope| {
+        let injector = scope.spawn(|| {
+            while started.elapsed() < Duration::from_secs(20) {
+                if phase_of(&lab) == point {
+                    // A moment into the phase.
+                    std::thread::sleep(Duration::from_millis(5));
+                    return inject(&lab, fault, point);
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            "point never reached".to_owned()
+        });
+        let run = lab.migrate(SRC, DST, pid, &["--deadline", &deadline]);
+        (run, injector.join().unwrap())
+    });
+    let ((run, injected), migrated_at) = (run, started.elapsed());
+    // Settle: past the locks' deadline, the cut healed, the agent back.
+    std::thread::sleep(Duration::from_secs(deadline_s + 1).saturating_sub(migrated_at));
+    if matches!(fault, Fault::NetworkCut) {
+        let _ = lab.lab.nft(DST, "delete table inet cut\n");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let live_after = live_copies(&hosts);
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let intact = lab.peer_connections().iter().all(|c| c["error"].is_null())
+        && lab.peer_connections().len() == 3;
+    let outcome = run
+        .report
+        .as_ref()
+        .and_then(|r| r["outcome"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("no report (exit {:?})", run.code));
+    Cell {
+        fault,
+        point,
+        outcome,
+        injected,
+        max_live: max_live.load(Ordering::Relaxed),
+        live_after,
+        intact,
+        settle_ms: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
