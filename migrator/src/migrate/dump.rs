@@ -10,6 +10,9 @@
 //! dies meanwhile, CRIU reads the closed socket as a refusal and resumes
 //! the tree; the lock fails open at its deadline.
 //!
+//! A dump that fails (CRIU resumes the tree) runs once more, still
+//! frozen: the agent starts its page images over (`PagesRestart`).
+//!
 //! Without the page stream (both hosts one machine sharing PIDs, where
 //! the tree must be gone before the agent can restore it), CRIU writes
 //! every image here and kills the tree at once, and a rollback restores
