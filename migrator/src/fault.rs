@@ -6,6 +6,8 @@
 //!
 //! - `dump-fails` (source): the first `criu dump` fails at its post-dump
 //!   notification (every page already out), as a CRIU failure would.
+//! - `restore-fails` (agent): the first restore fails before CRIU
+//!   restores anything, as the destination host's restore failing would.
 //! - `restored-reply-lost` (agent): the answer to the first commit is
 //!   never sent (the connection closes instead), as when the link fails
 //!   right after the hand-over.
@@ -40,3 +42,4 @@ pub fn fires(name: &'static str) -> bool {
 
 pub const DUMP_FAILS: &str = "dump-fails";
 pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";
+pub const RESTORE_FAILS: &str = "restore-fails";

@@ -29,19 +29,35 @@ pub enum Fault {
     /// CRIU on the host working at that point (the source's for the dump
     /// and transfer, the destination's for the restore).
     CriuKilled,
+    /// The destination's restore fails (`MIGRATOR_FAULTS=restore-fails`
+    /// on its agent): only at the restore.
+    RestoreFails,
 }
 
 impl Fault {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::AgentKilled,
         Self::MigrateKilled,
         Self::NetworkCut,
         Self::CriuKilled,
+        Self::RestoreFails,
     ];
+
+    /// The points where this fault means something: the restore fails
+    /// only at the restore; at the cleanup CRIU is mostly done already.
+    pub fn points(self) -> &'static [&'static str] {
+        match self {
+            Self::RestoreFails => &POINTS[2..3],
+            Self::CriuKilled => &POINTS[..3],
+            _ => &POINTS,
+        }
+    }
 }
 
-/// Points, by the phase the source publishes when it gets there.
-pub const POINTS: [&str; 3] = ["dump", "transfer", "restore (destination)"];
+/// Points, by the phase the source publishes when it gets there: the
+/// dump, the transfer, the destination restoring and waiting for the
+/// commit, and the source's cleanup after the destination took over.
+pub const POINTS: [&str; 4] = ["dump", "transfer", "restore (destination)", "cleanup"];
 
 /// How many `lab-workload` copies run in these namespaces: not stopped,
 /// not zombies, not traced (CRIU holds the copies it dumps or restores
@@ -91,10 +107,10 @@ fn kill_in(lab: &MigrationLab, host: &str, comm: &str) -> usize {
         let matches = match comm {
             "agent" => name.trim() == "migrator" && cmdline.contains("agent"),
             "migrate" => name.trim() == "migrator" && cmdline.contains("migrate"),
-            // Run through its loader by the launcher setup writes: known
-            // by its path, not its name, and once dumping by the title it
-            // gives itself ("criu: dump ...").
-            "criu" => cmdline.contains("sbin/criu") || cmdline.contains("criu: "),
+            // Run by the launcher setup writes (a shell script, then
+            // CRIU's loader): known by its path, not its name, and once
+            // dumping by the title it gives itself ("criu: dump ...").
+            "criu" => cmdline.contains("bin/criu") || cmdline.contains("criu: "),
             other => name.trim() == other,
         };
         if matches {
@@ -119,6 +135,7 @@ fn inject(lab: &MigrationLab, fault: Fault, point: &str) -> String {
             );
             "channel cut both ways".to_owned()
         }
+        Fault::RestoreFails => "the agent's restore fails (MIGRATOR_FAULTS)".to_owned(),
         Fault::CriuKilled => {
             let host = if point.starts_with("restore") {
                 DST
@@ -146,6 +163,10 @@ pub struct Cell {
 /// `deadline_s` deadline; returns once settled (past the deadline).
 pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     let mut lab = MigrationLab::new("faults");
+    if matches!(fault, Fault::RestoreFails) {
+        lab.stop_agent(DST);
+        lab.start_agent_injecting(DST, &[], Some("restore-fails"));
+    }
     let pid = lab.start_workload(true, 16);
     std::thread::sleep(Duration::from_millis(500));
     let hosts = vec![lab.netns_inode(SRC), lab.netns_inode(DST)];

@@ -5,7 +5,7 @@
 //! intact, or none does and the outcome says `recover` is needed.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use migrator_tests::faults::{Cell, Fault, POINTS, run_cell};
+use migrator_tests::faults::{Cell, Fault, run_cell};
 
 /// The locks' deadline in these migrations: the settle time.
 const DEADLINE_S: u64 = 6;
@@ -44,7 +44,7 @@ fn check(cell: &Cell) {
 }
 
 fn row(fault: Fault) {
-    for point in POINTS {
+    for &point in fault.points() {
         check(&run_cell(fault, point, DEADLINE_S));
     }
 }
@@ -67,4 +67,9 @@ fn the_channel_cut_at_every_point() {
 #[test]
 fn criu_killed_at_every_point() {
     row(Fault::CriuKilled);
+}
+
+#[test]
+fn the_destinations_restore_failing() {
+    row(Fault::RestoreFails);
 }

@@ -99,6 +99,12 @@ pub async fn take_over(
             .swrk(images)
             .map_err(|e| (report::RESTORE, e.to_string()))?,
     };
+    if crate::fault::fires(crate::fault::RESTORE_FAILS) {
+        return Err((
+            report::RESTORE,
+            "injected fault: the restore fails".to_owned(),
+        ));
+    }
     // Stopped: it runs only after the hand-over.
     let outcome = tokio::task::spawn_blocking(move || swrk.restore_stopped(|_| Ok(())))
         .await

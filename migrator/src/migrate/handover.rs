@@ -115,6 +115,9 @@ pub(super) async fn hand_over(
         }
     };
     let answered = Instant::now();
+    // The process is the destination's now; what is left here is our own
+    // bookkeeping and cleanup.
+    clock.publish("cleanup");
     // CRIU finished with the tree meanwhile: its own account of the dump.
     if let Some(dying) = dying_copy
         && let Ok(outcome) = dying.outcome().await

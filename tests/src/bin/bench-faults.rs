@@ -14,7 +14,7 @@
 //! (FAULT: one of the faults' names, for its row only).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use migrator_tests::faults::{Fault, POINTS, run_cell};
+use migrator_tests::faults::{Fault, run_cell};
 
 fn main() {
     let deadline_s = 6;
@@ -41,7 +41,7 @@ fn main() {
     );
     let mut violations = 0;
     for fault in faults {
-        for point in POINTS {
+        for &point in fault.points() {
             let cell = run_cell(fault, point, deadline_s);
             let verdict = if cell.injected.starts_with("0 ") || cell.injected.contains("never") {
                 "  (nothing to hit at that point)"
