@@ -63,29 +63,17 @@ pub const POINTS: [&str; 4] = ["dump", "transfer", "restore (destination)", "cle
 /// not zombies, not traced (CRIU holds the copies it dumps or restores
 /// with ptrace).
 pub fn live_copies(netns: &[u64]) -> usize {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| netns.contains(&m.ino()))
-        })
-        .filter(|e| {
-            let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
-                return false;
-            };
+    crate::migration::workload_statuses(netns)
+        .iter()
+        .filter(|status| {
             let field = |name: &str| {
                 status
                     .lines()
                     .find_map(|l| l.strip_prefix(name))
                     .map(str::trim)
                     .unwrap_or("")
-                    .to_owned()
             };
-            field("Name:") == "lab-workload"
-                && !field("State:").starts_with(['T', 't', 'Z', 'X'])
-                && field("TracerPid:") == "0"
+            !field("State:").starts_with(['T', 't', 'Z', 'X']) && field("TracerPid:") == "0"
         })
         .count()
 }

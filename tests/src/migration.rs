@@ -552,6 +552,22 @@ impl MigrationLab {
 
 /// The workload process under its launcher (nsenter execs into unshare or
 /// setsid; with unshare, the workload is its child).
+/// `/proc/PID/status` of every `lab-workload` process in these network
+/// namespaces (by inode): other tests run workloads of their own.
+pub fn workload_statuses(netns: &[u64]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| netns.contains(&m.ino()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter(|status| status.lines().next() == Some("Name:\tlab-workload"))
+        .collect()
+}
+
 fn workload_pid(launcher: i32) -> Option<i32> {
     let comm = std::fs::read_to_string(format!("/proc/{launcher}/comm")).ok()?;
     if comm.trim() == "lab-workload" {

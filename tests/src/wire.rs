@@ -27,6 +27,33 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
+/// New clients from the namespace at `netns`, one every `every` until
+/// `stop`, to `targets` in turn, each `attempt` on a thread of its own (one
+/// waiting for its SYN's answer does not hold up the next arrival).
+/// Joined, the handle gives every attempt's result, in order.
+pub fn arrivals<T: Send + 'static>(
+    netns: &Path,
+    targets: Vec<SocketAddr>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    attempt: fn(SocketAddr) -> Result<T, String>,
+) -> JoinHandle<Vec<Result<T, String>>> {
+    in_netns(netns, move || {
+        let mut attempts = Vec::new();
+        for to in targets.iter().copied().cycle() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            attempts.push(thread::spawn(move || attempt(to)));
+            thread::sleep(every);
+        }
+        attempts
+            .into_iter()
+            .map(|attempt| attempt.join().unwrap())
+            .collect()
+    })
+}
+
 fn enter(netns: &PathBuf) {
     let file = std::fs::File::open(netns).expect("open the namespace");
     // SAFETY: setns on this thread with a namespace fd we own.

@@ -37,24 +37,11 @@ fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {
 /// This lab's workload processes that are running (not stopped, not
 /// zombies), on either host: other tests run workloads of their own.
 fn running_workloads(netns: &[u64]) -> usize {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| netns.contains(&m.ino()))
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| stat.contains("(lab-workload)"))
-        .filter(|stat| {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next();
-            !matches!(state, Some("T" | "t" | "Z" | "X"))
+    migrator_tests::migration::workload_statuses(netns)
+        .iter()
+        .filter(|status| {
+            let state = status.lines().find_map(|l| l.strip_prefix("State:"));
+            !state.is_some_and(|s| s.trim_start().starts_with(['T', 't', 'Z', 'X']))
         })
         .count()
 }

@@ -9,7 +9,7 @@ use std::{process::Command, time::Duration};
 use migrator_tests::{
     lab::{DST, PEER, SERVICE_V4, SERVICE_V6, SRC},
     migration::{MigrationLab, SERVICE_PORT, Workload},
-    wire::in_netns,
+    wire::arrivals,
 };
 use serde_json::Value;
 
@@ -310,32 +310,22 @@ fn new_clients_during_the_freeze_get_in_right_after_the_release_with_hold() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let stop = Arc::new(AtomicBool::new(false));
-    let arriving = stop.clone();
-    let clients = in_netns(&lab.lab.netns_path(PEER), move || {
-        let targets: [SocketAddr; 2] = [
-            format!("{SERVICE_V4}:{SERVICE_PORT}").parse().unwrap(),
-            format!("[{SERVICE_V6}]:{SERVICE_PORT}").parse().unwrap(),
-        ];
-        let mut attempts = Vec::new();
-        let mut i = 0;
-        while !arriving.load(Ordering::Relaxed) {
-            let to = targets[i % 2];
-            i += 1;
-            // Each on a thread of its own: one waiting for its SYN's answer
-            // does not hold up the next arrival.
-            attempts.push(std::thread::spawn(move || {
-                let started = Instant::now();
-                TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                    .map(|stream| (to, started.elapsed(), stream))
-                    .map_err(|e| format!("{to}: {e}"))
-            }));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        attempts
-            .into_iter()
-            .map(|attempt| attempt.join().unwrap())
-            .collect::<Vec<_>>()
-    });
+    let targets = vec![
+        format!("{SERVICE_V4}:{SERVICE_PORT}").parse().unwrap(),
+        format!("[{SERVICE_V6}]:{SERVICE_PORT}").parse().unwrap(),
+    ];
+    let clients = arrivals(
+        &lab.lab.netns_path(PEER),
+        targets,
+        Duration::from_millis(20),
+        stop.clone(),
+        |to: SocketAddr| {
+            let started = Instant::now();
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .map(|stream| (to, started.elapsed(), stream))
+                .map_err(|e| format!("{to}: {e}"))
+        },
+    );
     std::thread::sleep(Duration::from_millis(300));
     let mut windows = Vec::new();
     for (from, to) in [(SRC, DST), (DST, SRC)] {

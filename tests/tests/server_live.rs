@@ -17,7 +17,7 @@ use migrator_tests::{
     http::get,
     lab::{DST, PEER, SERVICE_V4, SERVICE_V6, SRC},
     migration::{HTTP_PORT, MigrationLab},
-    wire::in_netns,
+    wire::{self, in_netns},
 };
 
 fn targets() -> [SocketAddr; 2] {
@@ -60,31 +60,23 @@ fn nginx_moves_ten_times_with_keepalive_and_new_clients() {
         })
         .collect();
     // New clients: one every 20 ms, each on its own thread, one request.
-    let arriving = stop.clone();
-    let arrivals = in_netns(&peer, move || {
-        let mut attempts = Vec::new();
-        let mut i = 0;
-        while !arriving.load(Ordering::Relaxed) {
-            let to = targets()[i % 2];
-            i += 1;
-            attempts.push(std::thread::spawn(move || {
-                let started = Instant::now();
-                let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                    .map_err(|e| format!("connecting to {to}: {e}"))?;
-                let waited = started.elapsed();
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(5)))
-                    .unwrap();
-                get(&mut stream).map_err(|e| format!("new client of {to}: {e}"))?;
-                Ok::<Duration, String>(waited)
-            }));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        attempts
-            .into_iter()
-            .map(|a| a.join().unwrap())
-            .collect::<Vec<_>>()
-    });
+    let arrivals = wire::arrivals(
+        &peer,
+        targets().to_vec(),
+        Duration::from_millis(20),
+        stop.clone(),
+        |to: SocketAddr| {
+            let started = Instant::now();
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .map_err(|e| format!("connecting to {to}: {e}"))?;
+            let waited = started.elapsed();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            get(&mut stream).map_err(|e| format!("new client of {to}: {e}"))?;
+            Ok::<Duration, String>(waited)
+        },
+    );
     std::thread::sleep(Duration::from_millis(500));
     let mut windows = Vec::new();
     for round in 0..10 {

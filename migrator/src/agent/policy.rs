@@ -75,7 +75,7 @@ impl AgentPolicy {
                 self.max_deadline
             ));
         }
-        let services: Vec<IpAddr> = request.service_addresses.iter().map(|a| a.ip).collect();
+        let services = request.service_ips();
         request
             .flows
             .iter()

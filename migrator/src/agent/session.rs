@@ -287,7 +287,7 @@ async fn serve(
         pages::deliver(channel, &mut store, limit, commit_by).await?;
     }
     receive_images(channel, session_dir, commit_by).await?;
-    let services: Vec<IpAddr> = request.service_addresses.iter().map(|a| a.ip).collect();
+    let services = request.service_ips();
     let (held, frozen_at) = receive_held(channel, &flows, &services, commit_by).await?;
     session.frozen_at = Some(frozen_at);
 

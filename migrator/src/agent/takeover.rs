@@ -147,7 +147,7 @@ pub async fn take_over(
     // proves the peer's neighbour entry now points here.
     let phase = clock.begin(report::ANNOUNCE);
     let iface = config.iface.clone();
-    let addresses: Vec<IpAddr> = request.service_addresses.iter().map(|a| a.ip).collect();
+    let addresses = request.service_ips();
     let neighbours = on_link_neighbours(netlink, index, request).await;
     let link = tokio::task::spawn_blocking(move || -> Result<Link, String> {
         let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
@@ -226,10 +226,7 @@ impl TakenOver {
             .map_err(|e| (report::RELEASE, e.to_string()))?;
         clock.end(phase, true);
 
-        let mut held_delivered = Vec::new();
-        let mut deliveries = Vec::new();
-        let mut syns_delivered = 0;
-        if self.hold {
+        let delivered = if self.hold {
             let phase = clock.begin(report::DELIVER_HELD);
             let mut frames = source_held;
             frames.extend(
@@ -238,15 +235,16 @@ impl TakenOver {
                     .map(|packet| bytes::Bytes::from(packet.frame)),
             );
             let delivered = deliver_held(&frames, clock);
-            (held_delivered, deliveries, syns_delivered) =
-                (delivered.per_flow, delivered.events, delivered.syns);
             clock.end(phase, true);
-        }
+            delivered
+        } else {
+            Delivered::default()
+        };
         let released_at = Instant::now();
         let raw = lock.drain_events();
         let mut events =
             report::connection_events(&raw, lock.flows(), "destination", clock.now_ms());
-        events.extend(deliveries);
+        events.extend(delivered.events);
         events.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
         events.truncate(report::MAX_EVENTS_PER_HOST);
 
@@ -267,8 +265,8 @@ impl TakenOver {
             connections,
             confirmed: self.confirmed,
             unconfirmed: self.unconfirmed,
-            held_delivered,
-            syns_delivered,
+            held_delivered: delivered.per_flow,
+            syns_delivered: delivered.syns,
             events,
         })
     }
@@ -279,6 +277,7 @@ impl TakenOver {
 /// way a dropped one is: the peer retransmits it.
 /// What was delivered: held packets per migrating flow, their events, and
 /// the new clients' SYNs.
+#[derive(Default)]
 struct Delivered {
     per_flow: Vec<(String, u64)>,
     events: Vec<report::ConnectionEvent>,
@@ -290,11 +289,7 @@ fn deliver_held(frames: &[bytes::Bytes], clock: &PhaseClock) -> Delivered {
         Ok(injector) => injector,
         Err(err) => {
             warn!("held packets not delivered: {err}");
-            return Delivered {
-                per_flow: Vec::new(),
-                events: Vec::new(),
-                syns: 0,
-            };
+            return Delivered::default();
         }
     };
     let mut counts: std::collections::BTreeMap<String, u64> = Default::default();

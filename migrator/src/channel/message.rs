@@ -94,6 +94,11 @@ pub struct PreflightRequest {
 }
 
 impl PreflightRequest {
+    /// The service addresses that move, as plain IPs.
+    pub fn service_ips(&self) -> Vec<std::net::IpAddr> {
+        self.service_addresses.iter().map(|a| a.ip).collect()
+    }
+
     /// Whether the agent (with this identity) shares PIDs with the source.
     pub fn shares_pids_with(&self, (boot_id, pid_namespace): &(String, u64)) -> bool {
         !self.boot_id.is_empty() && self.boot_id == *boot_id && self.pid_namespace == *pid_namespace

@@ -44,7 +44,7 @@ where
             frame = channel.next_frame(None) => match frame? {
                 Frame::Data(answer) => to_criu.write_all(&answer).await?,
                 Frame::Message(payload) => {
-                    return Err(refusal_or_unexpected(&payload, "page-stream data")?);
+                    return Err(not_awaited(serde_json::from_slice(&payload)?, "page-stream data"));
                 }
             }
         }
@@ -58,18 +58,12 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     channel.send(&Message::PagesEnd { bytes: sent }).await?;
-    loop {
-        // Answers for a CRIU that is gone: nobody reads them.
-        let Frame::Message(payload) = channel.next_frame(None).await? else {
-            continue;
-        };
-        return match serde_json::from_slice::<Message>(&payload)? {
-            Message::PagesDone { bytes } if bytes == sent => Ok(()),
-            Message::PagesDone { bytes } => Err(ChannelError::Frame(format!(
-                "the agent's page server got {bytes} bytes of {sent} sent"
-            ))),
-            _ => Err(refusal_or_unexpected(&payload, "pages-done")?),
-        };
+    match next_message(channel).await? {
+        Message::PagesDone { bytes } if bytes == sent => Ok(()),
+        Message::PagesDone { bytes } => Err(ChannelError::Frame(format!(
+            "the agent's page server got {bytes} bytes of {sent} sent"
+        ))),
+        other => Err(not_awaited(other, "pages-done")),
     }
 }
 
@@ -80,24 +74,29 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     channel.send(&Message::PagesRestart).await?;
+    match next_message(channel).await? {
+        Message::PagesRestarted => Ok(()),
+        other => Err(not_awaited(other, "pages-restarted")),
+    }
+}
+
+/// The agent's next message; answers still on their way to a CRIU that
+/// is gone are skipped (nobody reads them).
+async fn next_message<S>(channel: &mut Channel<S>) -> Result<Message, ChannelError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
-        let Frame::Message(payload) = channel.next_frame(None).await? else {
-            continue;
-        };
-        return match serde_json::from_slice::<Message>(&payload)? {
-            Message::PagesRestarted => Ok(()),
-            _ => Err(refusal_or_unexpected(&payload, "pages-restarted")?),
-        };
+        if let Frame::Message(payload) = channel.next_frame(None).await? {
+            return Ok(serde_json::from_slice(&payload)?);
+        }
     }
 }
 
 /// The error for a message other than the one awaited: the agent's
 /// refusal as such, anything else as unexpected.
-fn refusal_or_unexpected(
-    payload: &[u8],
-    expected: &'static str,
-) -> Result<ChannelError, ChannelError> {
-    Ok(match serde_json::from_slice::<Message>(payload)? {
+fn not_awaited(message: Message, expected: &'static str) -> ChannelError {
+    match message {
         Message::Refused { reason } | Message::Failed { reason, .. } => {
             ChannelError::Refused(super::printable(&reason))
         }
@@ -105,7 +104,7 @@ fn refusal_or_unexpected(
             expected,
             got: other.name(),
         },
-    })
+    }
 }
 
 /// Agent: write the source's page stream into `store` (page-map and

@@ -234,11 +234,13 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
         warned_no_connections: false,
         retransmit_counter: None,
     };
-    let latest = crate::metrics::connections::Latest::default();
+    // Kept for the scrapes only when there are scrapes to serve.
+    let mut latest = None;
     if let Some(addr) = options.metrics_addr {
+        let shared = latest.insert(crate::metrics::connections::Latest::default());
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(crate::metrics::connections::Connections::new(
-            latest.clone(),
+            shared.clone(),
             options.connection_labels,
         )));
         crate::metrics::spawn_server(addr, registry)
@@ -309,7 +311,9 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
             Ok(snapshot) => snapshot,
             Err(err) => break Err(err),
         };
-        latest.set(&snapshot);
+        if let Some(latest) = &latest {
+            latest.set(&snapshot);
+        }
         let mut stdout = std::io::stdout().lock();
         match options.output {
             Output::Tui => {
