@@ -26,38 +26,61 @@ pub enum Fault {
     /// The channel between the hosts, both ways (nftables on the
     /// destination), healed after the lock's deadline.
     NetworkCut,
-    /// CRIU on the host working at that point (the source's for the dump
-    /// and transfer, the destination's for the restore).
+    /// The same cut, never healed (while the cell lasts).
+    NetworkCutForever,
+    /// CRIU on the host working at that point: the source's once it holds
+    /// the tree (mid-dump) and while it waits for the verdict with every
+    /// image written (the transfer), the destination's mid-restore.
     CriuKilled,
     /// The destination's restore fails (`MIGRATOR_FAULTS=restore-fails`
     /// on its agent): only at the restore.
     RestoreFails,
+    /// The destination's image store full: its migration's tmpfs (64 MiB
+    /// here, `--max-image-memory`) filled up by another writer while the
+    /// images arrive.
+    ImagesFull,
 }
 
 impl Fault {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::AgentKilled,
         Self::MigrateKilled,
         Self::NetworkCut,
+        Self::NetworkCutForever,
         Self::CriuKilled,
         Self::RestoreFails,
+        Self::ImagesFull,
     ];
 
-    /// The points where this fault means something: the restore fails
-    /// only at the restore; at the cleanup CRIU is mostly done already.
+    /// The points where this fault means something: CRIU runs only from
+    /// the dump to the end of the restore; the restore fails only at the
+    /// restore; the images arrive from the dump to the transfer.
     pub fn points(self) -> &'static [&'static str] {
         match self {
-            Self::RestoreFails => &POINTS[2..3],
-            Self::CriuKilled => &POINTS[..3],
+            Self::CriuKilled => &POINTS[1..4],
+            Self::RestoreFails => &POINTS[3..4],
+            Self::ImagesFull => &POINTS[..3],
             _ => &POINTS,
         }
     }
 }
 
-/// Points, by the phase the source publishes when it gets there: the
-/// dump, the transfer, the destination restoring and waiting for the
-/// commit, and the source's cleanup after the destination took over.
-pub const POINTS: [&str; 4] = ["dump", "transfer", "restore (destination)", "cleanup"];
+/// Points, by the phase the source publishes when it gets there: preflight
+/// done ("prepared", nothing frozen yet), the dump, the transfer, the
+/// destination restoring, the destination's copy restored and waiting
+/// (stopped) for the commit (seen on the destination: the source only
+/// waits then), and the source's cleanup after the destination took over.
+pub const POINTS: [&str; 6] = [
+    "prepared",
+    "dump",
+    "transfer",
+    "restore (destination)",
+    RESTORED,
+    "cleanup",
+];
+
+/// The point no phase names: the destination's copy restored, stopped.
+const RESTORED: &str = "restored (destination)";
 
 /// How many `lab-workload` copies run in these namespaces: not stopped,
 /// not zombies, not traced (CRIU holds the copies it dumps or restores
@@ -87,8 +110,10 @@ fn phase_of(lab: &MigrationLab) -> String {
         .to_owned()
 }
 
-fn kill_in(lab: &MigrationLab, host: &str, comm: &str) -> usize {
-    let mut killed = 0;
+/// SIGKILL the processes of `comm` in `host`'s namespace; how many, and
+/// what they were (their command lines, shortened).
+fn kill_in(lab: &MigrationLab, host: &str, comm: &str) -> (usize, String) {
+    let mut killed = Vec::new();
     for pid in crate::lab::processes_in(&lab.lab.netns_path(host)) {
         let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -104,19 +129,32 @@ fn kill_in(lab: &MigrationLab, host: &str, comm: &str) -> usize {
         if matches {
             // SAFETY: kill has no memory preconditions.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            killed += 1;
+            // CRIU's own title once it works ("criu: dump ..."), else
+            // what follows its path ("swrk 25").
+            let words = cmdline.replace('\0', " ");
+            let shown = match (words.find("criu: "), words.find("sbin/criu ")) {
+                (Some(at), _) => &words[at..],
+                (None, Some(at)) => &words[at + "sbin/criu ".len()..],
+                (None, None) => words.as_str(),
+            };
+            killed.push(
+                shown
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
         }
     }
-    killed
+    (killed.len(), killed.join("; "))
 }
 
 fn inject(lab: &MigrationLab, fault: Fault, point: &str) -> String {
     match fault {
-        Fault::AgentKilled => format!("{} agent(s) killed", kill_in(lab, DST, "agent")),
-        Fault::MigrateKilled => format!("{} migrate killed", kill_in(lab, SRC, "migrate")),
-        Fault::NetworkCut => {
-            // Both ways, on the destination's side of the channel; healed
-            // after the lock's deadline.
+        Fault::AgentKilled => format!("{} agent(s) killed", kill_in(lab, DST, "agent").0),
+        Fault::MigrateKilled => format!("{} migrate killed", kill_in(lab, SRC, "migrate").0),
+        Fault::NetworkCut | Fault::NetworkCutForever => {
+            // Both ways, on the destination's side of the channel.
             lab.nft(
                 DST,
                 "table inet cut {\n  chain input {\n    type filter hook input priority 0;\n    tcp dport 7070 drop\n  }\n  chain output {\n    type filter hook output priority 0;\n    tcp sport 7070 drop\n  }\n}\n",
@@ -124,15 +162,69 @@ fn inject(lab: &MigrationLab, fault: Fault, point: &str) -> String {
             "channel cut both ways".to_owned()
         }
         Fault::RestoreFails => "the agent's restore fails (MIGRATOR_FAULTS)".to_owned(),
+        Fault::ImagesFull => fill_images(lab),
         Fault::CriuKilled => {
             let host = if point.starts_with("restore") {
                 DST
             } else {
                 SRC
             };
-            format!("{} criu killed on {host}", kill_in(lab, host, "criu"))
+            // Mid-dump means CRIU holds the tree: wait until it does.
+            if point == "dump" {
+                let src = [lab.netns_inode(SRC)];
+                let held = Instant::now();
+                while held.elapsed() < Duration::from_secs(5)
+                    && !crate::migration::workload_statuses(&src)
+                        .iter()
+                        .any(|status| !status.contains("TracerPid:\t0\n"))
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            let (n, which) = kill_in(lab, host, "criu");
+            format!("{n} criu killed on {host} ({which})")
         }
     }
+}
+
+/// Fill the destination's image tmpfs for the migration in flight (the
+/// agent's newest session directory) with a file of our own.
+fn fill_images(lab: &MigrationLab) -> String {
+    let agent_dir = lab.dir.0.join(format!("agent-{DST}"));
+    let Some(session) = std::fs::read_dir(&agent_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(migrator::agent::SESSION_PREFIX)
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+    else {
+        return "0 bytes written: no session directory at the destination".to_owned();
+    };
+    let filler = session.path().join("filler");
+    let mut written = 0u64;
+    if let Ok(mut file) = std::fs::File::create(&filler) {
+        use std::io::Write as _;
+        let block = vec![0xa5u8; 1 << 20];
+        while file.write_all(&block).is_ok() {
+            written += block.len() as u64;
+        }
+    }
+    format!(
+        "{written} bytes written to {}, until it was full",
+        session.path().display()
+    )
+}
+
+/// Whether the destination holds a restored copy waiting for the commit:
+/// stopped, no longer held by CRIU.
+fn restored_at_destination(lab: &MigrationLab) -> bool {
+    crate::migration::workload_statuses(&[lab.netns_inode(DST)])
+        .iter()
+        .any(|status| status.contains("State:\tT") && status.contains("TracerPid:\t0\n"))
 }
 
 /// What one cell did.
@@ -151,9 +243,16 @@ pub struct Cell {
 /// `deadline_s` deadline; returns once settled (past the deadline).
 pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     let mut lab = MigrationLab::new("faults");
-    if matches!(fault, Fault::RestoreFails) {
-        lab.stop_agent(DST);
-        lab.start_agent_injecting(DST, &[], Some("restore-fails"));
+    match fault {
+        Fault::RestoreFails => {
+            lab.stop_agent(DST);
+            lab.start_agent_injecting(DST, &[], Some("restore-fails"));
+        }
+        Fault::ImagesFull => {
+            lab.stop_agent(DST);
+            lab.start_agent_with(DST, &["--max-image-memory", "64"]);
+        }
+        _ => {}
     }
     let pid = lab.start_workload(true, 16);
     std::thread::sleep(Duration::from_millis(500));
@@ -176,12 +275,17 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     let run = std::thread::scope(|scope| {
         let injector = scope.spawn(|| {
             while started.elapsed() < Duration::from_secs(20) {
-                if phase_of(&lab) == point {
+                let phase = phase_of(&lab);
+                if point == RESTORED {
+                    if phase == "restore (destination)" && restored_at_destination(&lab) {
+                        return inject(&lab, fault, point);
+                    }
+                } else if phase == point {
                     // A moment into the phase.
                     std::thread::sleep(Duration::from_millis(5));
                     return inject(&lab, fault, point);
                 }
-                std::thread::sleep(Duration::from_micros(500));
+                std::thread::sleep(Duration::from_micros(200));
             }
             "point never reached".to_owned()
         });
@@ -196,6 +300,9 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     }
     std::thread::sleep(Duration::from_secs(2));
     let live_after = live_copies(&hosts);
+    if matches!(fault, Fault::NetworkCutForever) {
+        let _ = lab.lab.nft(DST, "delete table inet cut\n");
+    }
     stop.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     let intact = lab.peer_connections().iter().all(|c| c["error"].is_null())

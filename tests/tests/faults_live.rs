@@ -65,6 +65,16 @@ fn the_channel_cut_at_every_point() {
 }
 
 #[test]
+fn the_channel_cut_for_good_at_every_point() {
+    row(Fault::NetworkCutForever);
+}
+
+#[test]
+fn the_destinations_image_store_full_at_every_point() {
+    row(Fault::ImagesFull);
+}
+
+#[test]
 fn criu_killed_at_every_point() {
     row(Fault::CriuKilled);
 }

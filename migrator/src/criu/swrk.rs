@@ -163,6 +163,11 @@ impl CriuBinary {
 }
 
 impl Swrk {
+    /// The `criu swrk` process.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Checkpoint the process tree rooted at `pid`, keeping established
     /// TCP connections (sockets go into TCP_REPAIR). The network lock is
     /// ours: CRIU is told to skip its own. The tree is killed after a

@@ -10,6 +10,15 @@
 //! dies meanwhile, CRIU reads the closed socket as a refusal and resumes
 //! the tree; the lock fails open at its deadline.
 //!
+//! If CRIU dies instead (killed, crashed) once the tree is frozen, the
+//! kernel lets the tree go as CRIU left it: its TCP sockets in repair
+//! mode (reads fail with EPERM, nothing is sent), perhaps CRIU's parasite
+//! code still in it. Such a copy cannot serve its connections, so it is
+//! killed at once (see [`DumpTask::criu_vanished`]). Past the post-dump
+//! notification every image is written: the hand-over goes on and the
+//! destination's copy becomes the only one. Before it the dump is lost
+//! with the tree, and the report says so.
+//!
 //! A dump that fails (CRIU resumes the tree) runs once more, still
 //! frozen: the agent starts its page images over (`PagesRestart`).
 //!
@@ -69,6 +78,9 @@ type DumpResult = (Result<Outcome, SwrkError>, Option<Box<MigrationLock>>);
 pub(super) struct DumpTask {
     task: Option<JoinHandle<DumpResult>>,
     events: UnboundedReceiver<CriuEvent>,
+    /// CRIU ended without answering (killed, crashed): it let the tree go
+    /// unfinished, and nobody resumed it properly.
+    criu_vanished: bool,
 }
 
 enum Next {
@@ -89,7 +101,19 @@ impl DumpTask {
             joined = task => {
                 self.task = None;
                 match joined {
-                    Ok((result, lock)) => Next::Ended(result.map_err(|e| e.to_string()), lock),
+                    Ok((result, lock)) => {
+                        self.criu_vanished = matches!(
+                            result,
+                            Err(SwrkError::NoAnswer { .. } | SwrkError::Io { .. })
+                        );
+                        let result = result.map_err(|err| match &err {
+                            SwrkError::NoAnswer { .. } | SwrkError::Io { .. } => format!(
+                                "CRIU died holding the tree ({err}): the tree was left with its TCP sockets in repair mode"
+                            ),
+                            _ => err.to_string(),
+                        });
+                        Next::Ended(result, lock)
+                    }
                     Err(err) => Next::Ended(Err(format!("the dump's thread: {err}")), None),
                 }
             }
@@ -115,6 +139,9 @@ pub(super) struct SourceCopy {
     dump: DumpTask,
 }
 
+/// Why a rollback cannot bring back a tree whose CRIU died mid-dump.
+const LOST: &str = "CRIU died holding the tree, which cannot serve its connections in the state CRIU left it (TCP sockets in repair mode): it was killed, and the process is lost here";
+
 /// The tree here, doomed: every process of it has SIGKILL pending or is
 /// exiting, so none can run again.
 pub(super) enum DyingCopy {
@@ -122,6 +149,8 @@ pub(super) enum DyingCopy {
     Finishing(DumpTask),
     /// CRIU already done.
     Done(Outcome),
+    /// CRIU died after writing every image; we killed the tree it left.
+    Orphaned,
 }
 
 impl DyingCopy {
@@ -130,6 +159,7 @@ impl DyingCopy {
         match self {
             Self::Finishing(mut dump) => dump.end().await,
             Self::Done(outcome) => Ok(outcome),
+            Self::Orphaned => Err("CRIU died before it finished".into()),
         }
     }
 }
@@ -150,21 +180,41 @@ impl SourceCopy {
                 tokio::time::sleep(std::time::Duration::from_micros(200)).await;
             }
         };
-        tokio::select! {
-            () = doomed => Ok(DyingCopy::Finishing(self.dump)),
+        let ended = tokio::select! {
+            () = doomed => return Ok(DyingCopy::Finishing(self.dump)),
+            ended = self.dump.end() => ended,
+        };
+        match ended {
             // CRIU ended first: with success the tree is gone; with a
             // failure CRIU resumed it.
-            ended = self.dump.end() => ended.map(DyingCopy::Done),
+            Ok(outcome) => Ok(DyingCopy::Done(outcome)),
+            // Died: every image was written (we are past post-dump), and
+            // the tree it let go cannot serve its connections.
+            Err(_) if self.dump.criu_vanished => {
+                let tree = crate::system::kill_tree(self.root);
+                while !tree.iter().all(|pid| crate::system::doomed(*pid)) {
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+                Ok(DyingCopy::Orphaned)
+            }
+            Err(err) => Err(err),
         }
     }
 
     /// Let CRIU resume the tree, its sockets out of repair mode; the lock
     /// still holds their packets.
-    pub async fn resume(mut self, why: &str) -> Result<(), String> {
+    /// If CRIU died holding the tree, the tree is killed instead and
+    /// `lost` says why.
+    pub async fn resume(mut self, why: &str, lost: &mut Option<String>) -> Result<(), String> {
         if let Some(verdict) = self.verdict.take() {
             let _ = verdict.send(Err(why.to_owned()));
         }
         match self.dump.end().await {
+            Err(_) if self.dump.criu_vanished => {
+                crate::system::kill_tree(self.root);
+                *lost = Some(LOST.into());
+                Err(LOST.into())
+            }
             // CRIU answers a refused post-dump (or a failed dump) with a
             // failure, having resumed the tree.
             Err(_) => Ok(()),
@@ -338,6 +388,7 @@ impl StartedCriu {
             dump: DumpTask {
                 task: Some(task),
                 events: events_rx,
+                criu_vanished: false,
             },
             page_socket: self.page_socket,
             verdict,
@@ -361,7 +412,15 @@ async fn finish_dump(
     } = attempt;
     let Some(socket) = page_socket else {
         drop(verdict);
-        let outcome = dump.end().await.map_err(DumpFailure::Criu)?;
+        let outcome = match dump.end().await {
+            Ok(outcome) => outcome,
+            Err(err) if dump.criu_vanished => {
+                crate::system::kill_tree(root);
+                progress.source_lost = Some(LOST.into());
+                return Err(DumpFailure::Other(err));
+            }
+            Err(err) => return Err(DumpFailure::Criu(err)),
+        };
         progress.dumped = true;
         report.criu_dump_notifications = outcome.notifications;
         report.criu_dump = read_dump_stats(&progress.images);
@@ -419,7 +478,12 @@ async fn stream_pages(
         }
     }
     if let Some(err) = failed {
-        return Err(DumpFailure::Criu(err));
+        // A dump CRIU did not see through cannot run again: no retry.
+        return Err(if dump.criu_vanished {
+            DumpFailure::Other(err)
+        } else {
+            DumpFailure::Criu(err)
+        });
     }
     pages::finish(channel, sent)
         .await
@@ -489,6 +553,7 @@ fn run_criu(
     freeze: impl Fn(&mut MigrationLock) -> Result<(), String>,
 ) -> DumpResult {
     let mut locked = false;
+    let criu = swrk.pid();
     let result = swrk.dump(pid, |script| match script {
         "pre-dump" if !locked => {
             locked = true;
@@ -506,9 +571,7 @@ fn run_criu(
         "post-dump" => {
             let _ = events.send(CriuEvent::Dumped);
             if wait_at_post_dump {
-                verdicts
-                    .recv()
-                    .unwrap_or_else(|_| Err("the migration gave up".into()))
+                await_verdict(&verdicts, criu, pid)
             } else {
                 Ok(())
             }
@@ -516,6 +579,28 @@ fn run_criu(
         _ => Ok(()),
     });
     (result, lock.map(Box::new))
+}
+
+/// The hand-over's verdict, for CRIU waiting at post-dump with the tree
+/// frozen. Should CRIU die meanwhile, the tree it lets go (sockets in
+/// repair mode) is killed at once rather than when the verdict comes.
+fn await_verdict(
+    verdicts: &std::sync::mpsc::Receiver<Result<(), String>>,
+    criu: i32,
+    tree_root: i32,
+) -> Result<(), String> {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match verdicts.recv_timeout(std::time::Duration::from_millis(1)) {
+            Ok(verdict) => return verdict,
+            Err(RecvTimeoutError::Disconnected) => return Err("the migration gave up".into()),
+            Err(RecvTimeoutError::Timeout) if crate::system::doomed(criu) => {
+                crate::system::kill_tree(tree_root);
+                return Err("CRIU died at post-dump".into());
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
 
 fn unix_stream(fd: std::os::fd::OwnedFd) -> Result<UnixStream, String> {

@@ -95,6 +95,9 @@ struct Progress {
     /// The memory streamed to the destination: only its images are
     /// complete.
     pages_at_destination: bool,
+    /// The tree here had to be killed without a complete dump (CRIU died
+    /// holding it): why no rollback can bring it back.
+    source_lost: Option<String>,
 }
 
 /// Run a migration; the report says how it ended (never panics on the
@@ -164,6 +167,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         images: images.clone(),
         images_in_memory: session.in_memory(),
         pages_at_destination: false,
+        source_lost: None,
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
     match result {
@@ -199,6 +203,16 @@ pub async fn migrate(options: MigrateOptions) -> Report {
                     Ok(pid) => {
                         report.outcome = Outcome::RolledBack;
                         report.restored_here_pid = pid;
+                    }
+                    Err(err) if progress.source_lost.is_some() => {
+                        // Nothing left to restore from: say so plainly.
+                        progress.lock = None;
+                        report.outcome = Outcome::Failed;
+                        report.error = Some(format!(
+                            "{}; ROLLBACK FAILED: {err}; nothing can be recovered: start the service again (the lock lifts at its deadline, {} s, or at once with `migrator recover`)",
+                            report.error.take().unwrap_or_default(),
+                            options.deadline.as_secs(),
+                        ));
                     }
                     Err(err) => {
                         // The process is not running anywhere. Keep the lock

@@ -42,6 +42,8 @@ pub(super) async fn prepare(
         });
     let (prepared, lock) = clock.end_with(phase, prepared)?;
     progress.lock = Some(lock);
+    // For watchers (and the fault matrix): checked, nothing frozen yet.
+    clock.publish("prepared");
     Ok(prepared)
 }
 

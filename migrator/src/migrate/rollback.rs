@@ -20,6 +20,9 @@ pub(super) async fn rollback(
     progress: &mut Progress,
     clock: &mut PhaseClock,
 ) -> Result<Option<i32>, String> {
+    if let Some(lost) = &progress.source_lost {
+        return Err(lost.clone());
+    }
     let mut restored = None;
     if !progress.removed.is_empty() {
         let netlink = Netlink::connect().map_err(|e| e.to_string())?;
@@ -37,7 +40,9 @@ pub(super) async fn rollback(
     if let Some(copy) = progress.source_copy.take() {
         // Kept frozen by CRIU: resumed as it was, its memory never left.
         let phase = clock.begin(report::RESUME);
-        let resumed = copy.resume("the migration is rolling back").await;
+        let resumed = copy
+            .resume("the migration is rolling back", &mut progress.source_lost)
+            .await;
         clock.end_with(
             phase,
             resumed.map_err(|e| format!("resuming the tree here: {e}")),
