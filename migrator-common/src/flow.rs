@@ -201,6 +201,12 @@ pub struct FlowStats {
     /// Our own side's retransmits (the tcp:tcp_retransmit_skb tracepoint,
     /// counted while a watcher has it attached).
     pub local_retransmits: u64,
+    /// Incoming SYNs without ACK: new clients' connection attempts
+    /// (meaningful on service rules, which see them).
+    pub syns_in: u64,
+    /// Of those, the ones that arrived while the lock blocked (held or
+    /// dropped): new clients waiting on the freeze.
+    pub syns_blocked: u64,
 }
 
 /// A service-IP rule: all TCP to/from a local address, optionally only one

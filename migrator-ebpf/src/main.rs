@@ -272,8 +272,16 @@ fn count(
             stats.local_window_zero = (segment.window == 0) as u32;
         }
     }
+    // A new client's first packet.
+    let syn = matches!(direction, Direction::Ingress) && segment.syn && !segment.ack;
+    if syn {
+        stats.syns_in += 1;
+    }
     if blocked {
         stats.dropped += segments;
+        if syn {
+            stats.syns_blocked += 1;
+        }
         if segment.rst {
             stats.rst_blocked += 1;
         }

@@ -23,6 +23,7 @@ const IPV6_HLEN: usize = 40;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// The parts of a TCP segment the data plane needs.
 pub struct TcpSegment {
@@ -32,6 +33,7 @@ pub struct TcpSegment {
     pub syn: bool,
     pub fin: bool,
     pub rst: bool,
+    pub ack: bool,
     /// Raw (unscaled) window field.
     pub window: u16,
     /// skb length (all segments of a GSO packet).
@@ -171,6 +173,7 @@ impl TcpSegment {
             syn: flags & TCP_SYN != 0,
             fin: flags & TCP_FIN != 0,
             rst: flags & TCP_RST != 0,
+            ack: flags & TCP_ACK != 0,
             window,
             wire_len,
             segments: if gso_segs > 1 { gso_segs } else { 1 },

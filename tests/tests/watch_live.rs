@@ -9,9 +9,10 @@ use std::{
 };
 
 use migrator_tests::{
-    lab::{DST, SERVICE_V4, SRC},
-    migration::MigrationLab,
+    lab::{DST, PEER, SERVICE_V4, SRC},
+    migration::{MigrationLab, SERVICE_PORT},
     migrator_bin,
+    wire::in_netns,
 };
 use serde_json::Value;
 
@@ -67,6 +68,77 @@ fn terminate(child: &mut Child) {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
+}
+
+/// New clients of a locked service address show while they wait: each
+/// SYN the lock holds back (resent ones too) counts, in the JSON lines and
+/// in the header; once released the rule, and its line, are gone.
+#[test]
+fn new_clients_waiting_on_a_locked_service_address_are_counted() {
+    use std::net::{SocketAddr, TcpStream};
+    let mut lab = MigrationLab::new("wsyn");
+    let pid = lab.start_workload(true, 0);
+    let out_path = lab.dir.0.join("watch.json");
+    let mut watch = watch_in(
+        &lab,
+        &["--pid", &pid.to_string(), "--json", "--interval", "100ms"],
+    )
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let service = format!("{SERVICE_V4}:{SERVICE_PORT}");
+    migrator(
+        &lab,
+        &[
+            "freeze",
+            "--iface",
+            "eth0",
+            "--deadline",
+            "20s",
+            "--ip",
+            &service,
+        ],
+    );
+    // Three new clients; nobody answers their SYNs while locked.
+    let to: SocketAddr = service.parse().unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            in_netns(&lab.lab.netns_path(PEER), move || {
+                TcpStream::connect_timeout(&to, Duration::from_millis(700)).is_ok()
+            })
+        })
+        .collect();
+    let connected: Vec<bool> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    migrator(&lab, &["release", "--iface", "eth0", "--all"]);
+    std::thread::sleep(Duration::from_millis(400));
+    terminate(&mut watch);
+    assert_eq!(connected, [false; 3], "a client got through the lock");
+
+    let lines: Vec<Value> = std::fs::read_to_string(&out_path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let service_lines: Vec<&Value> = lines.iter().filter(|l| l["service"] == service).collect();
+    let waiting = service_lines
+        .iter()
+        .map(|l| l["waiting"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        waiting >= 3,
+        "SYNs waiting at most {waiting}: {service_lines:?}"
+    );
+    assert!(service_lines.iter().all(|l| {
+        l["new_connection_attempts"].as_u64().unwrap() >= l["waiting"].as_u64().unwrap()
+    }));
+    // The lines after the release have no service line any more.
+    let last_ts = lines.last().unwrap()["ts_ms"].as_u64().unwrap();
+    let last_service_ts = service_lines.last().unwrap()["ts_ms"].as_u64().unwrap();
+    assert!(last_service_ts < last_ts, "the released rule still shows");
 }
 
 #[test]

@@ -94,6 +94,18 @@ impl MigrationLock {
             .collect()
     }
 
+    /// New clients' SYNs that came to the locked service addresses while
+    /// they were blocked.
+    pub fn new_connection_attempts(&self) -> u64 {
+        self.table
+            .services()
+            .unwrap_or_default()
+            .iter()
+            .filter(|entry| self.services.contains(&entry.key))
+            .map(|entry| entry.stats.syns_blocked)
+            .sum()
+    }
+
     /// The flows this lock covers.
     pub fn flows(&self) -> &[FlowSpec] {
         &self.flows

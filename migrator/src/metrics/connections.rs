@@ -157,6 +157,20 @@ impl Collector for Connections {
             MetricType::Gauge,
         )?;
         ConstGauge::new(snapshot.rows.len() as i64).encode(connections)?;
+        // Only while a migration locks service addresses here; a few
+        // addresses at most, so always labelled.
+        if !snapshot.new_clients.is_empty() {
+            let mut waiting = encoder.encode_descriptor(
+                "migrator_new_clients_waiting",
+                "New clients' connection attempts (SYNs) held or dropped by the lock of a migration in flight, per service address.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for service in &snapshot.new_clients {
+                ConstGauge::new(service.waiting as i64)
+                    .encode(waiting.encode_family(&[("service", service.service.clone())])?)?;
+            }
+        }
         if let Some(phase) = &snapshot.migration_phase {
             let mut info = encoder.encode_descriptor(
                 "migrator_migration_phase",
@@ -209,6 +223,7 @@ mod tests {
                 row("198.18.0.100:1", 3, Some(1500)),
                 row("198.18.0.100:2", 4, None),
             ],
+            new_clients: Vec::new(),
             totals: Default::default(),
             migration_phase: Some("dump".to_owned()),
             local_retransmits_uncounted: None,

@@ -166,6 +166,7 @@ pub(super) async fn hand_over(
         .take(MAX_EVENTS_PER_HOST)
         .collect();
     if let Some(lock) = progress.lock.as_mut() {
+        report.new_connection_attempts_frozen = lock.new_connection_attempts();
         let raw = lock.drain_events();
         events.extend(connection_events(
             &raw,

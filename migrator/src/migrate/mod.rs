@@ -142,6 +142,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         dump_retried: None,
         error_code: None,
         new_connections_held: 0,
+        new_connection_attempts_frozen: 0,
     };
     let session = match options
         .state

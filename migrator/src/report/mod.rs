@@ -330,6 +330,12 @@ pub struct Report {
     /// sockets with --hold; without it they wait for their SYN retransmit.
     #[serde(default)]
     pub new_connections_held: u64,
+    /// New clients' connection attempts (SYNs to a service address) that
+    /// reached the source during the freeze; with --hold they go on to the
+    /// destination (see `new_connections_held`), without it they are
+    /// dropped and the client resends its SYN (after 1 s, then 3 s).
+    #[serde(default)]
+    pub new_connection_attempts_frozen: u64,
     /// A stable code next to `error`, for scripts and dashboards: the
     /// outcome and the first failed phase, e.g. `refused:preflight`,
     /// `rolled-back:restore`, `failed:rollback`, `in-doubt:hand-over`;
@@ -421,10 +427,10 @@ impl Report {
         if let Some(memory) = &self.memory {
             out.push_str(&format!("  memory: {memory}\n"));
         }
-        if self.new_connections_held > 0 {
+        if self.new_connection_attempts_frozen > 0 || self.new_connections_held > 0 {
             out.push_str(&format!(
-                "  new connections held during the freeze and delivered: {}\n",
-                self.new_connections_held
+                "  new clients during the freeze: {} connection attempts reached the source, {} held and delivered at the destination\n",
+                self.new_connection_attempts_frozen, self.new_connections_held
             ));
         }
         if let Some(failure) = &self.dump_retried {

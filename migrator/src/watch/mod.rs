@@ -280,9 +280,9 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
             };
             state.ensure_open(&ifaces)?;
             state.follow(&flows)?;
-            let entries = match state.table.as_ref() {
-                Some(table) => table.flows()?,
-                None => Vec::new(),
+            let (entries, services) = match state.table.as_ref() {
+                Some(table) => (table.flows()?, table.services()?),
+                None => (Vec::new(), Vec::new()),
             };
             let phase = std::fs::read_to_string(phase_file(&root))
                 .ok()
@@ -296,6 +296,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
             }
             let snapshot = watcher.snapshot(
                 &entries,
+                &services,
                 &selection,
                 boottime_ns(),
                 crate::system::unix_ms(),

@@ -7,7 +7,10 @@ use std::{collections::HashMap, net::SocketAddr};
 use migrator_common::{FlowKey, FlowMode};
 use serde::Serialize;
 
-use crate::dataplane::{FlowEntry, spec::FlowSpec};
+use crate::dataplane::{
+    FlowEntry, ServiceEntry,
+    spec::{FlowSpec, ServiceSpec},
+};
 
 /// A connection's state as the watcher names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -60,6 +63,19 @@ pub struct Row {
     pub next_peer_retransmit_in_ms: Option<i64>,
 }
 
+/// A service address a migration locks, and the new clients it saw: their
+/// SYNs wait (held or dropped) until the release.
+#[derive(Clone, Debug, Serialize)]
+pub struct NewClients {
+    pub ts_ms: u64,
+    /// The address (and port, if the rule has one).
+    pub service: String,
+    /// Connection attempts (SYNs) seen since the lock began.
+    pub new_connection_attempts: u64,
+    /// Of those, the ones that came while traffic was blocked.
+    pub waiting: u64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Totals {
     pub connections: usize,
@@ -68,12 +84,17 @@ pub struct Totals {
     pub local_retransmits: Option<u64>,
     pub packets_dropped: u64,
     pub packets_held: u64,
+    /// New clients' SYNs that came while a lock blocked them (service
+    /// addresses of a migration in flight).
+    pub new_clients_waiting: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
     pub ts_ms: u64,
     pub rows: Vec<Row>,
+    /// The service addresses locked here (during a migration only).
+    pub new_clients: Vec<NewClients>,
     pub totals: Totals,
     /// The phase of a migration running in this network namespace.
     pub migration_phase: Option<String>,
@@ -130,6 +151,7 @@ impl Watcher {
     pub fn snapshot(
         &mut self,
         entries: &[FlowEntry],
+        services: &[ServiceEntry],
         selection: &Selection,
         now_ns: u64,
         ts_ms: u64,
@@ -206,10 +228,21 @@ impl Watcher {
             local_retransmits: rows.iter().map(|r| r.local_retransmits).sum(),
             packets_dropped: rows.iter().map(|r| r.packets_dropped).sum(),
             packets_held: rows.iter().map(|r| r.packets_held).sum(),
+            new_clients_waiting: services.iter().map(|s| s.stats.syns_blocked).sum(),
         };
+        let new_clients = services
+            .iter()
+            .map(|entry| NewClients {
+                ts_ms,
+                service: ServiceSpec::from_key(&entry.key).to_string(),
+                new_connection_attempts: entry.stats.syns_in,
+                waiting: entry.stats.syns_blocked,
+            })
+            .collect();
         Snapshot {
             ts_ms,
             rows,
+            new_clients,
             totals,
             migration_phase,
             local_retransmits_uncounted: None,
@@ -249,7 +282,14 @@ mod tests {
         let policy = FlowPolicy::freeze(0).since(10 * second);
         let mut watcher = Watcher::default();
         let now = 10 * second + 700_000_000;
-        let snap = watcher.snapshot(&[entry(policy, stats)], &Selection::default(), now, 1, None);
+        let snap = watcher.snapshot(
+            &[entry(policy, stats)],
+            &[],
+            &Selection::default(),
+            now,
+            1,
+            None,
+        );
         let row = &snap.rows[0];
         assert_eq!(row.mode, RowMode::Frozen);
         assert_eq!(row.frozen_ms, Some(700));
@@ -260,6 +300,7 @@ mod tests {
         let released = FlowPolicy::observe().since(now);
         let snap = watcher.snapshot(
             &[entry(released, stats)],
+            &[],
             &Selection::default(),
             now + second,
             2,

@@ -30,6 +30,9 @@ pub fn header(snapshot: &Snapshot) -> String {
     if let Some(phase) = &snapshot.migration_phase {
         let _ = write!(line, " | migration: {phase}");
     }
+    if !snapshot.new_clients.is_empty() {
+        let _ = write!(line, " | new clients waiting {}", t.new_clients_waiting);
+    }
     line
 }
 
@@ -116,12 +119,13 @@ pub fn plain(snapshot: &Snapshot) -> String {
     out
 }
 
-/// JSON lines: one object per connection.
+/// JSON lines: one object per connection, then one per service address a
+/// migration locks here (those have `service`, not `local`).
 pub fn json_lines(snapshot: &Snapshot) -> String {
-    snapshot
-        .rows
-        .iter()
-        .filter_map(|row| serde_json::to_string(row).ok())
+    let rows = snapshot.rows.iter().map(serde_json::to_string);
+    let services = snapshot.new_clients.iter().map(serde_json::to_string);
+    rows.chain(services)
+        .filter_map(Result::ok)
         .map(|line| line + "\n")
         .collect()
 }
