@@ -35,7 +35,7 @@ pub enum Fault {
     /// The destination's restore fails (`MIGRATOR_FAULTS=restore-fails`
     /// on its agent): only at the restore.
     RestoreFails,
-    /// The destination's image store full: its migration's tmpfs (64 MiB
+    /// The destination's image store full: its migration's tmpfs (128 MiB
     /// here, `--max-image-memory`) filled up by another writer while the
     /// images arrive.
     ImagesFull,
@@ -181,7 +181,14 @@ fn inject(lab: &MigrationLab, fault: Fault, point: &str) -> String {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
-            let (n, which) = kill_in(lab, host, "criu");
+            // The restore's CRIU starts a moment after the phase: wait
+            // for it (a while at most).
+            let looking = Instant::now();
+            let (mut n, mut which) = kill_in(lab, host, "criu");
+            while n == 0 && looking.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_micros(200));
+                (n, which) = kill_in(lab, host, "criu");
+            }
             format!("{n} criu killed on {host} ({which})")
         }
     }
@@ -236,6 +243,8 @@ pub struct Cell {
     pub max_live: usize,
     pub live_after: usize,
     pub intact: bool,
+    /// The report says the process is lost (nothing to recover).
+    pub lost: bool,
     pub settle_ms: f64,
 }
 
@@ -250,7 +259,7 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
         }
         Fault::ImagesFull => {
             lab.stop_agent(DST);
-            lab.start_agent_with(DST, &["--max-image-memory", "64"]);
+            lab.start_agent_with(DST, &["--max-image-memory", "128"]);
         }
         _ => {}
     }
@@ -307,6 +316,11 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     sampler.join().unwrap();
     let intact = lab.peer_connections().iter().all(|c| c["error"].is_null())
         && lab.peer_connections().len() == 3;
+    let lost = run.report.as_ref().is_some_and(|r| {
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the process is lost"))
+    });
     let outcome = run
         .report
         .as_ref()
@@ -320,6 +334,7 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
         max_live: max_live.load(Ordering::Relaxed),
         live_after,
         intact,
+        lost,
         settle_ms: started.elapsed().as_secs_f64() * 1e3,
     }
 }

@@ -1,15 +1,16 @@
 //! `cargo xtask bench faults`: the fault matrix, for real. For each point
-//! of a migration (as the source publishes its phase: the dump, the
-//! transfer, the destination restoring and waiting for the commit) and
-//! each fault (the destination's agent killed, `migrate` killed, the
-//! network between the hosts cut, CRIU killed on the host working at that
-//! point), one migration of the lab workload with that fault injected
-//! once the point is reached. Live copies of the process are counted on
-//! both hosts every 10 ms throughout (a copy is live when it runs: not
-//! stopped, not a zombie, not held by a tracer such as CRIU), and once
-//! things settle: the outcome, whether the peers' connections are intact,
-//! and whether the state left needs `migrator recover`.
-//!
+//! of a migration (see `migrator_tests::faults::POINTS`: preflight done,
+//! the dump, the transfer, the destination restoring, its copy restored
+//! and waiting for the commit, the source's cleanup) and each fault (the
+//! destination's agent killed, `migrate` killed, the channel between the
+//! hosts cut and healed after the deadline or never, CRIU killed on the
+//! host working at that point, the destination's restore failing, its
+//! image tmpfs full), one migration of the lab workload with that fault
+//! injected once the point is reached. Live copies of the process are
+//! counted on both hosts every 10 ms throughout (a copy is live when it
+//! runs: not stopped, not a zombie, not held by a tracer such as CRIU),
+//! and once things settle: the outcome, whether the peers' connections
+//! are intact, and whether the state left needs `migrator recover`.//!
 //! Figures, not a test: `bench-faults [FAULT]` prints one row per cell
 //! (FAULT: one of the faults' names, for its row only).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -50,6 +51,8 @@ fn main() {
                 "  TWO COPIES"
             } else if cell.live_after == 1 && !cell.intact {
                 "  CONNECTIONS BROKEN"
+            } else if cell.live_after == 0 && cell.lost {
+                "  process lost, the report says so"
             } else if cell.live_after == 0 {
                 "  needs recover"
             } else {
