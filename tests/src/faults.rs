@@ -84,7 +84,7 @@ const RESTORED: &str = "restored (destination)";
 
 /// How many `lab-workload` copies run in these namespaces: not stopped,
 /// not zombies, not traced (CRIU holds the copies it dumps or restores
-/// with ptrace).
+/// with ptrace), not being killed.
 pub fn live_copies(netns: &[u64]) -> usize {
     crate::migration::workload_statuses(netns)
         .iter()
@@ -96,7 +96,14 @@ pub fn live_copies(netns: &[u64]) -> usize {
                     .map(str::trim)
                     .unwrap_or("")
             };
-            !field("State:").starts_with(['T', 't', 'Z', 'X']) && field("TracerPid:") == "0"
+            // A copy being killed (SIGKILL pending, exiting) may show as
+            // running for a moment, but it never runs its code again.
+            let doomed = field("Pid:")
+                .parse::<i32>()
+                .is_ok_and(migrator::system::doomed);
+            !field("State:").starts_with(['T', 't', 'Z', 'X'])
+                && field("TracerPid:") == "0"
+                && !doomed
         })
         .count()
 }
@@ -104,10 +111,8 @@ pub fn live_copies(netns: &[u64]) -> usize {
 /// The phase the source published last.
 fn phase_of(lab: &MigrationLab) -> String {
     let root = crate::lab::pin_root_of(&lab.lab.netns_path(SRC));
-    root.and_then(|root| std::fs::read_to_string(migrator::watch::phase_file(&root)).ok())
+    root.and_then(|root| migrator::watch::current_phase(&root))
         .unwrap_or_default()
-        .trim()
-        .to_owned()
 }
 
 /// SIGKILL the processes of `comm` in `host`'s namespace; how many, and
@@ -245,6 +250,8 @@ pub struct Cell {
     pub intact: bool,
     /// The report says the process is lost (nothing to recover).
     pub lost: bool,
+    /// The report's error, or what `migrate` printed last without one.
+    pub error: String,
     pub settle_ms: f64,
 }
 
@@ -321,6 +328,11 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
             .as_str()
             .is_some_and(|e| e.contains("the process is lost"))
     });
+    let error = run
+        .report
+        .as_ref()
+        .and_then(|r| r["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| run.stderr.lines().last().unwrap_or("").to_owned());
     let outcome = run
         .report
         .as_ref()
@@ -335,6 +347,7 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
         live_after,
         intact,
         lost,
+        error,
         settle_ms: started.elapsed().as_secs_f64() * 1e3,
     }
 }

@@ -781,9 +781,10 @@ const DEAF_TO_NEIGHBOUR_PROBES: &str = concat!(
 );
 
 /// The peer ignores the new owner (it drops ARP and neighbour
-/// solicitations, as a misconfigured firewall might): the destination
-/// cannot confirm it owns the address, so the migration rolls back and the
-/// process carries on at the source.
+/// solicitations, as a misconfigured firewall might): its answers to the
+/// destination's echo still go to the source, so the destination cannot
+/// prove it owns the address, the migration rolls back and the process
+/// carries on at the source.
 #[test]
 fn unconfirmed_address_rolls_back_with_connections_alive() {
     let mut lab = MigrationLab::new("ncf");
@@ -795,11 +796,17 @@ fn unconfirmed_address_rolls_back_with_connections_alive() {
     assert_eq!(run.code, Some(4), "rolled back exits 4");
     let report = run.report.unwrap();
     assert!(
-        report["error"].as_str().unwrap().contains("confirm"),
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("answered the source's echo before the move but not this host's"),
         "{report}"
     );
-    assert_eq!(report["failed_phase"], "confirm", "{report}");
-    assert_eq!(report["error_code"], "rolled-back:confirm", "{report}");
+    assert_eq!(report["failed_phase"], "route-convergence", "{report}");
+    assert_eq!(
+        report["error_code"], "rolled-back:route-convergence",
+        "{report}"
+    );
     assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
     assert!(!lab.has_address(DST, SERVICE_V4) && !lab.has_address(DST, SERVICE_V6));
     assert!(!lab.pins_left(SRC) && !lab.pins_left(DST));
@@ -808,8 +815,8 @@ fn unconfirmed_address_rolls_back_with_connections_alive() {
 
 /// A plain process tree (a parent and a child, PIDs shared with both
 /// agents on this machine) whose destination fails after its restore: the
-/// peer cannot confirm the new owner, so the agent kills the copy it
-/// restored. That copy holds the tree's PIDs until it is reaped; the
+/// peer's answers do not reach the new owner, so the agent kills the copy
+/// it restored. That copy holds the tree's PIDs until it is reaped; the
 /// source's rollback must wait for them and then restore the tree under
 /// the same PIDs, connections alive.
 #[test]
@@ -829,9 +836,10 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
     assert_eq!(outcome(&run), "rolled-back", "{}", run.stderr);
     assert_eq!(run.code, Some(4), "rolled back exits 4");
     let report = run.report.unwrap();
-    // The agent confirms after its restore: it had restored the tree.
+    // The agent proves its ownership after its restore: it had restored
+    // the tree.
     let error = report["error"].as_str().unwrap();
-    assert!(error.contains("destination confirm"), "{report}");
+    assert!(error.contains("destination route-convergence"), "{report}");
     let waited = report["phases"]
         .as_array()
         .unwrap()

@@ -132,6 +132,7 @@ fn preflight(addresses: &[&str], flows: &[&str], deadline_ms: u64) -> Message {
         boot_id: identity.0,
         pid_namespace: identity.1,
         image_bytes: 0,
+        echo_peers: Vec::new(),
     })
 }
 

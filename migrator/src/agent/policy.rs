@@ -141,6 +141,7 @@ mod tests {
             boot_id: String::new(),
             pid_namespace: 0,
             image_bytes: 0,
+            echo_peers: Vec::new(),
         }
     }
 

@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeSet,
-    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
@@ -16,15 +15,20 @@ use tracing::warn;
 
 use super::{AgentConfig, session::Session};
 use crate::{
-    channel::message::{PreflightRequest, RestoreReply, ServiceAddress},
+    channel::message::{PreflightRequest, RestoreReply},
     criu::stats::read_restore_stats,
     dataplane::spec::FlowSpec,
     net::{address::Netlink, announce::Link},
-    report::{self, ConnectionCounters, PhaseClock},
+    report::{self, ConnectionCounters, PeerConvergence, PhaseClock},
 };
 
-/// How long a neighbour gets to answer a probe from the new owner.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a peer that answered the source's echo before the move gets
+/// to answer ours: its neighbour cache or the routes must have moved here.
+const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A peer that never answered echo is probed this long, then reported
+/// unconfirmed (released on timeout).
+const SILENT_PEER_WAIT: Duration = Duration::from_millis(200);
+const ECHO_EVERY: Duration = Duration::from_millis(5);
 /// Announcements per address.
 const ANNOUNCEMENTS: usize = 3;
 
@@ -38,6 +42,7 @@ pub struct TakenOver {
     hold: bool,
     confirmed: Vec<String>,
     unconfirmed: Vec<String>,
+    convergence: Vec<PeerConvergence>,
 }
 
 pub async fn take_over(
@@ -143,56 +148,56 @@ pub async fn take_over(
     }
     clock.end(phase, true);
 
-    // Announce, then probe the peers from the service address: a reply
-    // proves the peer's neighbour entry now points here.
+    // Announce, then prove the peers' packets for the service address
+    // come here: an echo from the address to each peer, answered here.
     let phase = clock.begin(report::ANNOUNCE);
+    let announced_at = Instant::now();
     let iface = config.iface.clone();
     let addresses = request.service_ips();
-    let neighbours = on_link_neighbours(netlink, index, request).await;
-    let link = tokio::task::spawn_blocking(move || -> Result<Link, String> {
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
         let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
         for _ in 0..ANNOUNCEMENTS {
             for ip in &addresses {
                 link.announce(*ip).map_err(|e| e.to_string())?;
             }
         }
-        Ok(link)
+        Ok(())
     })
     .await
     .map_err(|e| (report::ANNOUNCE, e.to_string()))?
     .map_err(|e| (report::ANNOUNCE, e))?;
     clock.end(phase, true);
 
-    let phase = clock.begin(report::CONFIRM);
-    let (confirmed, unconfirmed) = tokio::task::spawn_blocking(move || {
-        let mut link = link;
-        let answered = link
-            .probe_all(&neighbours, CONFIRM_TIMEOUT)
-            .unwrap_or_else(|_| vec![false; neighbours.len()]);
-        let (mut confirmed, mut unconfirmed) = (Vec::new(), Vec::new());
-        for ((_, neighbour), answered) in neighbours.iter().zip(answered) {
-            if answered {
-                confirmed.push(neighbour.to_string());
-            } else {
-                unconfirmed.push(neighbour.to_string());
-            }
-        }
-        (confirmed, unconfirmed)
-    })
-    .await
-    .map_err(|e| (report::CONFIRM, e.to_string()))?;
-    let confirm_ok = unconfirmed.is_empty();
-    clock.end(phase, confirm_ok);
-    if !confirm_ok {
+    let phase = clock.begin(report::ROUTE_CONVERGENCE);
+    let convergence = converge(request, announced_at)
+        .await
+        .map_err(|e| (report::ROUTE_CONVERGENCE, e))?;
+    let late: Vec<&str> = convergence
+        .iter()
+        .filter(|peer| peer.answered_before && peer.answered_after_ms.is_none())
+        .map(|peer| peer.peer.as_str())
+        .collect();
+    clock.end(phase, late.is_empty());
+    if !late.is_empty() {
         return Err((
-            report::CONFIRM,
+            report::ROUTE_CONVERGENCE,
             format!(
-                "neighbours {} did not answer the new owner of the service address within {:?}",
-                unconfirmed.join(", "),
-                CONFIRM_TIMEOUT
+                "peers {} answered the source's echo before the move but not this host's within {:?}: their packets for the service address still go elsewhere (a neighbour cache or route not updated)",
+                late.join(", "),
+                CONVERGENCE_TIMEOUT
             ),
         ));
     }
+    let confirmed = convergence
+        .iter()
+        .filter(|peer| peer.answered_after_ms.is_some())
+        .map(|peer| peer.peer.clone())
+        .collect();
+    let unconfirmed = convergence
+        .iter()
+        .filter(|peer| peer.answered_after_ms.is_none())
+        .map(|peer| peer.peer.clone())
+        .collect();
 
     Ok(TakenOver {
         pid,
@@ -200,6 +205,7 @@ pub async fn take_over(
         hold: request.hold,
         confirmed,
         unconfirmed,
+        convergence,
     })
 }
 
@@ -265,6 +271,7 @@ impl TakenOver {
             connections,
             confirmed: self.confirmed,
             unconfirmed: self.unconfirmed,
+            route_convergence: self.convergence,
             held_delivered: delivered.per_flow,
             syns_delivered: delivered.syns,
             events,
@@ -321,37 +328,48 @@ fn deliver_held(frames: &[bytes::Bytes], clock: &PhaseClock) -> Delivered {
     }
 }
 
-/// For each distinct peer of the migrated flows that sits on one of this
-/// interface's subnets: (service address of its family to probe from,
-/// peer). Peers behind a router are not probed.
-async fn on_link_neighbours(
-    netlink: &Netlink,
-    index: u32,
+/// Probe every peer of the moving connections from the service address
+/// until it answers here: required for those that answered the source's
+/// probe before the move, a short try for the others. Times from the
+/// announcement.
+async fn converge(
     request: &PreflightRequest,
-) -> Vec<(IpAddr, IpAddr)> {
-    let Ok(assigned) = netlink.addresses().await else {
-        return Vec::new();
-    };
-    let services: Vec<&ServiceAddress> = request.service_addresses.iter().collect();
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for flow in request
-        .flows
+    announced_at: Instant,
+) -> Result<Vec<PeerConvergence>, String> {
+    let probes = request.peer_probes();
+    let required: Vec<bool> = probes
         .iter()
-        .filter_map(|f| f.parse::<FlowSpec>().ok())
-    {
-        let peer = flow.remote.ip();
-        let on_link = assigned.iter().any(|a| {
-            a.index == index
-                && !services.iter().any(|s| s.ip == a.ip)
-                && crate::net::address::contains(a.ip, a.prefix, peer)
-        });
-        let from = services.iter().find(|s| s.ip.is_ipv4() == peer.is_ipv4());
-        if let (true, Some(from)) = (on_link, from)
-            && seen.insert(peer)
-        {
-            out.push((from.ip, peer));
-        }
-    }
-    out
+        .map(|probe| request.echo_peers.contains(&probe.peer))
+        .collect();
+    let since_announce = announced_at.elapsed();
+    let (probes, required, answers) = tokio::task::spawn_blocking(move || {
+        crate::net::roundtrip::round_trips(
+            &probes,
+            &required,
+            CONVERGENCE_TIMEOUT,
+            SILENT_PEER_WAIT,
+            ECHO_EVERY,
+        )
+        .map(|answers| (probes, required, answers))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("probing the peers from the service address: {e}"))?;
+    Ok(probes
+        .iter()
+        .zip(required)
+        .zip(answers)
+        .map(|((probe, answered_before), answer)| PeerConvergence {
+            peer: probe.peer.to_string(),
+            answered_after_ms: answer.map(|after| (since_announce + after).as_secs_f64() * 1e3),
+            answered_before,
+            waited_ms: if answered_before {
+                CONVERGENCE_TIMEOUT
+            } else {
+                SILENT_PEER_WAIT
+            }
+            .as_secs_f64()
+                * 1e3,
+        })
+        .collect())
 }

@@ -91,9 +91,40 @@ pub struct PreflightRequest {
     /// resident memory): the agent refuses at once if they cannot fit.
     #[serde(default)]
     pub image_bytes: u64,
+    /// The peers that answered the source's ICMP echo from the service
+    /// address before the move: the destination must hear them too before
+    /// it may release (the others cannot prove anything either way).
+    #[serde(default)]
+    pub echo_peers: Vec<std::net::IpAddr>,
 }
 
 impl PreflightRequest {
+    /// Each distinct peer of the moving connections, with the service
+    /// address of its family to probe it from.
+    pub fn peer_probes(&self) -> Vec<crate::net::roundtrip::Probe> {
+        let mut probes: Vec<crate::net::roundtrip::Probe> = Vec::new();
+        for flow in self
+            .flows
+            .iter()
+            .filter_map(|f| f.parse::<crate::dataplane::spec::FlowSpec>().ok())
+        {
+            let peer = flow.remote.ip();
+            let from = self
+                .service_addresses
+                .iter()
+                .find(|s| s.ip.is_ipv4() == peer.is_ipv4());
+            if let Some(from) = from
+                && !probes.iter().any(|p| p.peer == peer)
+            {
+                probes.push(crate::net::roundtrip::Probe {
+                    from: from.ip,
+                    peer,
+                });
+            }
+        }
+        probes
+    }
+
     /// The service addresses that move, as plain IPs.
     pub fn service_ips(&self) -> Vec<std::net::IpAddr> {
         self.service_addresses.iter().map(|a| a.ip).collect()
@@ -146,6 +177,8 @@ pub struct RestoreReply {
     /// those that did not (not on this link, or silent).
     pub confirmed: Vec<String>,
     pub unconfirmed: Vec<String>,
+    #[serde(default)]
+    pub route_convergence: Vec<crate::report::PeerConvergence>,
     /// Held packets delivered to the restored sockets, per flow (the
     /// source's and the destination's own).
     #[serde(default)]

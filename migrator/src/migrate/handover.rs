@@ -148,6 +148,13 @@ pub(super) async fn hand_over(
     report.new_connections_held = reply.syns_delivered;
     report.confirmed_neighbours = std::mem::take(&mut reply.confirmed);
     report.unconfirmed_neighbours = std::mem::take(&mut reply.unconfirmed);
+    report.route_convergence = std::mem::take(&mut reply.route_convergence)
+        .into_iter()
+        .map(|mut peer| {
+            peer.peer = channel::printable(&peer.peer);
+            peer
+        })
+        .collect();
 
     // Stale packets: peers still sending to the old host after it gave
     // up the address (keep counting a moment after the release).

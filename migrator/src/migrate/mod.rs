@@ -135,6 +135,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         connections: Vec::new(),
         confirmed_neighbours: Vec::new(),
         unconfirmed_neighbours: Vec::new(),
+        route_convergence: Vec::new(),
         images_kept: None,
         events: Vec::new(),
         memory: None,

@@ -18,6 +18,9 @@ use crate::{
 
 /// TCP connect, TLS handshake and proofs, all together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the peers get to answer the source's echo before the move.
+const ECHO_BEFORE_THE_MOVE: Duration = Duration::from_millis(500);
+const ECHO_EVERY: Duration = Duration::from_millis(50);
 
 pub(super) async fn prepare(
     options: &MigrateOptions,
@@ -142,6 +145,48 @@ async fn preflight(
     };
 
     let identity = crate::system::pid_namespace_identity();
+    let mut request = PreflightRequest {
+        pids: network.pids.clone(),
+        own_pid_namespace: network.own_pid_namespace,
+        service_addresses: options.service_addresses.clone(),
+        flows: network
+            .connections
+            .iter()
+            .map(FlowSpec::to_string)
+            .collect(),
+        deadline_ms: options.deadline.as_millis() as u64,
+        hold: options.hold,
+        page_stream: options.page_stream,
+        boot_id: identity.0.clone(),
+        pid_namespace: identity.1,
+        image_bytes,
+        echo_peers: Vec::new(),
+    };
+    // Which peers answer an echo from the service address while it is
+    // still ours: the destination proves it owns the address by hearing
+    // them too.
+    let probes = request.peer_probes();
+    let answers = tokio::task::spawn_blocking(move || {
+        let required = vec![true; probes.len()];
+        crate::net::roundtrip::round_trips(
+            &probes,
+            &required,
+            ECHO_BEFORE_THE_MOVE,
+            ECHO_BEFORE_THE_MOVE,
+            ECHO_EVERY,
+        )
+        .map(|answers| (probes, answers))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("probing the peers from the service address: {e}"))?;
+    request.echo_peers = answers
+        .0
+        .iter()
+        .zip(answers.1)
+        .filter(|(_, answer)| answer.is_some())
+        .map(|(probe, _)| probe.peer)
+        .collect();
     let mut channel = channel::connect(
         options.to,
         options.server_name.as_deref(),
@@ -151,22 +196,7 @@ async fn preflight(
     .await
     .map_err(|e| format!("agent {}: {e}", options.to))?;
     channel
-        .send(&Message::Preflight(PreflightRequest {
-            pids: network.pids.clone(),
-            own_pid_namespace: network.own_pid_namespace,
-            service_addresses: options.service_addresses.clone(),
-            flows: network
-                .connections
-                .iter()
-                .map(FlowSpec::to_string)
-                .collect(),
-            deadline_ms: options.deadline.as_millis() as u64,
-            hold: options.hold,
-            page_stream: options.page_stream,
-            boot_id: identity.0.clone(),
-            pid_namespace: identity.1,
-            image_bytes,
-        }))
+        .send(&Message::Preflight(request))
         .await
         .map_err(|e| e.to_string())?;
     let (destination_host, page_stream) =

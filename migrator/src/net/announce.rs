@@ -1,33 +1,24 @@
 //! Telling the link who owns an address now: gratuitous ARP (IPv4) and
-//! unsolicited neighbour advertisements with the override flag (IPv6), and
-//! probing a neighbour from the new owner (ARP request / neighbour
-//! solicitation) to confirm it answers there. A neighbour that receives a
-//! request from an address updates its own entry for that address, so a
-//! reply also proves its cache now points at us.
+//! unsolicited neighbour advertisements with the override flag (IPv6).
+//! Whether the peers listened is proven separately, by an echo round trip
+//! ([`super::roundtrip`]).
 //!
 //! Frames are built with pnet's packet types and sent on an AF_PACKET
 //! channel (pnet datalink). Blocking: call from a blocking task.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::{Duration, Instant},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use pnet::{
-    datalink::{self, Channel, DataLinkReceiver, DataLinkSender, NetworkInterface},
+    datalink::{self, Channel, DataLinkSender, NetworkInterface},
     packet::{
-        Packet as _,
-        arp::{ArpHardwareTypes, ArpOperations, ArpPacket, MutableArpPacket},
-        ethernet::{EtherTypes, EthernetPacket, MutableEthernetPacket},
+        arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket},
+        ethernet::{EtherTypes, MutableEthernetPacket},
         icmpv6::{
             Icmpv6Code, Icmpv6Packet, Icmpv6Types,
-            ndp::{
-                MutableNeighborAdvertPacket, MutableNeighborSolicitPacket, NdpOption,
-                NdpOptionTypes, NeighborAdvertFlags, NeighborAdvertPacket,
-            },
+            ndp::{MutableNeighborAdvertPacket, NdpOption, NdpOptionTypes, NeighborAdvertFlags},
         },
         ip::IpNextHeaderProtocols,
-        ipv6::{Ipv6Packet, MutableIpv6Packet},
+        ipv6::MutableIpv6Packet,
     },
     util::MacAddr,
 };
@@ -56,7 +47,6 @@ pub struct Link {
     name: String,
     mac: MacAddr,
     tx: Box<dyn DataLinkSender>,
-    rx: Box<dyn DataLinkReceiver>,
 }
 
 impl Link {
@@ -69,20 +59,16 @@ impl Link {
             .mac
             .filter(|mac| !mac.is_zero())
             .ok_or_else(|| AnnounceError::NoMac(name.to_owned()))?;
-        let config = datalink::Config {
-            read_timeout: Some(Duration::from_millis(20)),
-            ..datalink::Config::default()
-        };
+        let config = datalink::Config::default();
         let open_error = |source| AnnounceError::Open {
             iface: name.to_owned(),
             source,
         };
         match datalink::channel(&interface, config).map_err(open_error)? {
-            Channel::Ethernet(tx, rx) => Ok(Self {
+            Channel::Ethernet(tx, _) => Ok(Self {
                 name: name.to_owned(),
                 mac,
                 tx,
-                rx,
             }),
             _ => Err(open_error(std::io::ErrorKind::Unsupported.into())),
         }
@@ -106,47 +92,6 @@ impl Link {
             IpAddr::V6(ip) => unsolicited_na(self.mac, ip),
         };
         self.send(&frame)
-    }
-
-    /// Ask each neighbour for its link address from the paired local
-    /// address (which must be ours), all at once, resending to the silent
-    /// ones every 100 ms until all answered or `timeout` passed. Returns,
-    /// per pair, whether it answered.
-    pub fn probe_all(
-        &mut self,
-        pairs: &[(IpAddr, IpAddr)],
-        timeout: Duration,
-    ) -> Result<Vec<bool>, AnnounceError> {
-        let frames: Vec<Option<Vec<u8>>> = pairs
-            .iter()
-            .map(|(from, neighbour)| match (from, neighbour) {
-                (IpAddr::V4(from), IpAddr::V4(to)) => Some(arp_frame(self.mac, *from, *to)),
-                (IpAddr::V6(from), IpAddr::V6(to)) => Some(solicitation(self.mac, *from, *to)),
-                _ => None,
-            })
-            .collect();
-        let mut answered = vec![false; pairs.len()];
-        let started = Instant::now();
-        let mut last_sent = None::<Instant>;
-        while started.elapsed() < timeout && answered.iter().any(|a| !a) {
-            if last_sent.is_none_or(|at| at.elapsed() >= Duration::from_millis(100)) {
-                for (frame, done) in frames.iter().zip(&answered) {
-                    if let (Some(frame), false) = (frame, done) {
-                        self.send(frame)?;
-                    }
-                }
-                last_sent = Some(Instant::now());
-            }
-            // Timeouts come back as errors: just poll again.
-            if let Ok(received) = self.rx.next() {
-                for ((_, neighbour), done) in pairs.iter().zip(answered.iter_mut()) {
-                    if !*done && answers(received, *neighbour) {
-                        *done = true;
-                    }
-                }
-            }
-        }
-        Ok(answered)
     }
 }
 
@@ -226,56 +171,4 @@ fn unsolicited_na(mac: MacAddr, ip: Ipv6Addr) -> Vec<u8> {
     }
     let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
     icmpv6_frame(mac, MacAddr(0x33, 0x33, 0, 0, 0, 1), ip, all_nodes, body)
-}
-
-/// NS from `from` for `target`, to target's solicited-node group.
-fn solicitation(mac: MacAddr, from: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
-    let mut body = vec![0u8; 24 + 8];
-    {
-        let mut ns = MutableNeighborSolicitPacket::new(&mut body).unwrap_or_else(|| unreachable!());
-        ns.set_icmpv6_type(Icmpv6Types::NeighborSolicit);
-        ns.set_icmpv6_code(Icmpv6Code(0));
-        ns.set_target_addr(target);
-        ns.set_options(&[link_layer_option(NdpOptionTypes::SourceLLAddr, mac)]);
-    }
-    let t = target.octets();
-    let group = Ipv6Addr::new(
-        0xff02,
-        0,
-        0,
-        0,
-        0,
-        1,
-        0xff00 | u16::from(t[13]),
-        u16::from_be_bytes([t[14], t[15]]),
-    );
-    let group_mac = MacAddr(0x33, 0x33, 0xff, t[13], t[14], t[15]);
-    icmpv6_frame(mac, group_mac, from, group, body)
-}
-
-/// Whether `frame` is `neighbour` answering for itself: an ARP reply from
-/// it, or an NA whose target it is.
-fn answers(frame: &[u8], neighbour: IpAddr) -> bool {
-    let Some(ethernet) = EthernetPacket::new(frame) else {
-        return false;
-    };
-    match (ethernet.get_ethertype(), neighbour) {
-        (EtherTypes::Arp, IpAddr::V4(neighbour)) => {
-            ArpPacket::new(ethernet.payload()).is_some_and(|arp| {
-                arp.get_operation() == ArpOperations::Reply
-                    && arp.get_sender_proto_addr() == neighbour
-            })
-        }
-        (EtherTypes::Ipv6, IpAddr::V6(neighbour)) => {
-            let Some(ip) = Ipv6Packet::new(ethernet.payload()) else {
-                return false;
-            };
-            ip.get_next_header() == IpNextHeaderProtocols::Icmpv6
-                && NeighborAdvertPacket::new(ip.payload()).is_some_and(|na| {
-                    na.get_icmpv6_type() == Icmpv6Types::NeighborAdvert
-                        && na.get_target_addr() == neighbour
-                })
-        }
-        _ => false,
-    }
 }

@@ -2,9 +2,11 @@
 //! tree holds ([`discover`]), the service addresses ([`address`], over
 //! rtnetlink) and announcing them on the link ([`announce`], GARP and
 //! unsolicited NA built with pnet) and delivering held packets
-//! ([`inject`]).
+//! ([`inject`]), and proving by an ICMP round trip that a peer's packets
+//! for the service address reach this host ([`roundtrip`]).
 
 pub mod address;
 pub mod announce;
 pub mod discover;
 pub mod inject;
+pub mod roundtrip;

@@ -26,7 +26,8 @@ pub const IP_TAKEOVER: &str = "ip-takeover";
 pub const PID_WAIT: &str = "pid-wait";
 pub const RESTORE: &str = "restore";
 pub const ANNOUNCE: &str = "announce";
-pub const CONFIRM: &str = "confirm";
+/// From the announcement until every peer answered the new owner's echo.
+pub const ROUTE_CONVERGENCE: &str = "route-convergence";
 pub const RELEASE: &str = "release";
 pub const DELIVER_HELD: &str = "deliver-held";
 pub const ROLLBACK: &str = "rollback";
@@ -206,6 +207,22 @@ pub struct Phase {
 }
 
 /// Lock counters of one connection on one host.
+/// One peer's proof that its packets for the service address reach the
+/// destination: an echo from the address, answered there.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeerConvergence {
+    pub peer: String,
+    /// From the destination's announcement to the peer's first answer
+    /// there; null when none came.
+    pub answered_after_ms: Option<f64>,
+    /// The peer answered the source's echo before the move: then its
+    /// answer is required before the release.
+    pub answered_before: bool,
+    /// How long it was probed at most (a peer that never answers echo:
+    /// "unconfirmed, released on timeout").
+    pub waited_ms: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConnectionCounters {
     pub flow: String,
@@ -304,6 +321,10 @@ pub struct Report {
     pub connections: Vec<ConnectionReport>,
     pub confirmed_neighbours: Vec<String>,
     pub unconfirmed_neighbours: Vec<String>,
+    /// Each peer's echo round trip to the destination after it announced
+    /// the address: when the first answer came, or why none was needed.
+    #[serde(default)]
+    pub route_convergence: Vec<PeerConvergence>,
     /// The migrating connections' packet events on both hosts (peer
     /// retransmits, drops, holds, held deliveries), oldest first, at most
     /// [`MAX_EVENTS_PER_HOST`] per host.
@@ -526,7 +547,9 @@ impl PhaseClock {
         }
     }
 
-    /// Write each phase's name to `path` as it begins (removed on drop).
+    /// Write each phase's name to `path` as it begins, with our PID (a
+    /// killed writer leaves the file: readers check the PID), removed on
+    /// drop. See `watch::current_phase`.
     pub fn publish_to(&mut self, path: std::path::PathBuf) {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
@@ -544,9 +567,7 @@ impl PhaseClock {
 
     /// Start a phase; finish it with [`PhaseClock::end`].
     pub fn begin(&self, name: &str) -> (String, f64) {
-        if let Some(path) = &self.publish {
-            let _ = std::fs::write(path, format!("{name}\n"));
-        }
+        self.publish(name);
         if !self.quiet {
             eprintln!("[{:>9.1} ms] {name} ...", self.now_ms());
         }
@@ -581,7 +602,7 @@ impl PhaseClock {
     /// Publish a phase that is not timed here (the destination's work).
     pub fn publish(&self, name: &str) {
         if let Some(path) = &self.publish {
-            let _ = std::fs::write(path, format!("{name}\n"));
+            let _ = std::fs::write(path, format!("{name}\n{}\n", std::process::id()));
         }
     }
 

@@ -55,6 +55,19 @@ pub fn phase_file(pin_root: &std::path::Path) -> PathBuf {
     PathBuf::from("/run/migrator").join(format!("{name}.phase"))
 }
 
+/// The phase of the migration running in the network namespace of
+/// `pin_root`, if one runs: a file left by a `migrate` that was killed
+/// (its PID gone, or taken by another program) is no migration.
+pub fn current_phase(pin_root: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(phase_file(pin_root)).ok()?;
+    let mut lines = text.lines();
+    let phase = lines.next()?.trim().to_owned();
+    let writer: u32 = lines.next()?.trim().parse().ok()?;
+    let alive = std::fs::read_to_string(format!("/proc/{writer}/comm"))
+        .is_ok_and(|comm| comm.trim() == "migrator");
+    (alive && !phase.is_empty()).then_some(phase)
+}
+
 /// The connections this watcher added (observe mode), to remove on exit.
 struct Followed {
     added: BTreeSet<FlowSpec>,
@@ -284,10 +297,7 @@ pub async fn run(options: WatchOptions) -> anyhow::Result<()> {
                 Some(table) => (table.flows()?, table.services()?),
                 None => (Vec::new(), Vec::new()),
             };
-            let phase = std::fs::read_to_string(phase_file(&root))
-                .ok()
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty());
+            let phase = current_phase(&root);
             // Following a process: its connections are the selection.
             let mut selection = options.selection.clone();
             if options.pid.is_some() {

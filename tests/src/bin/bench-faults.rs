@@ -69,6 +69,9 @@ fn main() {
                 cell.settle_ms,
                 cell.injected
             );
+            if verdict.contains("nothing to hit") {
+                println!("    (the migration said: {})", cell.error);
+            }
         }
     }
     println!("\ncells with two live copies at once: {violations}");
