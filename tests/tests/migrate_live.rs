@@ -375,6 +375,46 @@ fn new_clients_during_the_freeze_get_in_right_after_the_release_with_hold() {
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
 
+/// A client that leaves while the migration prepares: its connection was
+/// the tree's when the migration began, but the process closed it before
+/// CRIU dumped the tree. The destination checks what was dumped, not what
+/// was there at the start, so the move goes on.
+#[test]
+fn a_connection_closed_before_the_freeze_does_not_hold_up_the_move() {
+    use std::net::{SocketAddr, TcpStream};
+    let mut lab = MigrationLab::new("gone");
+    let pid = lab.start(Workload {
+        own_pid_namespace: true,
+        listen: true,
+        ..Workload::default()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let to: SocketAddr = format!("{SERVICE_V4}:{SERVICE_PORT}").parse().unwrap();
+    let client = migrator_tests::wire::in_netns(&lab.lab.netns_path(PEER), move || {
+        TcpStream::connect(to).unwrap()
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let root = migrator_tests::lab::pin_root_of(&lab.lab.netns_path(SRC)).unwrap();
+    // Hung up once the tree's connections are listed (the preflight runs).
+    let leaver = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if migrator::watch::current_phase(&root).as_deref() == Some("preflight") {
+                drop(client);
+                return true;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        false
+    });
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert!(leaver.join().unwrap(), "the preflight never began");
+    assert!(run.success, "{}", run.stderr);
+    assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+}
+
 /// With --hold the peers' packets that arrive during the freeze are kept
 /// and handed to the restored sockets after the release (both families).
 #[test]

@@ -288,11 +288,17 @@ async fn serve(
     }
     receive_images(channel, session_dir, commit_by).await?;
     let services = request.service_ips();
-    let (held, frozen_at) = receive_held(channel, &flows, &services, commit_by).await?;
+    let RestoreRequest {
+        held,
+        frozen_at,
+        dumped_flows,
+    } = receive_held(channel, &flows, &services, commit_by).await?;
     session.frozen_at = Some(frozen_at);
 
     let restoring = shared.restoring.lock().await;
-    let taken = match takeover::take_over(config, images, request, netlink, session).await {
+    let expected = dumped_flows.as_deref().unwrap_or(&request.flows);
+    let taken = match takeover::take_over(config, images, request, expected, netlink, session).await
+    {
         Ok(taken) => taken,
         Err((phase, reason)) => {
             return Err(abandon(channel, session, netlink, phase, reason).await);
@@ -502,16 +508,22 @@ async fn receive_images(
     }
 }
 
+/// What the restore request brings: the held packets sent before it,
+/// when the source froze (on our clock), and the connections it dumped.
+struct RestoreRequest {
+    held: Vec<bytes::Bytes>,
+    frozen_at: Instant,
+    dumped_flows: Option<Vec<String>>,
+}
+
 /// At most one batch of held packets, each of a migrating flow, then the
 /// restore request.
-/// The held packets, up to the restore request; with when the source
-/// froze, on our clock.
 async fn receive_held(
     channel: &mut TlsChannel,
     flows: &[FlowSpec],
     services: &[IpAddr],
     deadline: Instant,
-) -> Result<(Vec<bytes::Bytes>, Instant), ChannelError> {
+) -> Result<RestoreRequest, ChannelError> {
     let mut held = Vec::new();
     let mut batches = 0;
     loop {
@@ -534,12 +546,31 @@ async fn receive_held(
                     held.push(frame);
                 }
             }
-            Message::Restore { frozen_for_ms } => {
+            Message::Restore {
+                frozen_for_ms,
+                dumped_flows,
+            } => {
                 // A source's clock reading, so bounded: at most its lock's
                 // longest deadline ago.
                 let ago = Duration::from_secs_f64((frozen_for_ms / 1e3).clamp(0.0, 3600.0));
                 let now = Instant::now();
-                return Ok((held, now.checked_sub(ago).unwrap_or(now)));
+                // Only ever compared with what the restore brought back:
+                // anything that is not a four-tuple of a service address
+                // is left out.
+                let dumped_flows = dumped_flows.map(|dumped| {
+                    dumped
+                        .into_iter()
+                        .filter(|flow| {
+                            flow.parse::<FlowSpec>()
+                                .is_ok_and(|f| services.contains(&f.local.ip()))
+                        })
+                        .collect()
+                });
+                return Ok(RestoreRequest {
+                    held,
+                    frozen_at: now.checked_sub(ago).unwrap_or(now),
+                    dumped_flows,
+                });
             }
             other => {
                 return Err(ChannelError::Unexpected {

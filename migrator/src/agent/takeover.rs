@@ -49,6 +49,7 @@ pub async fn take_over(
     config: &AgentConfig,
     images: &Path,
     request: &PreflightRequest,
+    expected: &[String],
     netlink: &Netlink,
     session: &mut Session,
 ) -> Result<TakenOver, PhaseError> {
@@ -119,9 +120,9 @@ pub async fn take_over(
         .pid
         .ok_or((report::RESTORE, "CRIU reported no PID".to_owned()))?;
     session.restored_pid = Some(pid);
-    // Every migrated connection must be back, established, in the
-    // restored tree: CRIU succeeding is not proof enough to release.
-    let expected: BTreeSet<String> = request.flows.iter().cloned().collect();
+    // Every connection dumped must be back, established, in the restored
+    // tree: CRIU succeeding is not proof enough to release.
+    let expected: BTreeSet<String> = expected.iter().cloned().collect();
     let restored: BTreeSet<String> = crate::net::discover::discover(pid)
         .map(|network| {
             network

@@ -250,6 +250,11 @@ pub enum Message {
     Restore {
         #[serde(default)]
         frozen_for_ms: f64,
+        /// The tree's connections as CRIU dumped it (`LOCAL=REMOTE`): the
+        /// ones the restore must bring back. Those of the preflight when
+        /// absent; a connection the process closed meanwhile is not one.
+        #[serde(default)]
+        dumped_flows: Option<Vec<String>>,
     },
     /// The agent restored the process (stopped), owns the addresses and
     /// the neighbours answer it; the lock still holds. It resumes and

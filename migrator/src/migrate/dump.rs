@@ -328,6 +328,16 @@ struct Attempt {
     dump: DumpTask,
     page_socket: Option<UnixStream>,
     verdict: std::sync::mpsc::Sender<Result<(), String>>,
+    /// The tree's connections as dumped, listed at post-dump.
+    dumped_flows: tokio::sync::oneshot::Receiver<Vec<String>>,
+}
+
+/// How CRIU's thread talks to the migration: events as they happen, the
+/// verdict it waits for at post-dump, the connections it dumped.
+struct CriuTalk {
+    events: UnboundedSender<CriuEvent>,
+    verdicts: std::sync::mpsc::Receiver<Result<(), String>>,
+    dumped: Option<tokio::sync::oneshot::Sender<Vec<String>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -377,9 +387,15 @@ impl StartedCriu {
         let (deadline, pid, hold) = (options.deadline, options.pid, options.hold);
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let (verdict, verdicts) = std::sync::mpsc::channel();
+        let (dumped, dumped_flows) = tokio::sync::oneshot::channel();
         let swrk = self.swrk;
+        let talk = CriuTalk {
+            events,
+            verdicts,
+            dumped: Some(dumped),
+        };
         let task = tokio::task::spawn_blocking(move || {
-            run_criu(swrk, pid, lock, page_stream, events, verdicts, |lock| {
+            run_criu(swrk, pid, lock, page_stream, talk, |lock| {
                 lock.freeze(&services, deadline, hold)
                     .map_err(|e| format!("locking the flows: {e}"))
             })
@@ -392,6 +408,7 @@ impl StartedCriu {
             },
             page_socket: self.page_socket,
             verdict,
+            dumped_flows,
         }
     }
 }
@@ -409,7 +426,9 @@ async fn finish_dump(
         mut dump,
         page_socket,
         verdict,
+        dumped_flows,
     } = attempt;
+    progress.dumped_flows = Some(dumped_flows);
     let Some(socket) = page_socket else {
         drop(verdict);
         let outcome = match dump.end().await {
@@ -548,10 +567,14 @@ fn run_criu(
     pid: i32,
     mut lock: Option<MigrationLock>,
     wait_at_post_dump: bool,
-    events: UnboundedSender<CriuEvent>,
-    verdicts: std::sync::mpsc::Receiver<Result<(), String>>,
+    talk: CriuTalk,
     freeze: impl Fn(&mut MigrationLock) -> Result<(), String>,
 ) -> DumpResult {
+    let CriuTalk {
+        events,
+        verdicts,
+        mut dumped,
+    } = talk;
     let mut locked = false;
     let criu = swrk.pid();
     let result = swrk.dump(pid, |script| match script {
@@ -570,6 +593,21 @@ fn run_criu(
         }
         "post-dump" => {
             let _ = events.send(CriuEvent::Dumped);
+            // The tree as CRIU dumped it, still frozen: the connections the
+            // restore must bring back (one the process closed since the
+            // preflight is not among them). With the page stream this runs
+            // while the images go out; without, CRIU waits for it.
+            if let (Some(dumped), Ok(network)) =
+                (dumped.take(), crate::net::discover::discover(pid))
+            {
+                let _ = dumped.send(
+                    network
+                        .connections
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                );
+            }
             if wait_at_post_dump {
                 await_verdict(&verdicts, criu, pid)
             } else {

@@ -32,9 +32,19 @@ pub(super) async fn hand_over(
     clock.publish("restore (destination)");
     let asked_at_ms = clock.now_ms();
     progress.destination_may_own = Some(handover_by);
+    // Listed by CRIU's thread at post-dump, meanwhile; without it the
+    // agent checks the preflight's connections.
+    let dumped_flows = match progress.dumped_flows.take() {
+        Some(listed) => tokio::time::timeout(Duration::from_millis(500), listed)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        None => None,
+    };
     channel
         .send(&Message::Restore {
             frozen_for_ms: frozen_at.elapsed().as_secs_f64() * 1e3,
+            dumped_flows,
         })
         .await
         .map_err(|e| format!("asking for the restore: {e}"))?;

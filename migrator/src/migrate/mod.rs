@@ -98,6 +98,9 @@ struct Progress {
     /// The tree here had to be killed without a complete dump (CRIU died
     /// holding it): why no rollback can bring it back.
     source_lost: Option<String>,
+    /// The tree's connections as CRIU dumped them (for the restore's
+    /// check at the destination), once CRIU got that far.
+    dumped_flows: Option<tokio::sync::oneshot::Receiver<Vec<String>>>,
 }
 
 /// Run a migration; the report says how it ended (never panics on the
@@ -170,6 +173,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         images_in_memory: session.in_memory(),
         pages_at_destination: false,
         source_lost: None,
+        dumped_flows: None,
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
     match result {
