@@ -157,12 +157,15 @@ pub async fn take_over(
     let addresses = request.service_ips();
     tokio::task::spawn_blocking(move || -> Result<(), String> {
         let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
-        for _ in 0..ANNOUNCEMENTS {
-            for ip in &addresses {
-                link.announce(*ip).map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(())
+        let announced = (0..ANNOUNCEMENTS).try_for_each(|_| {
+            addresses
+                .iter()
+                .try_for_each(|ip| link.announce(*ip).map_err(|e| e.to_string()))
+        });
+        // Closing a packet socket waits for an RCU grace period (about
+        // 10 ms here): not inside the freeze window.
+        std::thread::spawn(move || drop(link));
+        announced
     })
     .await
     .map_err(|e| (report::ANNOUNCE, e.to_string()))?

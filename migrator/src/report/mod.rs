@@ -475,10 +475,21 @@ impl Report {
                 out.push_str(&format!("    = {} (ms)\n", parts.join(" + ")));
             }
         }
-        out.push_str("  phase          host          start ms   duration ms\n");
+        // As wide as the longest phase name ("route-convergence").
+        let width = self
+            .phases
+            .iter()
+            .map(|p| p.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(14);
+        out.push_str(&format!(
+            "  {:<width$} host          start ms   duration ms\n",
+            "phase"
+        ));
         for phase in &self.phases {
             out.push_str(&format!(
-                "  {:<14} {:<12} {:>9.1} {:>12.1}{}\n",
+                "  {:<width$} {:<12} {:>9.1} {:>12.1}{}\n",
                 phase.name,
                 phase.host,
                 phase.start_ms,
