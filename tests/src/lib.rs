@@ -12,6 +12,7 @@ pub mod http;
 pub mod lab;
 pub mod migration;
 pub mod netns;
+pub mod routed;
 pub mod wire;
 
 /// Fail the test with a clear message unless running as root.

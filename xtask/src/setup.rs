@@ -17,6 +17,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ndisc6", // baseline benchmark: ndisc6, the IPv6 neighbour solicitation a careful user sends
     "curl",   // tests scrape the watch command's metrics with a real HTTP client
     "nginx-light", // the real multi-process server the tests move (master + workers)
+    "bird2",  // the routed lab: BGP between the hosts and a router (BIRD 2)
 ];
 
 /// One setup step: installs what it finds missing, returns what it did.
