@@ -38,6 +38,8 @@ pub struct MigrationLab {
     agents: Vec<(String, u32)>,
     /// Set on drop: the orphan reaper stops.
     stop_reaping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The routed lab (BGP takeover) instead of the shared link.
+    pub routed: Option<crate::routed::RoutedLab>,
 }
 
 fn sibling_bin(name: &str) -> PathBuf {
@@ -53,10 +55,28 @@ impl MigrationLab {
     /// As `new`, with the hosts' credentials made in the lab's directory
     /// by `auth` before the agents start.
     pub fn new_with(tag: &str, auth: impl FnOnce(&Path) -> LabAuth) -> Self {
+        Self::build(tag, auth, false)
+    }
+
+    /// As `new`, in the routed lab ([`crate::routed`]): the peer behind a
+    /// router, the addresses taken over by BGP (`--takeover bgp`).
+    pub fn new_routed(tag: &str) -> Self {
+        Self::build(tag, |_| LabAuth::Token, true)
+    }
+
+    fn build(tag: &str, auth: impl FnOnce(&Path) -> LabAuth, routed: bool) -> Self {
         crate::require_root();
         lab::become_subreaper();
-        let lab = Lab::new(&format!("mt{tag}{}", std::process::id()));
-        lab.up().expect("lab up");
+        let prefix = format!("mt{tag}{}", std::process::id());
+        let lab = Lab::new(&prefix);
+        let routed = routed.then(|| {
+            let routed = crate::routed::RoutedLab::new(&prefix);
+            routed.up().expect("routed lab up");
+            routed
+        });
+        if routed.is_none() {
+            lab.up().expect("lab up");
+        }
         let dir = TempDir::new(&format!("mig-{tag}"));
         let token = dir.0.join("token");
         lab::write_token(&token).unwrap();
@@ -70,16 +90,18 @@ impl MigrationLab {
             reaped: Vec::new(),
             agents: Vec::new(),
             stop_reaping: Default::default(),
+            routed,
         };
         let report = this.peer_report_path();
+        let (v4, v6) = this.peer_addresses();
         let peer = this.spawn(
             lab::PEER,
             &sibling_bin("lab-peer"),
             &[
                 "--listen",
-                &format!("{}:9000", lab::PEER_V4),
+                &format!("{v4}:9000"),
                 "--listen",
-                &format!("[{}]:9000", lab::PEER_V6),
+                &format!("[{v6}]:9000"),
                 "--report",
                 report.to_str().unwrap(),
             ],
@@ -89,6 +111,22 @@ impl MigrationLab {
             this.start_agent(host);
         }
         this
+    }
+
+    /// The peer's addresses (v4, v6).
+    pub fn peer_addresses(&self) -> (String, String) {
+        match &self.routed {
+            Some(_) => crate::routed::host_addresses(lab::PEER),
+            None => (lab::PEER_V4.to_owned(), lab::PEER_V6.to_owned()),
+        }
+    }
+
+    /// A host's management address (IPv4), where its agent listens.
+    pub fn host_address(&self, host: &str) -> String {
+        match &self.routed {
+            Some(_) => crate::routed::host_addresses(host).0,
+            None => lab::host_addresses(host).0.to_owned(),
+        }
     }
 
     /// The credentials arguments of `host`.
@@ -132,10 +170,24 @@ impl MigrationLab {
 
     /// An agent on `host` with faults injected (`MIGRATOR_FAULTS`).
     pub fn start_agent_injecting(&mut self, host: &str, extra: &[&str], faults: Option<&str>) {
-        let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
+        let listen = format!("{}:{}", self.host_address(host), lab::AGENT_PORT);
         let work = self.dir.0.join(format!("agent-{host}"));
         let auth = self.auth_args(host);
         let mut args = vec!["agent", "--listen", &listen];
+        let bird = self
+            .routed
+            .as_ref()
+            .map(|routed| routed.bird_socket(host).display().to_string());
+        if let Some(bird) = &bird {
+            args.extend([
+                "--iface",
+                crate::routed::UPLINK,
+                "--bird-socket",
+                bird,
+                "--service-link",
+                crate::routed::SERVICE_LINK,
+            ]);
+        }
         if !extra.contains(&"--work-dir") {
             args.extend(["--work-dir", work.to_str().unwrap()]);
         }
@@ -294,8 +346,9 @@ impl MigrationLab {
             listen,
         } = workload;
         let reap = !unreaped;
-        let v4 = format!("{}:9000", lab::PEER_V4);
-        let v6 = format!("[{}]:9000", lab::PEER_V6);
+        let (peer_v4, peer_v6) = self.peer_addresses();
+        let v4 = format!("{peer_v4}:9000");
+        let v6 = format!("[{peer_v6}]:9000");
         let mut command = Command::new("nsenter");
         command.arg(format!("--net={}", self.lab.netns_path(lab::SRC).display()));
         if own_pid_namespace {
@@ -423,7 +476,7 @@ impl MigrationLab {
     /// `migrator migrate` from `from` to the agent on `to`; returns the
     /// exit status, the report (if written) and stderr.
     pub fn migrate(&self, from: &str, to: &str, pid: i32, extra: &[&str]) -> MigrateRun {
-        let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+        let target = format!("{}:{}", self.host_address(to), lab::AGENT_PORT);
         self.migrate_via(from, &target, pid, extra)
     }
 
@@ -442,7 +495,7 @@ impl MigrationLab {
         faults: &str,
         extra: &[&str],
     ) -> MigrateRun {
-        let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+        let target = format!("{}:{}", self.host_address(to), lab::AGENT_PORT);
         self.run_migrate(from, &target, pid, Some(faults), extra)
     }
 
@@ -477,6 +530,20 @@ impl MigrationLab {
             "--work-dir",
             images.to_str().unwrap(),
         ]);
+        let bird = self
+            .routed
+            .as_ref()
+            .map(|routed| routed.bird_socket(from).display().to_string());
+        if let Some(bird) = &bird {
+            args.extend([
+                "--takeover",
+                "bgp",
+                "--bird-socket",
+                bird,
+                "--iface",
+                crate::routed::UPLINK,
+            ]);
+        }
         args.extend_from_slice(extra);
         let program = if faults.is_some() {
             "env"
@@ -542,6 +609,43 @@ impl MigrationLab {
     /// Whether a host has pins left (a lock or an attachment).
     pub fn pins_left(&self, host: &str) -> bool {
         lab::pin_root_of(&self.lab.netns_path(host)).is_some_and(|root| root.exists())
+    }
+
+    /// Every connection alive with an intact byte stream, and moving again:
+    /// each echo grows past where it was. After a long freeze the peer only
+    /// resumes at its next backed-off retransmit, so this waits (up to `wait`
+    /// plus that backoff) rather than asserting a time.
+    pub fn assert_streams_intact_and_flowing(&self, wait: Duration) {
+        let before: Vec<u64> = self
+            .peer_connections()
+            .iter()
+            .map(|c| c["echoed"].as_u64().unwrap())
+            .collect();
+        let started = std::time::Instant::now();
+        let patience = wait + Duration::from_secs(10);
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.peer_connections();
+            assert_eq!(now.len(), 3, "the peer sees other connections: {now:?}");
+            for conn in &now {
+                assert_eq!(
+                    conn["error"],
+                    serde_json::Value::Null,
+                    "connection broken: {conn}"
+                );
+            }
+            let grown = now
+                .iter()
+                .zip(&before)
+                .all(|(conn, before)| conn["echoed"].as_u64().unwrap() > *before);
+            if grown && started.elapsed() >= wait {
+                return;
+            }
+            assert!(
+                started.elapsed() < patience,
+                "no bytes echoed any more after {patience:?}: {now:?}"
+            );
+        }
     }
 
     pub fn has_address(&self, host: &str, ip: &str) -> bool {

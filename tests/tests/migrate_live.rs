@@ -24,37 +24,8 @@ fn four_tuples(lab: &MigrationLab) -> Vec<String> {
     tuples
 }
 
-/// Every connection alive with an intact byte stream, and moving again:
-/// each echo grows past where it was. After a long freeze the peer only
-/// resumes at its next backed-off retransmit, so this waits (up to `wait`
-/// plus that backoff) rather than asserting a time.
 fn assert_streams_intact_and_flowing(lab: &MigrationLab, wait: Duration) {
-    let before: Vec<u64> = lab
-        .peer_connections()
-        .iter()
-        .map(|c| c["echoed"].as_u64().unwrap())
-        .collect();
-    let started = std::time::Instant::now();
-    let patience = wait + Duration::from_secs(10);
-    loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = lab.peer_connections();
-        assert_eq!(now.len(), 3, "the peer sees other connections: {now:?}");
-        for conn in &now {
-            assert_eq!(conn["error"], Value::Null, "connection broken: {conn}");
-        }
-        let grown = now
-            .iter()
-            .zip(&before)
-            .all(|(conn, before)| conn["echoed"].as_u64().unwrap() > *before);
-        if grown && started.elapsed() >= wait {
-            return;
-        }
-        assert!(
-            started.elapsed() < patience,
-            "no bytes echoed any more after {patience:?}: {now:?}"
-        );
-    }
+    lab.assert_streams_intact_and_flowing(wait);
 }
 
 fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {

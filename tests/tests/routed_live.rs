@@ -13,6 +13,7 @@ use std::{
 
 use migrator::net::roundtrip::{Probe, round_trips};
 use migrator_tests::{
+    migration::MigrationLab,
     routed::{DST, PEER, RoutedLab, SERVICE_V4, SERVICE_V6, SRC, host_addresses},
     wire::in_netns,
 };
@@ -57,9 +58,10 @@ fn the_router_follows_the_service_addresses_from_host_to_host() {
     }
 }
 
-/// Both hosts hold the addresses, the routes point at the source: the
-/// destination's echo to the peer goes unanswered there (the reply is
-/// routed to the source). Once the source withdraws, the destination's
+/// Both hosts hold the addresses, the router's routes point at one of
+/// them (BGP's tie-break picks): an echo from the other host to the peer
+/// goes unanswered there (the reply is routed away), one from the host
+/// the routes point at is answered. Once that host withdraws, the other's
 /// echo is answered.
 #[test]
 fn an_echo_is_answered_where_the_routes_point_not_where_the_address_is() {
@@ -94,27 +96,106 @@ fn an_echo_is_answered_where_the_routes_point_not_where_the_address_is() {
         .join()
         .unwrap()
     };
-    // The routes still point at the source (the lower router id wins).
-    assert_eq!(lab.route_points_at(SERVICE_V4), Some(SRC));
+    // Both announce now; let the router settle on one.
+    std::thread::sleep(Duration::from_millis(300));
+    let owner = lab.route_points_at(SERVICE_V4).unwrap();
+    assert_eq!(lab.route_points_at(SERVICE_V6), Some(owner));
+    let other = if owner == SRC { DST } else { SRC };
     assert_eq!(
-        echo_from(SRC, Duration::from_secs(2))
+        echo_from(owner, Duration::from_secs(2))
             .iter()
             .flatten()
             .count(),
-        2
+        2,
+        "no answer where the routes point ({owner})"
     );
-    let unanswered = echo_from(DST, Duration::from_millis(300));
+    let unanswered = echo_from(other, Duration::from_millis(300));
     assert_eq!(
         unanswered,
         [None, None],
-        "answered where the routes do not point"
+        "answered at {other}, where the routes do not point"
     );
-    lab.remove_service_addresses(SRC).unwrap();
-    let answers = echo_from(DST, Duration::from_secs(5));
+    lab.remove_service_addresses(owner).unwrap();
+    let answers = echo_from(other, Duration::from_secs(5));
     assert!(
         answers.iter().all(Option::is_some),
-        "no answer at the destination after the source withdrew: {answers:?}"
+        "no answer at {other} after {owner} withdrew: {answers:?}"
     );
-    eprintln!("answers at the destination {answers:?} after the withdrawal");
-    assert_eq!(lab.route_points_at(SERVICE_V4), Some(DST));
+    assert_eq!(lab.route_points_at(SERVICE_V4), Some(other));
+}
+
+/// Ten moves there and back of the lab workload, its IPv4 and IPv6
+/// connections to a peer behind the router, the addresses taken over by
+/// BGP: no byte lost, no reset; after each move the router's routes point
+/// at the host that runs the process, and the report has the
+/// route-convergence phase with every peer's answer.
+#[test]
+fn ten_moves_with_the_addresses_taken_over_by_bgp() {
+    let mut lab = MigrationLab::new_routed("bgp");
+    let mut pid = lab.start_workload(true, 0);
+    let routed = lab.routed.as_ref().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..10 {
+        let (from, to) = if round % 2 == 0 {
+            (SRC, DST)
+        } else {
+            (DST, SRC)
+        };
+        let run = lab.migrate(from, to, pid, &[]);
+        assert!(run.success, "move {round} {from} -> {to}: {}", run.stderr);
+        let report = run.report.unwrap();
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        for address in [SERVICE_V4, SERVICE_V6] {
+            assert_eq!(
+                routed.route_points_at(address),
+                Some(to),
+                "move {round}: the router's route for {address}"
+            );
+        }
+        let phase = report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "route-convergence")
+            .unwrap_or_else(|| panic!("no route-convergence phase: {report}"));
+        assert_eq!(phase["ok"], true);
+        let peers = report["route_convergence"].as_array().unwrap();
+        assert_eq!(peers.len(), 2, "{report}");
+        for peer in peers {
+            assert_eq!(peer["answered_before"], true, "{peer}");
+            assert!(peer["answered_after_ms"].as_f64().is_some(), "{peer}");
+        }
+        eprintln!(
+            "move {round} {from} -> {to}: freeze window {:.1} ms, route convergence {} ms",
+            report["freeze_window_ms"].as_f64().unwrap(),
+            peers
+                .iter()
+                .map(|p| format!("{:.1}", p["answered_after_ms"].as_f64().unwrap()))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+    }
+    lab.assert_streams_intact_and_flowing(Duration::from_millis(300));
+}
+
+/// A destination whose BGP session is down could not announce the
+/// addresses: refused before anything is frozen, nothing changed.
+#[test]
+fn a_destination_whose_bgp_session_is_down_is_refused_at_preflight() {
+    let mut lab = MigrationLab::new_routed("bgd");
+    let pid = lab.start_workload(true, 0);
+    let routed = lab.routed.as_ref().unwrap();
+    routed.birdc(DST, "disable up4").unwrap();
+    let run = lab.migrate(SRC, DST, pid, &[]);
+    assert_eq!(run.code, Some(3), "refused exits 3: {}", run.stderr);
+    let report = run.report.unwrap();
+    assert_eq!(report["outcome"], "refused", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot announce") && error.contains("up4"),
+        "{error}"
+    );
+    assert!(lab.has_address(SRC, SERVICE_V4) && !lab.has_address(DST, SERVICE_V4));
+    assert_eq!(routed.route_points_at(SERVICE_V4), Some(SRC));
+    lab.assert_streams_intact_and_flowing(Duration::from_millis(300));
 }

@@ -133,6 +133,7 @@ fn preflight(addresses: &[&str], flows: &[&str], deadline_ms: u64) -> Message {
         pid_namespace: identity.1,
         image_bytes: 0,
         echo_peers: Vec::new(),
+        takeover: Default::default(),
     })
 }
 

@@ -62,6 +62,19 @@ pub struct AgentConfig {
     pub policy: AgentPolicy,
     /// Serve the agent's Prometheus metrics here.
     pub metrics_addr: Option<SocketAddr>,
+    /// Taking addresses over by BGP, if this host can (`--bird-socket`).
+    pub bgp: Option<BgpTakeover>,
+}
+
+/// Where a BGP takeover puts the addresses, and the BIRD that announces
+/// them from there.
+#[derive(Clone, Debug)]
+pub struct BgpTakeover {
+    /// BIRD's control socket (checked at each preflight: every BGP
+    /// session established).
+    pub bird_socket: std::path::PathBuf,
+    /// The link BIRD's `direct` protocol exports addresses from.
+    pub link: String,
 }
 
 /// How much of the agent a client may hold, and for how long.

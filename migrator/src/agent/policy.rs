@@ -142,6 +142,7 @@ mod tests {
             pid_namespace: 0,
             image_bytes: 0,
             echo_peers: Vec::new(),
+            takeover: Default::default(),
         }
     }
 

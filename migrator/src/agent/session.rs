@@ -23,7 +23,7 @@ use crate::{
     channel::pages,
     channel::{
         ChannelError, Message, TlsChannel,
-        message::{PreflightReply, PreflightRequest, ServiceAddress},
+        message::{PreflightReply, PreflightRequest, ServiceAddress, Takeover},
     },
     criu::{page_stream::PageStore, swrk::Swrk},
     dataplane::{lock::MigrationLock, spec::FlowSpec},
@@ -400,6 +400,20 @@ async fn preflight(
         .link_index(&config.iface)
         .await
         .map_err(|err| err.to_string())?;
+    if request.takeover == Takeover::Bgp {
+        let bgp = config.bgp.as_ref().ok_or(
+            "this agent cannot take addresses over by BGP: start it with --bird-socket and --service-link (or migrate with --takeover l2)",
+        )?;
+        netlink
+            .link_index(&bgp.link)
+            .await
+            .map_err(|err| format!("--service-link: {err}"))?;
+        let socket = bgp.bird_socket.clone();
+        tokio::task::spawn_blocking(move || crate::net::bird::check_sessions(&socket))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|why| format!("the destination cannot announce the addresses: {why}"))?;
+    }
     crate::images::check_room(images.path(), request.image_bytes, images.in_memory())
         .map_err(|why| format!("no room for the images on the destination: {why}"))?;
     for address in &request.service_addresses {

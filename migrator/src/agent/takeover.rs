@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::{AgentConfig, session::Session};
 use crate::{
-    channel::message::{PreflightRequest, RestoreReply},
+    channel::message::{PreflightRequest, RestoreReply, Takeover},
     criu::stats::read_restore_stats,
     dataplane::spec::FlowSpec,
     net::{address::Netlink, announce::Link},
@@ -57,14 +57,21 @@ pub async fn take_over(
     // own timeline.
     let mut clock = PhaseClock::new("destination", true);
 
+    // On the link itself (L2), or on the one BIRD announces from (BGP:
+    // adding the address is the announcement).
+    let bgp = match request.takeover {
+        Takeover::Bgp => config.bgp.as_ref(),
+        Takeover::L2 => None,
+    };
+    let link = bgp.map_or(&config.iface, |bgp| &bgp.link);
     let phase = clock.begin(report::IP_TAKEOVER);
     let index = netlink
-        .link_index(&config.iface)
+        .link_index(link)
         .await
         .map_err(|e| (report::IP_TAKEOVER, e.to_string()))?;
     for address in &request.service_addresses {
         netlink
-            .add(&config.iface, index, address.ip, address.prefix)
+            .add(link, index, address.ip, address.prefix)
             .await
             .map_err(|e| (report::IP_TAKEOVER, e.to_string()))?;
         session.added.push(address.ip);
@@ -154,8 +161,16 @@ pub async fn take_over(
     let phase = clock.begin(report::ANNOUNCE);
     let announced_at = Instant::now();
     let iface = config.iface.clone();
-    let addresses = request.service_ips();
+    // With BGP, BIRD announced the addresses the moment they were added.
+    let addresses = if bgp.is_some() {
+        Vec::new()
+    } else {
+        request.service_ips()
+    };
     tokio::task::spawn_blocking(move || -> Result<(), String> {
+        if addresses.is_empty() {
+            return Ok(());
+        }
         let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
         let announced = (0..ANNOUNCEMENTS).try_for_each(|_| {
             addresses

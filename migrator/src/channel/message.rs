@@ -96,6 +96,34 @@ pub struct PreflightRequest {
     /// it may release (the others cannot prove anything either way).
     #[serde(default)]
     pub echo_peers: Vec<std::net::IpAddr>,
+    /// How the destination takes the addresses over.
+    #[serde(default)]
+    pub takeover: Takeover,
+}
+
+/// How a host comes to own a service address.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Takeover {
+    /// The peers share the link: the address goes on the interface and is
+    /// announced with gratuitous ARP and unsolicited neighbour
+    /// advertisements.
+    #[default]
+    L2,
+    /// A routed network: the address goes on the link a BIRD on the host
+    /// announces addresses from (its `direct` protocol) as host routes to
+    /// its BGP neighbours; removing it withdraws them.
+    Bgp,
 }
 
 impl PreflightRequest {

@@ -53,6 +53,16 @@ pub struct AgentArgs {
     /// refused) and the `migrator_freeze_window_seconds` histogram.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Take addresses over by BGP too (`migrate --takeover bgp`): the
+    /// control socket of the BIRD on this host that announces them. Each
+    /// such migration checks at preflight that BIRD runs and all its BGP
+    /// sessions are established.
+    #[arg(long, value_name = "PATH", requires = "service_link")]
+    bird_socket: Option<PathBuf>,
+    /// With --bird-socket: the link the addresses go on, the one BIRD's
+    /// `direct` protocol announces from (a dummy interface, say).
+    #[arg(long, value_name = "IF", requires = "bird_socket")]
+    service_link: Option<String>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -69,6 +79,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         idle_timeout,
         criu,
         metrics_addr,
+        bird_socket,
+        service_link,
     } = args;
     require_privileges()?;
     let credentials = auth.credentials()?;
@@ -106,6 +118,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     max_deadline,
                 },
                 metrics_addr,
+                bgp: bird_socket
+                    .zip(service_link)
+                    .map(|(bird_socket, link)| migrator::agent::BgpTakeover { bird_socket, link }),
             },
             credentials,
         )

@@ -3,7 +3,11 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Args;
-use migrator::{channel::message::ServiceAddress, dataplane::spec::parse_duration, migrate};
+use migrator::{
+    channel::message::{ServiceAddress, Takeover},
+    dataplane::spec::parse_duration,
+    migrate,
+};
 
 use super::{AuthArgs, JsonArg, locate_criu, require_privileges, tell};
 
@@ -69,6 +73,20 @@ pub struct MigrateArgs {
     /// README's benchmark.
     #[arg(long)]
     dump_then_send: bool,
+    /// How the destination takes the service addresses over: `l2` (the
+    /// peers share the link: the address moves to the destination's
+    /// interface and is announced by gratuitous ARP / unsolicited
+    /// neighbour advertisements), or `bgp` (a routed network: BIRD on each
+    /// host announces, as host routes, the addresses on the link its
+    /// `direct` protocol watches; the agent needs --bird-socket and
+    /// --service-link). Either way the destination releases only once
+    /// every peer's echo answers reach it.
+    #[arg(long, value_enum, default_value_t = Takeover::L2)]
+    takeover: Takeover,
+    /// With --takeover bgp: the control socket of this host's BIRD,
+    /// whose BGP sessions must be established (checked at preflight).
+    #[arg(long, value_name = "PATH", default_value = "/run/bird/bird.ctl")]
+    bird_socket: PathBuf,
     /// CRIU binary (see `migrator doctor --help`).
     #[arg(long, value_name = "PATH")]
     criu: Option<PathBuf>,
@@ -104,6 +122,8 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         keep_images,
         hold,
         dump_then_send,
+        takeover,
+        bird_socket,
         criu,
     } = args;
     require_privileges()?;
@@ -124,6 +144,8 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         hold,
         page_stream: !dump_then_send,
         quiet,
+        takeover,
+        bird_socket,
     }));
     if !quiet {
         eprint!("{}", result.render());

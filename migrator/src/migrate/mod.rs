@@ -63,6 +63,10 @@ pub struct MigrateOptions {
     /// everything here, then send).
     pub page_stream: bool,
     pub quiet: bool,
+    /// How the destination takes the addresses over; with BGP, this
+    /// host's BIRD (its control socket) withdraws them.
+    pub takeover: crate::channel::message::Takeover,
+    pub bird_socket: PathBuf,
 }
 
 /// Everything a rollback needs to know about how far we got.

@@ -9,7 +9,7 @@ use super::{MigrateOptions, Progress};
 use crate::{
     channel::{
         self, Message, TlsChannel,
-        message::{PreflightRequest, ServiceAddress},
+        message::{PreflightRequest, ServiceAddress, Takeover},
     },
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     net::{address::Netlink, discover},
@@ -161,7 +161,17 @@ async fn preflight(
         pid_namespace: identity.1,
         image_bytes,
         echo_peers: Vec::new(),
+        takeover: options.takeover,
     };
+    // With BGP our BIRD withdraws the addresses when they go: its
+    // sessions must be up (and again if we must take them back).
+    if options.takeover == Takeover::Bgp {
+        let socket = options.bird_socket.clone();
+        tokio::task::spawn_blocking(move || crate::net::bird::check_sessions(&socket))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|why| format!("this host cannot withdraw the addresses: {why}"))?;
+    }
     // Which peers answer an echo from the service address while it is
     // still ours: the destination proves it owns the address by hearing
     // them too.

@@ -7,6 +7,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use super::{MigrateOptions, Progress};
+use crate::channel::message::Takeover;
 use crate::{
     net::address::Netlink,
     report::{self, PhaseClock},
@@ -34,8 +35,11 @@ pub(super) async fn rollback(
             progress.reclaimed.push((address.ip, iface));
         }
         // The destination may have announced the addresses already: win
-        // the peers' neighbour caches back.
-        announce_again(progress.reclaimed.clone()).await;
+        // the peers' neighbour caches back (with BGP, putting them back
+        // was the announcement).
+        if options.takeover == Takeover::L2 {
+            announce_again(progress.reclaimed.clone()).await;
+        }
     }
     if let Some(copy) = progress.source_copy.take() {
         // Kept frozen by CRIU: resumed as it was, its memory never left.
@@ -87,6 +91,7 @@ pub(super) async fn rollback(
     // after it, or the peers keep sending there.
     if let Some(until) = progress.destination_may_own.take()
         && !progress.reclaimed.is_empty()
+        && options.takeover == Takeover::L2
     {
         let phase = clock.begin(report::RECLAIM);
         tokio::time::sleep_until((until + Duration::from_millis(200)).into()).await;

@@ -7,6 +7,7 @@
 
 pub mod address;
 pub mod announce;
+pub mod bird;
 pub mod discover;
 pub mod inject;
 pub mod roundtrip;
