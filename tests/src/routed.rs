@@ -77,6 +77,14 @@ pub struct RoutedLab {
     dir: PathBuf,
 }
 
+/// What the router takes from a host's sessions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RouterImport {
+    All,
+    /// Every announcement refused (a filter gone wrong, a peer policy).
+    Nothing,
+}
+
 impl RoutedLab {
     pub fn new(prefix: &str) -> Self {
         Self {
@@ -155,6 +163,10 @@ impl RoutedLab {
     }
 
     fn bird_config(&self, host: &str) -> String {
+        self.bird_config_with(host, |_| RouterImport::All)
+    }
+
+    fn bird_config_with(&self, host: &str, import: impl Fn(&str) -> RouterImport) -> String {
         let timers = "hold time 3; keepalive time 1; connect retry time 1; connect delay time 0; error wait time 1, 2;";
         if host == ROUTER {
             let mut conf = format!(
@@ -165,9 +177,13 @@ impl RoutedLab {
             );
             for (name, net) in [(SRC, 1u8), (DST, 2u8)] {
                 let asn = 65000 + u32::from(net);
+                let import = match import(name) {
+                    RouterImport::All => "all",
+                    RouterImport::Nothing => "none",
+                };
                 conf.push_str(&format!(
-                    "protocol bgp {name}4 from host {{ neighbor 198.18.{net}.2 as {asn}; ipv4 {{ import all; export none; }}; }}\n\
-                     protocol bgp {name}6 from host {{ neighbor 2001:db8:{net}::2 as {asn}; ipv6 {{ import all; export none; }}; }}\n"
+                    "protocol bgp {name}4 from host {{ neighbor 198.18.{net}.2 as {asn}; ipv4 {{ import {import}; export none; }}; }}\n\
+                     protocol bgp {name}6 from host {{ neighbor 2001:db8:{net}::2 as {asn}; ipv6 {{ import {import}; export none; }}; }}\n"
                 ));
             }
             conf
@@ -208,6 +224,27 @@ impl RoutedLab {
                 "bird on {host}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
+        }
+    }
+
+    /// Change what the router imports from `host`'s sessions, the way an
+    /// operator would: a new configuration, `birdc configure` (no restart;
+    /// the sessions stay up).
+    pub fn router_imports_from(&self, host: &str, import: RouterImport) -> Result<(), String> {
+        let conf = self.dir.join(format!("{ROUTER}.conf"));
+        let text = self.bird_config_with(ROUTER, |name| {
+            if name == host {
+                import
+            } else {
+                RouterImport::All
+            }
+        });
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let reply = self.birdc(ROUTER, "configure")?;
+        if reply.contains("Reconfigured") || reply.contains("Reconfiguration in progress") {
+            Ok(())
+        } else {
+            Err(format!("birdc configure on the router: {reply}"))
         }
     }
 

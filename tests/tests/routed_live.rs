@@ -199,3 +199,71 @@ fn a_destination_whose_bgp_session_is_down_is_refused_at_preflight() {
     assert_eq!(routed.route_points_at(SERVICE_V4), Some(SRC));
     lab.assert_streams_intact_and_flowing(Duration::from_millis(300));
 }
+
+/// The router refuses the destination's announcements (its sessions stay
+/// up): the route never converges, so the destination never hears the
+/// peer and the move rolls back within the lock's deadline; the address
+/// is withdrawn there, back on the source (announced again), and the
+/// connections carry on.
+#[test]
+fn a_route_that_never_converges_rolls_back_with_connections_alive() {
+    let mut lab = MigrationLab::new_routed("bgf");
+    let pid = lab.start_workload(true, 0);
+    let routed = lab.routed.as_ref().unwrap();
+    routed
+        .router_imports_from(DST, migrator_tests::routed::RouterImport::Nothing)
+        .unwrap();
+    let started = Instant::now();
+    let run = lab.migrate(SRC, DST, pid, &["--deadline", "6s"]);
+    let took = started.elapsed();
+    assert_eq!(run.code, Some(4), "rolled back exits 4: {}", run.stderr);
+    let report = run.report.unwrap();
+    assert_eq!(report["failed_phase"], "route-convergence", "{report}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(lab.has_address(SRC, SERVICE_V4) && lab.has_address(SRC, SERVICE_V6));
+    assert!(!lab.has_address(DST, SERVICE_V4) && !lab.has_address(DST, SERVICE_V6));
+    for address in [SERVICE_V4, SERVICE_V6] {
+        assert_eq!(routed.route_points_at(address), Some(SRC), "{address}");
+    }
+    lab.assert_streams_intact_and_flowing(Duration::from_millis(300));
+}
+
+/// `migrator doctor --bird-socket` says whether `--takeover bgp` can work
+/// here: BIRD answering with every BGP session up, and which one is not.
+#[test]
+fn doctor_checks_bird_for_bgp_takeover() {
+    migrator_tests::require_root();
+    let lab = RoutedLab::new("rtd");
+    lab.up().unwrap();
+    let doctor = |socket: &std::path::Path| {
+        let out = std::process::Command::new(migrator_tests::migrator_bin())
+            .args(["doctor", "--json", "--bird-socket"])
+            .arg(socket)
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let bird = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "bird")
+            .cloned()
+            .unwrap_or_else(|| panic!("no bird check: {report}"));
+        (out.status.code(), bird)
+    };
+    let (code, bird) = doctor(&lab.bird_socket(SRC));
+    assert_eq!(bird["status"], "ok", "{bird}");
+    assert!(bird["detail"].as_str().unwrap().contains("up4"), "{bird}");
+    assert_eq!(code, Some(0));
+    lab.birdc(SRC, "disable up6").unwrap();
+    let (code, bird) = doctor(&lab.bird_socket(SRC));
+    assert_eq!(bird["status"], "fail", "{bird}");
+    assert!(bird["detail"].as_str().unwrap().contains("up6"), "{bird}");
+    assert_ne!(code, Some(0));
+    let (_, bird) = doctor(std::path::Path::new("/nonexistent/bird.ctl"));
+    assert_eq!(bird["status"], "fail", "{bird}");
+    assert!(
+        bird["detail"].as_str().unwrap().contains("is BIRD running"),
+        "{bird}"
+    );
+}

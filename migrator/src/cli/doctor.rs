@@ -13,11 +13,19 @@ pub struct DoctorArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Check BIRD too, as `--takeover bgp` needs it: its control socket
+    /// answers and every BGP session is established.
+    #[arg(long, value_name = "PATH")]
+    bird_socket: Option<PathBuf>,
 }
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
-    let DoctorArgs { criu, json } = args;
-    let report = migrator::doctor::run(criu.as_deref());
+    let DoctorArgs {
+        criu,
+        json,
+        bird_socket,
+    } = args;
+    let report = migrator::doctor::run(criu.as_deref(), bird_socket.as_deref());
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -92,8 +92,10 @@ impl Report {
     }
 }
 
-/// Run every check. `criu_flag` is `--criu PATH`, if given.
-pub fn run(criu_flag: Option<&Path>) -> Report {
+/// Run every check. `criu_flag` is `--criu PATH`, if given; with
+/// `bird_socket` (`--bird-socket`, for `--takeover bgp`) BIRD is checked
+/// too.
+pub fn run(criu_flag: Option<&Path>, bird_socket: Option<&Path>) -> Report {
     let mut checks = vec![privileges(), limiting_capabilities()];
     checks.extend(kernel());
     checks.push(btf());
@@ -105,8 +107,35 @@ pub fn run(criu_flag: Option<&Path>) -> Report {
     }
     checks.extend(criu_checks(criu_flag));
     checks.push(tcp_retries2());
+    if let Some(socket) = bird_socket {
+        checks.push(bird(socket));
+    }
     let ok = checks.iter().all(|c| c.status != Status::Fail);
     Report { ok, checks }
+}
+
+/// BIRD for `--takeover bgp`: running, with every BGP session up.
+fn bird(socket: &Path) -> Check {
+    const NAME: &str = "bird";
+    match crate::net::bird::check_sessions(socket) {
+        Ok(sessions) => Check::ok(
+            NAME,
+            format!(
+                "{} BGP session(s) established: {}",
+                sessions.len(),
+                sessions
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Err(why) => Check::fail(
+            NAME,
+            why,
+            "start BIRD 2 (Debian: bird2) with a BGP session to the router and a direct protocol on the service link, or migrate with --takeover l2",
+        ),
+    }
 }
 
 fn privileges() -> Check {
