@@ -370,6 +370,14 @@ impl RoutedLab {
     }
 }
 
+impl RoutedLab {
+    /// Leave the lab up when this value goes (`cargo xtask lab up
+    /// --routed`); `down` removes it later.
+    pub fn leave_up(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for RoutedLab {
     fn drop(&mut self) {
         let _ = self.down();

@@ -55,12 +55,15 @@ struct Demo {
     bin: std::path::PathBuf,
     dir: std::path::PathBuf,
     token: std::path::PathBuf,
+    /// The routed lab (BGP takeover) instead of the shared link; the same
+    /// namespace names.
+    routed: Option<crate::routed::RoutedLab>,
 }
 
 impl Demo {
     /// Clean what earlier runs left, bring the lab up (removed again when
     /// the guard goes), make the token.
-    fn up(root: &Path, prefix: &str) -> Result<(Self, LabGuard)> {
+    fn up(root: &Path, prefix: &str, routed: bool) -> Result<(Self, LabGuard)> {
         let bin = root.join("target/debug");
         let dir = root.join("target/lab");
         std::fs::create_dir_all(&dir)?;
@@ -77,15 +80,28 @@ impl Demo {
         }
         let lab = lab::Lab::new(prefix);
         lab::become_subreaper();
-        cmd::section("lab up");
-        lab.up().map_err(anyhow::Error::msg)?;
+        let routed = if routed {
+            cmd::section("routed lab up (BIRD on the router, src and dst)");
+            lab.down().map_err(anyhow::Error::msg)?;
+            let routed = crate::routed::RoutedLab::new(prefix);
+            routed.up().map_err(anyhow::Error::msg)?;
+            Some(routed)
+        } else {
+            cmd::section("lab up");
+            lab.up().map_err(anyhow::Error::msg)?;
+            None
+        };
         let guard = LabGuard(lab.clone());
+        let (peer_v4, peer_v6) = peer_addresses(routed.as_ref());
         eprintln!(
-            "    peer {} / {}, service address {} / {} on src",
-            lab::PEER_V4,
-            lab::PEER_V6,
+            "    peer {peer_v4} / {peer_v6}, service address {} / {} on src{}",
             lab::SERVICE_V4,
-            lab::SERVICE_V6
+            lab::SERVICE_V6,
+            if routed.is_some() {
+                " (announced by its BIRD; the peer is behind the router)"
+            } else {
+                ""
+            }
         );
         let token = dir.join("token");
         lab::write_token(&token).map_err(anyhow::Error::msg)?;
@@ -95,9 +111,41 @@ impl Demo {
                 bin,
                 dir,
                 token,
+                routed,
             },
             guard,
         ))
+    }
+
+    /// A host's management address, where its agent listens.
+    fn host_address(&self, host: &str) -> String {
+        match &self.routed {
+            Some(_) => crate::routed::host_addresses(host).0,
+            None => lab::host_addresses(host).0.to_owned(),
+        }
+    }
+
+    /// With BGP takeover: what the agent on `host` is told of its BIRD,
+    /// or what migrate from `host` is.
+    fn bgp_args(&self, host: &str, agent: bool) -> Vec<String> {
+        let Some(routed) = &self.routed else {
+            return Vec::new();
+        };
+        let mut args = vec![
+            "--iface".to_owned(),
+            crate::routed::UPLINK.to_owned(),
+            "--bird-socket".to_owned(),
+            routed.bird_socket(host).display().to_string(),
+        ];
+        if agent {
+            args.extend([
+                "--service-link".to_owned(),
+                crate::routed::SERVICE_LINK.to_owned(),
+            ]);
+        } else {
+            args.extend(["--takeover".to_owned(), "bgp".to_owned()]);
+        }
+        args
     }
 
     /// An agent on each host.
@@ -107,19 +155,22 @@ impl Demo {
             bin,
             dir,
             token,
+            ..
         } = self;
         for host in [lab::SRC, lab::DST] {
-            let listen = format!("{}:{}", lab::host_addresses(host).0, lab::AGENT_PORT);
+            let listen = format!("{}:{}", self.host_address(host), lab::AGENT_PORT);
             spawn_quiet(
-                in_netns(lab, host, &bin.join("migrator")).args([
-                    "agent",
-                    "--listen",
-                    &listen,
-                    "--token-file",
-                    &token.to_string_lossy(),
-                    "--work-dir",
-                    &dir.join(format!("agent-{host}")).to_string_lossy(),
-                ]),
+                in_netns(lab, host, &bin.join("migrator"))
+                    .args([
+                        "agent",
+                        "--listen",
+                        &listen,
+                        "--token-file",
+                        &token.to_string_lossy(),
+                        "--work-dir",
+                        &dir.join(format!("agent-{host}")).to_string_lossy(),
+                    ])
+                    .args(self.bgp_args(host, true)),
                 &dir.join(format!("agent-{host}.log")),
             )?;
         }
@@ -137,6 +188,7 @@ impl Demo {
             bin,
             dir,
             token,
+            ..
         } = self;
         let mut windows = Vec::new();
         let mut failures = 0;
@@ -144,7 +196,7 @@ impl Demo {
             for (from, to) in [(lab::SRC, lab::DST), (lab::DST, lab::SRC)] {
                 cmd::section(&format!("round {round}: migrate {from} -> {to}"));
                 let report = dir.join(format!("report-{round}-{from}-{to}.json"));
-                let target = format!("{}:{}", lab::host_addresses(to).0, lab::AGENT_PORT);
+                let target = format!("{}:{}", self.host_address(to), lab::AGENT_PORT);
                 // The live counters of the moving connections, as an SRE would
                 // watch them on the source (plain tables, between the progress
                 // lines of migrate).
@@ -160,12 +212,21 @@ impl Demo {
                     .args(["--ip", lab::SERVICE_V4, "--ip", lab::SERVICE_V6])
                     .args(["--report", &report.to_string_lossy()])
                     .args(["--work-dir", &dir.join("images").to_string_lossy()])
+                    .args(self.bgp_args(from, false))
                     .args(extra)
                     .status()?;
                 // SAFETY: kill has no memory preconditions; SIGTERM ends watch cleanly.
                 unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
                 let _ = watch.wait();
                 eprintln!("    report: {}", report.display());
+                if let Some(routed) = &self.routed {
+                    for address in [lab::SERVICE_V4, lab::SERVICE_V6] {
+                        eprintln!(
+                            "    the router's route for {address}: via {}",
+                            routed.route_points_at(address).unwrap_or("nobody")
+                        );
+                    }
+                }
                 // Its picture: phases of both hosts and the connections' packet
                 // events on one time axis (`migrator report FILE --svg OUT`).
                 let picture = report.with_extension("svg");
@@ -220,7 +281,7 @@ impl Demo {
 /// connections and a new client arrives every 20 ms; the verdict counts
 /// failed requests and connects slower than the longest freeze + 50 ms.
 pub fn run_server(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
-    let (demo, _guard) = Demo::up(root, prefix)?;
+    let (demo, _guard) = Demo::up(root, prefix, false)?;
     let Demo { lab, bin, dir, .. } = &demo;
     demo.start_agents()?;
     cmd::section("nginx, and clients");
@@ -308,14 +369,15 @@ pub fn run_server(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     Ok(())
 }
 
-pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
-    let (demo, _guard) = Demo::up(root, prefix)?;
+pub fn run(root: &Path, prefix: &str, rounds: u32, routed: bool) -> Result<()> {
+    let (demo, _guard) = Demo::up(root, prefix, routed)?;
     let Demo { lab, bin, dir, .. } = &demo;
     cmd::section("workload");
     let peer_report = dir.join("peer.json");
     let _ = std::fs::remove_file(&peer_report);
-    let v4 = format!("{}:9000", lab::PEER_V4);
-    let v6 = format!("[{}]:9000", lab::PEER_V6);
+    let (peer_v4, peer_v6) = peer_addresses(demo.routed.as_ref());
+    let v4 = format!("{peer_v4}:9000");
+    let v6 = format!("[{peer_v6}]:9000");
     spawn_quiet(
         in_netns(lab, lab::PEER, &bin.join("lab-peer")).args([
             "--listen",
@@ -388,6 +450,14 @@ pub fn run(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
         );
     }
     hiccup(lab, bin, pid)
+}
+
+/// The peer's addresses (v4, v6), on the shared link or behind the router.
+fn peer_addresses(routed: Option<&crate::routed::RoutedLab>) -> (String, String) {
+    match routed {
+        Some(_) => crate::routed::host_addresses(lab::PEER),
+        None => (lab::PEER_V4.to_owned(), lab::PEER_V6.to_owned()),
+    }
 }
 
 /// After the verdict (so its stall is not counted as the migrations'):

@@ -10,6 +10,10 @@ mod demo;
 // same lab under their own prefixes.
 #[path = "../../tests/src/lab.rs"]
 mod lab;
+// What the routed lab's tests use beyond `run --routed` goes unused here.
+#[allow(dead_code)]
+#[path = "../../tests/src/routed.rs"]
+mod routed;
 mod setup;
 
 use std::path::PathBuf;
@@ -46,6 +50,10 @@ enum Task {
         /// connects.
         #[arg(long)]
         server: bool,
+        /// In the routed lab: the peer behind a router running BIRD, the
+        /// addresses taken over by BGP (`--takeover bgp`).
+        #[arg(long, conflicts_with = "server")]
+        routed: bool,
     },
     /// The lab of network namespaces (`peer`, `src`, `dst` on a bridge):
     /// `up` builds it (replacing any old one), `down` removes it and
@@ -53,6 +61,11 @@ enum Task {
     Lab {
         #[arg(value_enum)]
         action: LabAction,
+        /// `up`: the routed lab instead (a router namespace running BIRD
+        /// with BGP sessions to BIRD on `src` and `dst`, the peer behind
+        /// the router).
+        #[arg(long)]
+        routed: bool,
     },
     /// Set up, build, check formatting and lints, and run every test,
     /// including the privileged ones (root, kernel, network namespaces).
@@ -130,7 +143,11 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             build(&root)
         }
-        Task::Run { rounds, server } => {
+        Task::Run {
+            rounds,
+            server,
+            routed,
+        } => {
             setup::run()?;
             build(&root)?;
             cmd::section("migrator doctor");
@@ -138,12 +155,41 @@ fn run(cli: Cli) -> Result<()> {
             if server {
                 demo::run_server(&root, LAB_PREFIX, rounds)
             } else {
-                demo::run(&root, LAB_PREFIX, rounds)
+                demo::run(&root, LAB_PREFIX, rounds, routed)
             }
         }
-        Task::Lab { action } => {
+        Task::Lab { action, routed } => {
             let lab = lab::Lab::new(LAB_PREFIX);
             match action {
+                LabAction::Up if routed => {
+                    lab.down().map_err(anyhow::Error::msg)?;
+                    let routed = routed::RoutedLab::new(LAB_PREFIX);
+                    routed.up().map_err(anyhow::Error::msg)?;
+                    let (src, dst, peer) = (
+                        routed::host_addresses(routed::SRC),
+                        routed::host_addresses(routed::DST),
+                        routed::host_addresses(routed::PEER),
+                    );
+                    eprintln!(
+                        "routed lab up: {} (BIRD, AS 65000) routes between {} ({} / {}), {} ({} / {}) and {} ({} / {}); \
+                         service IP {} / {} on src's {}, announced by its BIRD; birdc -s {}",
+                        routed.netns(routed::ROUTER),
+                        routed.netns(routed::SRC),
+                        src.0,
+                        src.1,
+                        routed.netns(routed::DST),
+                        dst.0,
+                        dst.1,
+                        routed.netns(routed::PEER),
+                        peer.0,
+                        peer.1,
+                        routed::SERVICE_V4,
+                        routed::SERVICE_V6,
+                        routed::SERVICE_LINK,
+                        routed.bird_socket(routed::ROUTER).display()
+                    );
+                    routed.leave_up();
+                }
                 LabAction::Up => {
                     lab.up().map_err(anyhow::Error::msg)?;
                     eprintln!(
@@ -158,6 +204,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 LabAction::Down => {
                     lab.down().map_err(anyhow::Error::msg)?;
+                    routed::RoutedLab::new(LAB_PREFIX)
+                        .down()
+                        .map_err(anyhow::Error::msg)?;
                     eprintln!("lab down: namespaces, links, pins and processes removed");
                 }
             }
