@@ -159,7 +159,23 @@ impl RoutedLab {
             self.start_bird(host)?;
         }
         self.add_service_addresses(SRC)?;
-        self.wait_for_sessions(Duration::from_secs(15))
+        self.wait_for_sessions(Duration::from_secs(15))?;
+        // A session is up a moment before its first routes are in.
+        let started = Instant::now();
+        while [SERVICE_V4, SERVICE_V6]
+            .iter()
+            .any(|address| self.route_points_at(address) != Some(SRC))
+        {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "the router has no routes to src for the service addresses after 10 s: {:?} / {:?}",
+                    self.route_points_at(SERVICE_V4),
+                    self.route_points_at(SERVICE_V6)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     fn bird_config(&self, host: &str) -> String {

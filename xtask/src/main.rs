@@ -90,6 +90,11 @@ enum Task {
         /// windows are compared with CRIU by hand, e.g. 64,256,1024.
         #[arg(long, value_name = "MIB[,MIB...]", default_value = "256")]
         ballast_mb: String,
+        /// For `migrate`: the takeover by BGP in the routed lab against
+        /// the one on a shared link, alternating (instead of the
+        /// comparison with CRIU by hand).
+        #[arg(long)]
+        routed: bool,
     },
 }
 
@@ -225,6 +230,7 @@ fn run(cli: Cli) -> Result<()> {
             which,
             rounds,
             ballast_mb,
+            routed,
         } => {
             setup::run()?;
             // The benches drive the `migrator` binary and the lab programs.
@@ -257,7 +263,9 @@ fn run(cli: Cli) -> Result<()> {
                     "--",
                     &rounds.to_string(),
                 ]);
-                if matches!(which, Bench::Migrate) {
+                if matches!(which, Bench::Migrate) && routed {
+                    run.arg("--routed");
+                } else if matches!(which, Bench::Migrate) {
                     run.args(["--ballast-mb", &ballast_mb]);
                 }
                 cmd::run(&mut run)?;
