@@ -102,21 +102,29 @@ pub struct Lab {
     pub prefix: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
+/// Run `command` to its end; `what` names it in the errors (a failure
+/// carries its stderr), `hint` follows a command that cannot start.
+pub fn run_checked(command: &mut Command, what: &str, hint: &str) -> Result<(), String> {
+    let out = command
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("running ip: {e} (is iproute2 installed?)"))?;
+        .map_err(|e| format!("running {what}: {e}{hint}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
-            args.join(" "),
+            "{what}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    run_checked(
+        Command::new("ip").args(args),
+        &format!("ip {}", args.join(" ")),
+        " (is iproute2 installed?)",
+    )
 }
 
 impl Lab {
@@ -229,22 +237,35 @@ impl Lab {
     /// data plane pins made for them, the namespaces (and with them every
     /// link). Safe to run at any time, also after a crash.
     pub fn down(&self) -> Result<(), String> {
-        for host in HOSTS.iter().copied().chain(["br"]) {
-            let path = self.netns_path(host);
-            if !path.exists() {
-                continue;
-            }
-            kill_processes_in(&path);
-            if let Some(pins) = pin_root_of(&path) {
-                let _ = std::fs::remove_dir_all(pins);
-            }
-            ip(&["netns", "del", &self.netns(host)])?;
-        }
-        // What was killed and was ours (directly or as orphans) goes now.
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        reap_exited_children();
-        Ok(())
+        let names: Vec<String> = HOSTS
+            .iter()
+            .copied()
+            .chain(["br"])
+            .map(|host| self.netns(host))
+            .collect();
+        remove_namespaces(&names)
     }
+}
+
+/// Remove network namespaces (by name) and what lives in them: their
+/// processes, the data plane pins made for them; then reap what was ours.
+/// Missing ones are skipped.
+pub fn remove_namespaces(names: &[String]) -> Result<(), String> {
+    for name in names {
+        let path = Path::new("/run/netns").join(name);
+        if !path.exists() {
+            continue;
+        }
+        kill_processes_in(&path);
+        if let Some(pins) = pin_root_of(&path) {
+            let _ = std::fs::remove_dir_all(pins);
+        }
+        ip(&["netns", "del", name])?;
+    }
+    // What was killed and was ours (directly or as orphans) goes now.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    reap_exited_children();
+    Ok(())
 }
 
 /// Make this process the reaper of every process it starts, however deep

@@ -115,18 +115,12 @@ impl MigrationLab {
 
     /// The peer's addresses (v4, v6).
     pub fn peer_addresses(&self) -> (String, String) {
-        match &self.routed {
-            Some(_) => crate::routed::host_addresses(lab::PEER),
-            None => (lab::PEER_V4.to_owned(), lab::PEER_V6.to_owned()),
-        }
+        crate::routed::addresses_of(self.routed.is_some(), lab::PEER)
     }
 
     /// A host's management address (IPv4), where its agent listens.
     pub fn host_address(&self, host: &str) -> String {
-        match &self.routed {
-            Some(_) => crate::routed::host_addresses(host).0,
-            None => lab::host_addresses(host).0.to_owned(),
-        }
+        crate::routed::addresses_of(self.routed.is_some(), host).0
     }
 
     /// The credentials arguments of `host`.
@@ -174,20 +168,12 @@ impl MigrationLab {
         let work = self.dir.0.join(format!("agent-{host}"));
         let auth = self.auth_args(host);
         let mut args = vec!["agent", "--listen", &listen];
-        let bird = self
+        let bgp = self
             .routed
             .as_ref()
-            .map(|routed| routed.bird_socket(host).display().to_string());
-        if let Some(bird) = &bird {
-            args.extend([
-                "--iface",
-                crate::routed::UPLINK,
-                "--bird-socket",
-                bird,
-                "--service-link",
-                crate::routed::SERVICE_LINK,
-            ]);
-        }
+            .map(|routed| routed.agent_args(host))
+            .unwrap_or_default();
+        args.extend(bgp.iter().map(String::as_str));
         if !extra.contains(&"--work-dir") {
             args.extend(["--work-dir", work.to_str().unwrap()]);
         }
@@ -530,20 +516,12 @@ impl MigrationLab {
             "--work-dir",
             images.to_str().unwrap(),
         ]);
-        let bird = self
+        let bgp = self
             .routed
             .as_ref()
-            .map(|routed| routed.bird_socket(from).display().to_string());
-        if let Some(bird) = &bird {
-            args.extend([
-                "--takeover",
-                "bgp",
-                "--bird-socket",
-                bird,
-                "--iface",
-                crate::routed::UPLINK,
-            ]);
-        }
+            .map(|routed| routed.migrate_args(from))
+            .unwrap_or_default();
+        args.extend(bgp.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let program = if faults.is_some() {
             "env"

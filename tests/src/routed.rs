@@ -28,6 +28,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::lab::{ip, remove_namespaces, run_checked};
+
 pub const ROUTER: &str = "rt";
 pub const SRC: &str = "src";
 pub const DST: &str = "dst";
@@ -47,28 +49,22 @@ pub fn host_addresses(host: &str) -> (String, String) {
     (format!("198.18.{net}.2"), format!("2001:db8:{net}::2"))
 }
 
+/// A host's addresses (v4, v6) in the routed lab or, if not `routed`, on
+/// the shared link ([`crate::lab::host_addresses`]).
+pub fn addresses_of(routed: bool, host: &str) -> (String, String) {
+    if routed {
+        host_addresses(host)
+    } else {
+        let (v4, v6) = crate::lab::host_addresses(host);
+        (v4.to_owned(), v6.to_owned())
+    }
+}
+
 fn subnet(host: &str) -> u8 {
     HOSTS
         .iter()
         .find(|(name, _)| *name == host)
         .map_or(0, |(_, net)| *net)
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running ip: {e} (is iproute2 installed?)"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 pub struct RoutedLab {
@@ -105,6 +101,30 @@ impl RoutedLab {
     /// `--takeover bgp` are given).
     pub fn bird_socket(&self, host: &str) -> PathBuf {
         self.dir.join(format!("{host}.ctl"))
+    }
+
+    /// What the agent on `host` is started with here: the uplink for its
+    /// lock, its BIRD and the link that BIRD announces from.
+    pub fn agent_args(&self, host: &str) -> Vec<String> {
+        let mut args = self.uplink_and_bird(host);
+        args.extend(["--service-link".to_owned(), SERVICE_LINK.to_owned()]);
+        args
+    }
+
+    /// What `migrate` from `host` is given here: BGP takeover, its BIRD.
+    pub fn migrate_args(&self, host: &str) -> Vec<String> {
+        let mut args = self.uplink_and_bird(host);
+        args.extend(["--takeover".to_owned(), "bgp".to_owned()]);
+        args
+    }
+
+    fn uplink_and_bird(&self, host: &str) -> Vec<String> {
+        vec![
+            "--iface".to_owned(),
+            UPLINK.to_owned(),
+            "--bird-socket".to_owned(),
+            self.bird_socket(host).display().to_string(),
+        ]
     }
 
     /// Build it from scratch (anything left by an earlier run with the
@@ -221,26 +241,19 @@ impl RoutedLab {
         std::fs::write(&conf, self.bird_config(host))
             .map_err(|e| format!("{}: {e}", conf.display()))?;
         let pid = self.dir.join(format!("{host}.pid"));
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path(host).display()))
-            .arg("bird")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-s")
-            .arg(self.bird_socket(host))
-            .arg("-P")
-            .arg(&pid)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running bird: {e} (`cargo xtask setup` installs bird2)"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "bird on {host}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        run_checked(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.netns_path(host).display()))
+                .arg("bird")
+                .arg("-c")
+                .arg(&conf)
+                .arg("-s")
+                .arg(self.bird_socket(host))
+                .arg("-P")
+                .arg(&pid),
+            &format!("bird on {host}"),
+            " (`cargo xtask setup` installs bird2)",
+        )
     }
 
     /// Change what the router imports from `host`'s sessions, the way an
@@ -301,50 +314,27 @@ impl RoutedLab {
         }
     }
 
-    /// Put the service addresses on `host`'s announcing link.
+    /// Put the service addresses on `host`'s announcing link (BIRD
+    /// announces them).
     pub fn add_service_addresses(&self, host: &str) -> Result<(), String> {
-        let ns = self.netns(host);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{SERVICE_V4}/32"),
-            "dev",
-            SERVICE_LINK,
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{SERVICE_V6}/128"),
-            "dev",
-            SERVICE_LINK,
-            "nodad",
-        ])
+        self.service_addresses(host, "add")
     }
 
+    /// Take them off it (BIRD withdraws them).
     pub fn remove_service_addresses(&self, host: &str) -> Result<(), String> {
+        self.service_addresses(host, "del")
+    }
+
+    fn service_addresses(&self, host: &str, action: &str) -> Result<(), String> {
         let ns = self.netns(host);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "del",
-            &format!("{SERVICE_V4}/32"),
-            "dev",
-            SERVICE_LINK,
-        ])?;
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "del",
-            &format!("{SERVICE_V6}/128"),
-            "dev",
-            SERVICE_LINK,
-        ])
+        for address in [format!("{SERVICE_V4}/32"), format!("{SERVICE_V6}/128")] {
+            let mut args = vec!["-n", &ns, "addr", action, &address, "dev", SERVICE_LINK];
+            if action == "add" && address.contains(':') {
+                args.push("nodad");
+            }
+            ip(&args)?;
+        }
+        Ok(())
     }
 
     /// Which host the router's kernel route for `address` points at, if
@@ -365,23 +355,12 @@ impl RoutedLab {
     /// Remove everything: BIRD and anything else running in the lab's
     /// namespaces, the namespaces (and their links), BIRD's files.
     pub fn down(&self) -> Result<(), String> {
-        for host in [ROUTER, SRC, DST, PEER] {
-            let path = self.netns_path(host);
-            if !path.exists() {
-                continue;
-            }
-            for pid in crate::lab::processes_in(&path) {
-                // SAFETY: kill has no memory preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            if let Some(pins) = crate::lab::pin_root_of(&path) {
-                let _ = std::fs::remove_dir_all(pins);
-            }
-            ip(&["netns", "del", &self.netns(host)])?;
-        }
+        let names: Vec<String> = [ROUTER, SRC, DST, PEER]
+            .iter()
+            .map(|host| self.netns(host))
+            .collect();
+        remove_namespaces(&names)?;
         let _ = std::fs::remove_dir_all(&self.dir);
-        std::thread::sleep(Duration::from_millis(50));
-        crate::lab::reap_exited_children();
         Ok(())
     }
 }
@@ -401,18 +380,11 @@ impl Drop for RoutedLab {
 }
 
 fn sysctl(netns: &Path, key: &str, value: &str) -> Result<(), String> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["sysctl", "-qw", &format!("{key}={value}")])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running sysctl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "sysctl {key}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run_checked(
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["sysctl", "-qw", &format!("{key}={value}")]),
+        &format!("sysctl {key}"),
+        "",
+    )
 }

@@ -64,6 +64,29 @@ fn freeze_for(lab: &MigrationLab, how_long: Duration) -> Vec<String> {
     flows
 }
 
+/// `watch --pid PID --json` every 100 ms, into a file of the lab's.
+fn watch_json(lab: &MigrationLab, pid: i32) -> (Child, std::path::PathBuf) {
+    let out_path = lab.dir.0.join("watch.json");
+    let watch = watch_in(
+        lab,
+        &["--pid", &pid.to_string(), "--json", "--interval", "100ms"],
+    )
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    (watch, out_path)
+}
+
+/// What `watch --json` wrote, a value per line.
+fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
 fn terminate(child: &mut Child) {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -78,15 +101,7 @@ fn new_clients_waiting_on_a_locked_service_address_are_counted() {
     use std::net::{SocketAddr, TcpStream};
     let mut lab = MigrationLab::new("wsyn");
     let pid = lab.start_workload(true, 0);
-    let out_path = lab.dir.0.join("watch.json");
-    let mut watch = watch_in(
-        &lab,
-        &["--pid", &pid.to_string(), "--json", "--interval", "100ms"],
-    )
-    .stdout(std::fs::File::create(&out_path).unwrap())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let (mut watch, out_path) = watch_json(&lab, pid);
     std::thread::sleep(Duration::from_millis(500));
     let service = format!("{SERVICE_V4}:{SERVICE_PORT}");
     migrator(
@@ -117,11 +132,7 @@ fn new_clients_waiting_on_a_locked_service_address_are_counted() {
     terminate(&mut watch);
     assert_eq!(connected, [false; 3], "a client got through the lock");
 
-    let lines: Vec<Value> = std::fs::read_to_string(&out_path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let lines = json_lines(&out_path);
     let service_lines: Vec<&Value> = lines.iter().filter(|l| l["service"] == service).collect();
     let waiting = service_lines
         .iter()
@@ -145,25 +156,13 @@ fn new_clients_waiting_on_a_locked_service_address_are_counted() {
 fn json_lines_follow_a_freeze_and_release() {
     let mut lab = MigrationLab::new("wj");
     let pid = lab.start_workload(true, 0);
-    let out_path = lab.dir.0.join("watch.json");
-    let mut watch = watch_in(
-        &lab,
-        &["--pid", &pid.to_string(), "--json", "--interval", "100ms"],
-    )
-    .stdout(std::fs::File::create(&out_path).unwrap())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let (mut watch, out_path) = watch_json(&lab, pid);
     std::thread::sleep(Duration::from_millis(800));
     let flows = freeze_for(&lab, Duration::from_millis(2_600));
     std::thread::sleep(Duration::from_millis(1_000));
     terminate(&mut watch);
 
-    let rows: Vec<Value> = std::fs::read_to_string(&out_path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let rows = json_lines(&out_path);
     let first = flows[0].split('=').next().unwrap().to_owned();
     let mine: Vec<&Value> = rows
         .iter()
@@ -622,11 +621,7 @@ fn local_retransmits_are_counted_without_tracefs() {
     terminate(&mut watch);
 
     let stderr = std::fs::read_to_string(&err_path).unwrap();
-    let rows: Vec<Value> = std::fs::read_to_string(&out_path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let rows = json_lines(&out_path);
     assert!(!rows.is_empty(), "no snapshots; stderr:\n{stderr}");
     let counted: Vec<u64> = rows
         .iter()

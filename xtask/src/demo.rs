@@ -92,7 +92,7 @@ impl Demo {
             None
         };
         let guard = LabGuard(lab.clone());
-        let (peer_v4, peer_v6) = peer_addresses(routed.as_ref());
+        let (peer_v4, peer_v6) = crate::routed::addresses_of(routed.is_some(), lab::PEER);
         eprintln!(
             "    peer {peer_v4} / {peer_v6}, service address {} / {} on src{}",
             lab::SERVICE_V4,
@@ -119,33 +119,17 @@ impl Demo {
 
     /// A host's management address, where its agent listens.
     fn host_address(&self, host: &str) -> String {
-        match &self.routed {
-            Some(_) => crate::routed::host_addresses(host).0,
-            None => lab::host_addresses(host).0.to_owned(),
-        }
+        crate::routed::addresses_of(self.routed.is_some(), host).0
     }
 
-    /// With BGP takeover: what the agent on `host` is told of its BIRD,
-    /// or what migrate from `host` is.
+    /// With BGP takeover: what the agent on `host` is started with, or
+    /// what migrate from `host` is given.
     fn bgp_args(&self, host: &str, agent: bool) -> Vec<String> {
-        let Some(routed) = &self.routed else {
-            return Vec::new();
-        };
-        let mut args = vec![
-            "--iface".to_owned(),
-            crate::routed::UPLINK.to_owned(),
-            "--bird-socket".to_owned(),
-            routed.bird_socket(host).display().to_string(),
-        ];
-        if agent {
-            args.extend([
-                "--service-link".to_owned(),
-                crate::routed::SERVICE_LINK.to_owned(),
-            ]);
-        } else {
-            args.extend(["--takeover".to_owned(), "bgp".to_owned()]);
+        match (&self.routed, agent) {
+            (Some(routed), true) => routed.agent_args(host),
+            (Some(routed), false) => routed.migrate_args(host),
+            (None, _) => Vec::new(),
         }
-        args
     }
 
     /// An agent on each host.
@@ -375,7 +359,7 @@ pub fn run(root: &Path, prefix: &str, rounds: u32, routed: bool) -> Result<()> {
     cmd::section("workload");
     let peer_report = dir.join("peer.json");
     let _ = std::fs::remove_file(&peer_report);
-    let (peer_v4, peer_v6) = peer_addresses(demo.routed.as_ref());
+    let (peer_v4, peer_v6) = crate::routed::addresses_of(demo.routed.is_some(), lab::PEER);
     let v4 = format!("{peer_v4}:9000");
     let v6 = format!("[{peer_v6}]:9000");
     spawn_quiet(
@@ -450,14 +434,6 @@ pub fn run(root: &Path, prefix: &str, rounds: u32, routed: bool) -> Result<()> {
         );
     }
     hiccup(lab, bin, pid)
-}
-
-/// The peer's addresses (v4, v6), on the shared link or behind the router.
-fn peer_addresses(routed: Option<&crate::routed::RoutedLab>) -> (String, String) {
-    match routed {
-        Some(_) => crate::routed::host_addresses(lab::PEER),
-        None => (lab::PEER_V4.to_owned(), lab::PEER_V6.to_owned()),
-    }
 }
 
 /// After the verdict (so its stall is not counted as the migrations'):

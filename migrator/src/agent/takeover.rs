@@ -160,31 +160,26 @@ pub async fn take_over(
     // come here: an echo from the address to each peer, answered here.
     let phase = clock.begin(report::ANNOUNCE);
     let announced_at = Instant::now();
-    let iface = config.iface.clone();
     // With BGP, BIRD announced the addresses the moment they were added.
-    let addresses = if bgp.is_some() {
-        Vec::new()
-    } else {
-        request.service_ips()
-    };
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        if addresses.is_empty() {
-            return Ok(());
-        }
-        let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
-        let announced = (0..ANNOUNCEMENTS).try_for_each(|_| {
-            addresses
-                .iter()
-                .try_for_each(|ip| link.announce(*ip).map_err(|e| e.to_string()))
-        });
-        // Closing a packet socket waits for an RCU grace period (about
-        // 10 ms here): not inside the freeze window.
-        std::thread::spawn(move || drop(link));
-        announced
-    })
-    .await
-    .map_err(|e| (report::ANNOUNCE, e.to_string()))?
-    .map_err(|e| (report::ANNOUNCE, e))?;
+    if bgp.is_none() {
+        let iface = config.iface.clone();
+        let addresses = request.service_ips();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let mut link = Link::open(&iface).map_err(|e| e.to_string())?;
+            let announced = (0..ANNOUNCEMENTS).try_for_each(|_| {
+                addresses
+                    .iter()
+                    .try_for_each(|ip| link.announce(*ip).map_err(|e| e.to_string()))
+            });
+            // Closing a packet socket waits for an RCU grace period (about
+            // 10 ms here): not inside the freeze window.
+            std::thread::spawn(move || drop(link));
+            announced
+        })
+        .await
+        .map_err(|e| (report::ANNOUNCE, e.to_string()))?
+        .map_err(|e| (report::ANNOUNCE, e))?;
+    }
     clock.end(phase, true);
 
     let phase = clock.begin(report::ROUTE_CONVERGENCE);

@@ -142,6 +142,13 @@ pub(super) struct SourceCopy {
 /// Why a rollback cannot bring back a tree whose CRIU died mid-dump.
 const LOST: &str = "CRIU died holding the tree, which cannot serve its connections in the state CRIU left it (TCP sockets in repair mode): it was killed, and the process is lost here";
 
+/// Once no process of `pids` can run again.
+async fn until_doomed(pids: &[i32]) {
+    while !pids.iter().all(|pid| crate::system::doomed(*pid)) {
+        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    }
+}
+
 /// The tree here, doomed: every process of it has SIGKILL pending or is
 /// exiting, so none can run again.
 pub(super) enum DyingCopy {
@@ -175,13 +182,8 @@ impl SourceCopy {
         if let Some(verdict) = self.verdict.take() {
             let _ = verdict.send(Ok(()));
         }
-        let doomed = async {
-            while !tree.iter().all(|pid| crate::system::doomed(*pid)) {
-                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
-            }
-        };
         let ended = tokio::select! {
-            () = doomed => return Ok(DyingCopy::Finishing(self.dump)),
+            () = until_doomed(&tree) => return Ok(DyingCopy::Finishing(self.dump)),
             ended = self.dump.end() => ended,
         };
         match ended {
@@ -191,10 +193,7 @@ impl SourceCopy {
             // Died: every image was written (we are past post-dump), and
             // the tree it let go cannot serve its connections.
             Err(_) if self.dump.criu_vanished => {
-                let tree = crate::system::kill_tree(self.root);
-                while !tree.iter().all(|pid| crate::system::doomed(*pid)) {
-                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
-                }
+                until_doomed(&crate::system::kill_tree(self.root)).await;
                 Ok(DyingCopy::Orphaned)
             }
             Err(err) => Err(err),

@@ -214,28 +214,28 @@ pub async fn migrate(options: MigrateOptions) -> Report {
                         report.outcome = Outcome::RolledBack;
                         report.restored_here_pid = pid;
                     }
-                    Err(err) if progress.source_lost.is_some() => {
-                        // Nothing left to restore from: say so plainly.
-                        progress.lock = None;
-                        report.outcome = Outcome::Failed;
-                        report.error = Some(format!(
-                            "{}; ROLLBACK FAILED: {err}; nothing can be recovered: start the service again (the lock lifts at its deadline, {} s, or at once with `migrator recover`)",
-                            report.error.take().unwrap_or_default(),
-                            options.deadline.as_secs(),
-                        ));
-                    }
                     Err(err) => {
                         // The process is not running anywhere. Keep the lock
                         // (until its deadline) so the peers see a slow network,
-                        // not resets, while someone restores from the images.
+                        // not resets, while someone restores from the images
+                        // (when there is anything to restore from).
                         progress.lock = None;
                         report.outcome = Outcome::Failed;
+                        let deadline = options.deadline.as_secs();
+                        let what_now = if progress.source_lost.is_some() {
+                            format!(
+                                "nothing can be recovered: start the service again (the lock lifts at its deadline, {deadline} s, or at once with `migrator recover`)"
+                            )
+                        } else {
+                            format!(
+                                "the lock stays until its deadline ({deadline} s): restore from the images kept in {} (`migrator recover --images {}`) before then",
+                                images.display(),
+                                images.display()
+                            )
+                        };
                         report.error = Some(format!(
-                            "{}; ROLLBACK FAILED: {err}; the lock stays until its deadline ({} s): restore from the images kept in {} (`migrator recover --images {}`) before then",
+                            "{}; ROLLBACK FAILED: {err}; {what_now}",
                             report.error.take().unwrap_or_default(),
-                            options.deadline.as_secs(),
-                            images.display(),
-                            images.display()
                         ));
                     }
                 }

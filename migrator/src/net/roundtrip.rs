@@ -43,7 +43,12 @@ pub fn round_trips(
     every: Duration,
 ) -> io::Result<Vec<Option<Duration>>> {
     let started = Instant::now();
-    let id = (std::process::id() as u16) ^ (started.elapsed().subsec_nanos() as u16);
+    // Our echo identifier: the replies to another prober's echo (a raw
+    // socket sees every ICMP message to its address) are not ours.
+    let id = (std::process::id() as u16)
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos()) as u16);
     let sockets = probes
         .iter()
         .map(|probe| open(probe.from))

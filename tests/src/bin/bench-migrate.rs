@@ -164,6 +164,13 @@ fn remove_criu_tables(lab: &MigrationLab, host: &str) {
 /// One figure of a sample.
 type Metric = fn(&Sample) -> f64;
 
+/// The figures every comparison prints, a row each.
+const ROWS: [(&str, Metric); 3] = [
+    ("freeze window", |s| s.window),
+    ("peer-visible stall", |s| s.stall),
+    ("peer retransmits", |s| s.retransmits as f64),
+];
+
 struct Sample {
     window: f64,
     stall: f64,
@@ -478,12 +485,7 @@ fn routed_section(rounds: usize) {
         samples[0].len()
     );
     println!("                                      min     median        max   (ms)");
-    let rows: [(&str, Metric); 3] = [
-        ("freeze window", |s| s.window),
-        ("peer-visible stall", |s| s.stall),
-        ("peer retransmits", |s| s.retransmits as f64),
-    ];
-    for (row, f) in rows {
+    for (row, f) in ROWS {
         let medians: Vec<f64> = samples
             .iter()
             .zip(["l2", "bgp"])
@@ -615,12 +617,7 @@ fn main() {
         );
         println!("                                      min     median        max   (ms)");
         let names = ["ours", "baseline", "baseline+announce", "ours --hold"];
-        let rows: [(&str, Metric); 3] = [
-            ("freeze window", |s| s.window),
-            ("peer-visible stall", |s| s.stall),
-            ("peer retransmits", |s| s.retransmits as f64),
-        ];
-        for (row, f) in rows {
+        for (row, f) in ROWS {
             let medians: Vec<f64> = samples
                 .iter()
                 .zip(names)
