@@ -11,7 +11,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{FromRawFd as _, OwnedFd},
 };
 
 use crate::dataplane::spec::FlowSpec;
@@ -90,52 +90,11 @@ impl Injector {
             IpAddr::V4(_) => (&self.v4, SocketAddr::new(packet.destination, 0)),
             IpAddr::V6(_) => (&self.v6, SocketAddr::new(packet.destination, 0)),
         };
-        send_to(fd, &packet.bytes, to).map_err(|source| InjectError::Send {
+        super::send_to(fd, &packet.bytes, to).map_err(|source| InjectError::Send {
             to: packet.destination,
             source,
         })?;
         Ok(Some((packet.flow, packet.syn)))
-    }
-}
-
-fn send_to(fd: &OwnedFd, bytes: &[u8], to: SocketAddr) -> std::io::Result<()> {
-    // SAFETY: all-zero sockaddr_in6 is valid; filled per family below.
-    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    let len = match to {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut addr).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            addr.sin6_family = libc::AF_INET6 as u16;
-            addr.sin6_addr.s6_addr = v6.ip().octets();
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    // SAFETY: buffer and address are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            0,
-            (&raw const addr).cast(),
-            len as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 

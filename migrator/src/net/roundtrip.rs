@@ -140,7 +140,7 @@ fn open(from: IpAddr) -> io::Result<OwnedFd> {
     // SAFETY: fd was just returned by socket and is owned by nobody else.
     let socket = unsafe { OwnedFd::from_raw_fd(fd) };
     // Sent from the service address; replies to it only.
-    let (addr, len) = sockaddr(SocketAddr::new(from, 0));
+    let (addr, len) = super::sockaddr(SocketAddr::new(from, 0));
     // SAFETY: addr holds a sockaddr of `len` bytes for the socket's family.
     if unsafe { libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
@@ -169,22 +169,7 @@ fn send_echo(socket: &OwnedFd, to: IpAddr, id: u16, seq: u16) -> io::Result<()> 
         buf[0] = ICMPV6_ECHO_REQUEST;
         buf[2..4].copy_from_slice(&[0, 0]);
     }
-    let (addr, len) = sockaddr(SocketAddr::new(to, 0));
-    // SAFETY: buf and addr are valid for the lengths given.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            0,
-            (&raw const addr).cast(),
-            len,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    super::send_to(socket, &buf, SocketAddr::new(to, 0))
 }
 
 /// The next echo reply of ours waiting on `socket`: who sent it. Other
@@ -248,40 +233,4 @@ fn peer_of(addr: &libc::sockaddr_storage) -> Option<IpAddr> {
         }
         _ => None,
     }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*v4.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than sockaddr_in and
-            // suitably aligned for it.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: 0,
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
