@@ -11,6 +11,9 @@
 //! - `restored-reply-lost` (agent): the answer to the first commit is
 //!   never sent (the connection closes instead), as when the link fails
 //!   right after the hand-over.
+//! - `lazy-pages-dies` (agent): with a lazy restore, the `criu lazy-pages`
+//!   daemon is SIGKILLed right after the release, before it could fill
+//!   the memory, as a daemon crashing or killed by the OOM killer would.
 
 use std::sync::Mutex;
 
@@ -43,3 +46,4 @@ pub fn fires(name: &'static str) -> bool {
 pub const DUMP_FAILS: &str = "dump-fails";
 pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";
 pub const RESTORE_FAILS: &str = "restore-fails";
+pub const LAZY_PAGES_DIES: &str = "lazy-pages-dies";

@@ -37,12 +37,22 @@ fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {
 
 /// Move `pid` there (even rounds) or back (odd rounds); it must succeed.
 fn move_round(lab: &MigrationLab, round: usize, pid: i32) -> (Value, &'static str, &'static str) {
+    move_round_with(lab, round, pid, &[])
+}
+
+/// [`move_round`] with more `migrate` arguments.
+fn move_round_with(
+    lab: &MigrationLab,
+    round: usize,
+    pid: i32,
+    extra: &[&str],
+) -> (Value, &'static str, &'static str) {
     let (from, to) = if round.is_multiple_of(2) {
         (SRC, DST)
     } else {
         (DST, SRC)
     };
-    let run = lab.migrate(from, to, pid, &[]);
+    let run = lab.migrate(from, to, pid, extra);
     assert!(
         run.success,
         "migration {round} {from} -> {to}: {}",
@@ -202,6 +212,89 @@ fn large_process_moves_there_and_back_with_its_memory_intact() {
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
         assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
     }
+}
+
+/// `--lazy-restore`: the destination's CRIU restores without the memory,
+/// which `criu lazy-pages` fills from the images there after the
+/// release. The workload (its whole ballast read back every second, exit
+/// on the first wrong byte) moves there and back with its connections; the
+/// reports place the fill after the release, outside the window, and the
+/// daemon's start inside it.
+#[test]
+fn lazy_restore_moves_a_large_process_with_its_memory_intact() {
+    let mut lab = MigrationLab::new("lazy");
+    let mut pid = lab.start_workload(true, 128);
+    std::thread::sleep(Duration::from_millis(1500));
+    for round in 0..2 {
+        let (report, _, to) = move_round_with(&lab, round, pid, &["--lazy-restore"]);
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        assert!(
+            report["memory"]
+                .as_str()
+                .unwrap()
+                .ends_with("restored lazily (the memory filled there after the release)"),
+            "{report}"
+        );
+        let phases = report["phases"].as_array().unwrap();
+        let phase = |name: &str| {
+            phases
+                .iter()
+                .find(|p| p["name"] == name && p["host"] == "destination")
+                .unwrap_or_else(|| panic!("no destination phase {name}: {report}"))
+        };
+        let end = |p: &Value| p["start_ms"].as_f64().unwrap() + p["duration_ms"].as_f64().unwrap();
+        let fill = phase("memory-fill");
+        assert!(fill["duration_ms"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(
+            fill["start_ms"].as_f64().unwrap() >= end(phase("release")) - 1.0,
+            "{report}"
+        );
+        assert!(
+            end(phase("lazy-pages-start")) <= phase("restore")["start_ms"].as_f64().unwrap() + 1e-6
+        );
+        let parts = report["freeze_window_parts"].as_array().unwrap();
+        assert!(
+            parts.iter().all(|p| p["name"] != "memory-fill"),
+            "{parts:?}"
+        );
+        // The restore copied almost nothing: the fill did.
+        let restored = report["criu_restore"]["pages_restored"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(restored < (128 << 20) / 4096 / 4, "{report}");
+        // Two checks of the ballast after the move.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+    }
+}
+
+/// A lazy restore whose `criu lazy-pages` dies right after the release
+/// (`MIGRATOR_FAULTS=lazy-pages-dies` on the agent, a real SIGKILL): the
+/// memory can never be completed, so the destination kills the process
+/// (its faults wait on our userfaultfd duplicates meanwhile, never
+/// reading zeros), and the source reports it lost: outcome failed, exit
+/// 5, not in doubt, no copy running on either host.
+#[test]
+fn lazy_restore_whose_memory_filler_dies_is_reported_lost() {
+    let mut lab = MigrationLab::new("lazyd");
+    lab.stop_agent(DST);
+    lab.start_agent_injecting(DST, &[], Some("lazy-pages-dies"));
+    let pid = lab.start_workload(true, 64);
+    std::thread::sleep(Duration::from_millis(800));
+    let run = lab.migrate(SRC, DST, pid, &["--lazy-restore"]);
+    assert_eq!(run.code, Some(5), "lost exits 5: {}", run.stderr);
+    let report = run.report.unwrap();
+    assert_eq!(report["outcome"], "failed", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(error.contains("lazy-pages"), "{error}");
+    assert!(error.contains("the process is lost"), "{error}");
+    let hosts = [lab.netns_inode(SRC), lab.netns_inode(DST)];
+    assert_eq!(migrator_tests::faults::live_copies(&hosts), 0, "{report}");
+    assert!(
+        migrator_tests::migration::workload_statuses(&hosts).is_empty(),
+        "a copy is left: {report}"
+    );
 }
 
 /// `--dump-then-send`: CRIU dumps every image here (and kills the tree),

@@ -138,6 +138,7 @@ mod tests {
             deadline_ms,
             hold: false,
             page_stream: true,
+            lazy_restore: false,
             boot_id: String::new(),
             pid_namespace: 0,
             image_bytes: 0,

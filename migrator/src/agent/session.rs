@@ -25,7 +25,7 @@ use crate::{
         ChannelError, Message, TlsChannel,
         message::{PreflightReply, PreflightRequest, ServiceAddress, Takeover},
     },
-    criu::{page_stream::PageStore, swrk::Swrk},
+    criu::{lazy::LazyPages, page_stream::PageStore, swrk::Swrk},
     dataplane::{lock::MigrationLock, spec::FlowSpec},
     images::SessionDir,
     net::address::Netlink,
@@ -48,6 +48,9 @@ pub(super) struct Session {
     pub frozen_at: Option<Instant>,
     /// When the lock here released the flows to our copy.
     pub released_at: Option<Instant>,
+    /// With a lazy restore: the daemon that fills the restored memory.
+    /// Dropped only once that copy is gone or filled.
+    pub lazy: Option<LazyPages>,
 }
 
 /// What happens to a session's images when it ends.
@@ -86,6 +89,8 @@ impl Session {
                 })
             });
         }
+        // The copy it filled is gone (or never was): now the daemon may go.
+        self.lazy = None;
         for ip in self.added.drain(..) {
             let _ = netlink.remove(ip).await;
         }
@@ -141,6 +146,7 @@ pub(super) async fn run(
         in_doubt: false,
         frozen_at: None,
         released_at: None,
+        lazy: None,
     };
     let result = serve(
         &mut channel,
@@ -287,6 +293,13 @@ async fn serve(
         pages::deliver(channel, &mut store, limit, commit_by).await?;
     }
     receive_images(channel, session_dir, commit_by).await?;
+    // The lazy restore's daemon reads the images' inventory as it starts:
+    // now, while the restore request comes.
+    let lazy = request.lazy_restore.then(|| {
+        let criu = config.criu.clone();
+        let dir = images.to_owned();
+        tokio::task::spawn_blocking(move || LazyPages::start(&criu, &dir))
+    });
     let services = request.service_ips();
     let RestoreRequest {
         held,
@@ -297,7 +310,8 @@ async fn serve(
 
     let restoring = shared.restoring.lock().await;
     let expected = dumped_flows.as_deref().unwrap_or(&request.flows);
-    let taken = match takeover::take_over(config, images, request, expected, netlink, session).await
+    let taken = match takeover::take_over(config, images, request, expected, netlink, session, lazy)
+        .await
     {
         Ok(taken) => taken,
         Err((phase, reason)) => {
@@ -363,7 +377,65 @@ async fn serve(
         return Ok(pid);
     }
     channel.send(&Message::Restored(Box::new(reply))).await?;
+    if let Some(lazy) = session.lazy.take() {
+        fill_memory(channel, session, lazy).await?;
+    }
     Ok(pid)
+}
+
+/// After a lazy restore's release: wait until the daemon filled the
+/// restored memory and tell the source. A daemon that died leaves pages
+/// that can never be filled (the process's only copy is this one): the
+/// process is killed before the daemon's guards go, so it never reads a
+/// missing page as zeros, and the source hears it is lost.
+async fn fill_memory(
+    channel: &mut TlsChannel,
+    session: &mut Session,
+    mut lazy: LazyPages,
+) -> Result<(), ChannelError> {
+    if crate::fault::fires(crate::fault::LAZY_PAGES_DIES) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(lazy.pid(), libc::SIGKILL) };
+    }
+    let (lazy, filled) = tokio::task::spawn_blocking(move || {
+        let filled = lazy.wait();
+        (lazy, filled)
+    })
+    .await
+    .map_err(|e| ChannelError::Frame(format!("waiting for the memory fill: {e}")))?;
+    let released_at = session.released_at.unwrap_or_else(Instant::now);
+    match filled {
+        Ok(_) => {
+            drop(lazy);
+            channel
+                .send(&Message::MemoryFilled {
+                    after_release_ms: released_at.elapsed().as_secs_f64() * 1e3,
+                })
+                .await
+        }
+        Err(err) => {
+            let pid = session.restored_pid.take().unwrap_or(0);
+            let reason = format!(
+                "{err}; the restored process {pid} was killed (its memory could not be completed) and is lost"
+            );
+            warn!("{reason}");
+            // Killed and reaped while the guards still hold its faults;
+            // only then may they go.
+            let _ = tokio::task::spawn_blocking(move || {
+                let pids = crate::system::kill_tree(pid);
+                let _ = crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT);
+                drop(lazy);
+            })
+            .await;
+            let _ = channel
+                .send(&Message::Failed {
+                    phase: crate::report::MEMORY_FILL.to_owned(),
+                    reason: reason.clone(),
+                })
+                .await;
+            Err(ChannelError::Refused(reason))
+        }
+    }
 }
 
 /// Give up after the restore began: undo everything here first (the copy

@@ -16,7 +16,10 @@ use tracing::warn;
 use super::{AgentConfig, session::Session};
 use crate::{
     channel::message::{PreflightRequest, RestoreReply, Takeover},
-    criu::stats::read_restore_stats,
+    criu::{
+        lazy::{LazyError, LazyPages},
+        stats::read_restore_stats,
+    },
     dataplane::spec::FlowSpec,
     net::{address::Netlink, announce::Link},
     report::{self, ConnectionCounters, PeerConvergence, PhaseClock},
@@ -52,6 +55,7 @@ pub async fn take_over(
     expected: &[String],
     netlink: &Netlink,
     session: &mut Session,
+    lazy: Option<tokio::task::JoinHandle<Result<LazyPages, LazyError>>>,
 ) -> Result<TakenOver, PhaseError> {
     // Times from the restore request on; the source places them on its
     // own timeline.
@@ -104,6 +108,17 @@ pub async fn take_over(
         }
     }
 
+    // A lazy restore's daemon must listen before CRIU restores.
+    if let Some(starting) = lazy {
+        let phase = clock.begin(report::LAZY_PAGES_START);
+        let started = starting
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|started| started.map_err(|e| e.to_string()));
+        clock.end(phase, started.is_ok());
+        session.lazy = Some(started.map_err(|e| (report::LAZY_PAGES_START, e))?);
+    }
+
     let phase = clock.begin(report::RESTORE);
     let swrk = match session.swrk.take() {
         Some(swrk) => swrk,
@@ -119,7 +134,8 @@ pub async fn take_over(
         ));
     }
     // Stopped: it runs only after the hand-over.
-    let outcome = tokio::task::spawn_blocking(move || swrk.restore_stopped(|_| Ok(())))
+    let lazy = session.lazy.is_some();
+    let outcome = tokio::task::spawn_blocking(move || swrk.restore_stopped(lazy, |_| Ok(())))
         .await
         .map_err(|e| (report::RESTORE, e.to_string()))?
         .map_err(|e| (report::RESTORE, e.to_string()))?;
@@ -127,6 +143,16 @@ pub async fn take_over(
         .pid
         .ok_or((report::RESTORE, "CRIU reported no PID".to_owned()))?;
     session.restored_pid = Some(pid);
+    // Lazily restored: from now on a missing page must never read as
+    // zeros, whatever happens to the daemon that fills them.
+    if let Some(lazy) = session.lazy.as_mut() {
+        lazy.guard().map_err(|e| {
+            (
+                report::RESTORE,
+                format!("guarding the lazy restore's userfaultfds: {e}"),
+            )
+        })?;
+    }
     // Every connection dumped must be back, established, in the restored
     // tree: CRIU succeeding is not proof enough to release.
     let expected: BTreeSet<String> = expected.iter().cloned().collect();

@@ -80,6 +80,11 @@ pub struct PreflightRequest {
     /// both share PIDs).
     #[serde(default)]
     pub page_stream: bool,
+    /// Restore lazily: CRIU leaves the private memory to a `criu
+    /// lazy-pages` daemon that fills it from the images there after the
+    /// release (`migrate --lazy-restore`).
+    #[serde(default)]
+    pub lazy_restore: bool,
     /// The source's boot id and PID namespace: equal to the agent's when
     /// both run on one machine in one PID namespace (then the tree's PIDs
     /// are its own until the dump, and the agent waits for them).
@@ -292,6 +297,11 @@ pub enum Message {
     /// unless the agent answers `Failed` (its copy removed).
     Commit,
     Restored(Box<RestoreReply>),
+    /// After `Restored`, with a lazy restore: the daemon filled every page
+    /// of the restored memory, this long after the release.
+    MemoryFilled {
+        after_release_ms: f64,
+    },
     Failed {
         phase: String,
         reason: String,

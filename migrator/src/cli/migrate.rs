@@ -73,6 +73,18 @@ pub struct MigrateArgs {
     /// README's benchmark.
     #[arg(long)]
     dump_then_send: bool,
+    /// Restore lazily at the destination: its CRIU restores the process
+    /// without copying its memory, and releases it at once; a `criu
+    /// lazy-pages` daemon there then fills the memory from the images
+    /// already on that host (on demand when a page is touched, the rest in
+    /// the background). Shortens the freeze window by the time the restore
+    /// spends copying memory (most of it for large processes). The risk:
+    /// if that daemon dies before it filled everything, the process (by
+    /// then the only copy) cannot be completed and is killed, lost, and
+    /// the report says so (outcome failed). The report's memory-fill phase
+    /// says how long the fill took after the release.
+    #[arg(long)]
+    lazy_restore: bool,
     /// How the destination takes the service addresses over: `l2` (the
     /// peers share the link: the address moves to the destination's
     /// interface and is announced by gratuitous ARP / unsolicited
@@ -122,6 +134,7 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         keep_images,
         hold,
         dump_then_send,
+        lazy_restore,
         takeover,
         bird_socket,
         criu,
@@ -143,6 +156,7 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         keep_images,
         hold,
         page_stream: !dump_then_send,
+        lazy_restore,
         quiet,
         takeover,
         bird_socket,

@@ -201,14 +201,18 @@ impl Swrk {
     }
 
     /// Like [`Swrk::restore`], but every process is left stopped (SIGSTOP)
-    /// once restored: it runs when someone sends SIGCONT.
+    /// once restored: it runs when someone sends SIGCONT. With `lazy`, its
+    /// private memory is left to a running `criu lazy-pages` daemon on the
+    /// same images ([`super::lazy`]).
     pub fn restore_stopped(
         self,
+        lazy: bool,
         on_notify: impl FnMut(&str) -> NotifyResult,
     ) -> Result<Outcome, SwrkError> {
         let mut opts = base_opts(RESTORE_LOG);
         opts.set_rst_sibling(true);
         opts.set_leave_stopped(true);
+        opts.set_lazy_pages(lazy);
         self.call(Criu_req_type::RESTORE, "restore", opts, on_notify)
     }
 
@@ -411,7 +415,7 @@ fn receive(socket: &mut File) -> Result<Option<Criu_resp>, SwrkError> {
 /// The error lines at the end of a CRIU log ("Error (...)"), or its last
 /// lines if none are marked. CRIU's complaint that it cannot raise its own
 /// RLIMIT_NOFILE is harmless and hides the real cause, so it is skipped.
-fn log_errors(log: &Path) -> Vec<String> {
+pub(super) fn log_errors(log: &Path) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(log) else {
         return Vec::new();
     };

@@ -26,6 +26,7 @@ pub(super) async fn hand_over(
         handover_by,
         packets_at_ip_release,
         hold,
+        lazy_restore,
     } = released;
     // restore, announce, confirm: at the agent, which then waits,
     // the process stopped and the lock on, for our commit.
@@ -153,6 +154,7 @@ pub(super) async fn hand_over(
             .as_secs_f64()
             * 1e3,
     );
+    let released_at_ms = clock.now_ms() - released_at.elapsed().as_secs_f64() * 1e3;
     report.destination_pid = Some(reply.pid);
     report.criu_restore = reply.criu_restore.take();
     report.new_connections_held = reply.syns_delivered;
@@ -215,7 +217,53 @@ pub(super) async fn hand_over(
             });
         }
     }
+    if lazy_restore {
+        await_memory_fill(&mut channel, clock, released_at_ms, progress).await?;
+    }
     Ok(())
+}
+
+/// How long the destination's lazy restore may take to fill the memory
+/// after the release before we stop waiting (the process runs meanwhile;
+/// only the report waits).
+const MEMORY_FILL_WAIT: Duration = Duration::from_secs(120);
+
+/// With a lazy restore, the destination's word that the restored memory
+/// is complete (its fill, as a phase after the release), or that it could
+/// not be and the process is lost.
+async fn await_memory_fill(
+    channel: &mut crate::channel::TlsChannel,
+    clock: &mut PhaseClock,
+    released_at_ms: f64,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    match channel
+        .receive_before(Some(Instant::now() + MEMORY_FILL_WAIT))
+        .await
+    {
+        Ok(Message::MemoryFilled { after_release_ms }) => {
+            clock.record(Phase {
+                name: report::MEMORY_FILL.to_owned(),
+                host: "destination".to_owned(),
+                start_ms: released_at_ms,
+                duration_ms: after_release_ms.clamp(0.0, MEMORY_FILL_WAIT.as_secs_f64() * 1e3),
+                ok: true,
+            });
+            Ok(())
+        }
+        Ok(Message::Failed { reason, .. }) => {
+            progress.lost_at_destination = true;
+            Err(format!(
+                "the destination's lazy restore could not fill the memory: {}",
+                channel::printable(&reason)
+            ))
+        }
+        Ok(other) => Err(format!(
+            "waiting for the lazy restore's memory fill, the destination answered {}",
+            other.name()
+        )),
+        Err(err) => Err(format!("waiting for the lazy restore's memory fill: {err}")),
+    }
 }
 
 /// The destination failed and undid everything (its copy, the addresses)

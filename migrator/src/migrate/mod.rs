@@ -62,6 +62,10 @@ pub struct MigrateOptions {
     /// Stream the memory to the destination while it is dumped (else dump
     /// everything here, then send).
     pub page_stream: bool,
+    /// The destination restores lazily: its CRIU leaves the memory to a
+    /// `criu lazy-pages` daemon that fills it from the images there once
+    /// the process runs.
+    pub lazy_restore: bool,
     pub quiet: bool,
     /// How the destination takes the addresses over; with BGP, this
     /// host's BIRD (its control socket) withdraws them.
@@ -102,6 +106,9 @@ struct Progress {
     /// The tree here had to be killed without a complete dump (CRIU died
     /// holding it): why no rollback can bring it back.
     source_lost: Option<String>,
+    /// After the commit the destination said its copy is lost (a lazy
+    /// restore whose memory could not be filled): no copy runs anywhere.
+    lost_at_destination: bool,
     /// The tree's connections as CRIU dumped them (for the restore's
     /// check at the destination), once CRIU got that far.
     dumped_flows: Option<tokio::sync::oneshot::Receiver<Vec<String>>>,
@@ -177,11 +184,20 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         images_in_memory: session.in_memory(),
         pages_at_destination: false,
         source_lost: None,
+        lost_at_destination: false,
         dumped_flows: None,
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
     match result {
         Ok(()) => report.outcome = Outcome::Migrated,
+        Err(error) if progress.lost_at_destination => {
+            // Known dead on both hosts: nothing to restore, nothing in doubt.
+            report.outcome = Outcome::Failed;
+            progress.lock = None;
+            report.error = Some(format!(
+                "{error}; the process is lost: nothing can be recovered (the source's copy ended at the commit); start the service again"
+            ));
+        }
         Err(error) if progress.committed => {
             // At most one copy: never restore here after the commit. The
             // images and the lock (until its deadline) stay for `recover`.
@@ -292,13 +308,17 @@ async fn run(
     let prepared = preflight::prepare(options, &network, clock, progress).await?;
     report.source_host = Some(prepared.source_host.clone());
     report.destination_host = Some(prepared.destination_host.clone());
-    report.memory = Some(if prepared.page_stream {
+    let crossed = if prepared.page_stream {
         "streamed to the destination during the dump, through the channel, into a tmpfs there"
-            .to_owned()
     } else if !options.page_stream {
-        "dumped here, then sent (--dump-then-send)".to_owned()
+        "dumped here, then sent (--dump-then-send)"
     } else {
-        "dumped here, then sent (both hosts one machine sharing PIDs: the tree must be gone before the restore there)".to_owned()
+        "dumped here, then sent (both hosts one machine sharing PIDs: the tree must be gone before the restore there)"
+    };
+    report.memory = Some(if options.lazy_restore {
+        format!("{crossed}; restored lazily (the memory filled there after the release)")
+    } else {
+        crossed.to_owned()
     });
     report.precopy = Some(precopy::describe(options.criu.dirty_tracking()));
     let frozen = dump::dump(options, prepared, clock, report, progress).await?;

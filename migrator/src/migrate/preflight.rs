@@ -157,6 +157,7 @@ async fn preflight(
         deadline_ms: options.deadline.as_millis() as u64,
         hold: options.hold,
         page_stream: options.page_stream,
+        lazy_restore: options.lazy_restore,
         boot_id: identity.0.clone(),
         pid_namespace: identity.1,
         image_bytes,

@@ -20,6 +20,9 @@ pub(super) struct Released {
     /// The peers' packets are held (--hold): those that still reach us
     /// go with the commit.
     pub hold: bool,
+    /// The destination restores lazily (--lazy-restore): after `Restored`
+    /// it says when the memory is filled.
+    pub lazy_restore: bool,
 }
 
 pub(super) async fn transfer_and_release(
@@ -75,6 +78,7 @@ pub(super) async fn transfer_and_release(
         handover_by,
         packets_at_ip_release,
         hold: options.hold,
+        lazy_restore: options.lazy_restore,
     })
 }
 

@@ -41,6 +41,12 @@ pub const HANDOVER: &str = "hand-over";
 /// Source, after a rollback that lost touch with the destination: waiting
 /// out its hand-over deadline, then announcing the addresses again.
 pub const RECLAIM: &str = "reclaim";
+/// With a lazy restore: the destination filling the restored memory from
+/// its images, after the release (outside the freeze window).
+pub const MEMORY_FILL: &str = "memory-fill";
+/// With a lazy restore: the destination starting `criu lazy-pages` (it
+/// reads the dump's inventory, so not before the images are in).
+pub const LAZY_PAGES_START: &str = "lazy-pages-start";
 
 /// The report's layout version: bumped when a field changes meaning.
 pub const SCHEMA_VERSION: u32 = 3;
@@ -151,7 +157,9 @@ pub const BETWEEN_PHASES: &str = "between phases";
 pub fn window_parts(phases: &[Phase], start_ms: f64, end_ms: f64) -> Vec<WindowPart> {
     let mut spans: Vec<(f64, f64, &Phase)> = phases
         .iter()
-        .filter(|p| p.name != FREEZE)
+        // The memory fill starts at the release, whatever the two hosts'
+        // clocks say.
+        .filter(|p| p.name != FREEZE && p.name != MEMORY_FILL)
         .map(|p| {
             (
                 p.start_ms.max(start_ms),

@@ -417,10 +417,12 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
         .dir
         .0
         .join(format!("reports/{ballast_mb}-dump-then-send"));
+    let lazy = lab.dir.0.join(format!("reports/{ballast_mb}-lazy-restore"));
     let mut by_hand = Vec::new();
     for round in 0..rounds {
         for (reports, extra) in [
             (&streamed, &[][..]),
+            (&lazy, &["--lazy-restore"][..]),
             (&after_dump, &["--dump-then-send"][..]),
         ] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
@@ -439,8 +441,15 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
         assert!(broken.is_empty(), "{ballast_mb} MiB moves broke {broken:?}");
     }
     let hand = stats(&mut by_hand);
+    if std::env::var_os("BENCH_MEMORY_PARTS").is_some() {
+        println!("  {ballast_mb} MiB, ours streamed, where the windows went:");
+        print!("{}", our_windows(&streamed).1.render());
+        println!("  {ballast_mb} MiB, ours --lazy-restore, where the windows went:");
+        print!("{}", our_windows(&lazy).1.render());
+    }
     for (name, (low, median, high)) in [
         ("ours, streamed", our_windows(&streamed).0),
+        ("ours, --lazy-restore", our_windows(&lazy).0),
         ("ours, --dump-then-send", our_windows(&after_dump).0),
         ("CRIU by hand", hand),
     ] {
@@ -662,8 +671,8 @@ fn main() {
         println!("\nours, where the windows went (migrator report):");
         print!("{}", our_windows(&reports[0]).1.render());
     }
-    keep_reports(&lab);
     if ballasts.is_empty() {
+        keep_reports(&lab);
         return;
     }
     println!(
@@ -676,4 +685,5 @@ fn main() {
         "  this machine copies memory at {:.0} MiB/s (memcpy of 256 MiB, best of 5)",
         memory_copy_mib_per_s()
     );
+    keep_reports(&lab);
 }
