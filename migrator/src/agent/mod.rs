@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Taking addresses over by BGP, if this host can (`--bird-socket`).
     pub bgp: Option<BgpTakeover>,
+    /// CRIU's kernel probes, cached for the CRIU started inside the
+    /// freeze window, where `/run` cannot hold CRIU's own cache.
+    pub kdat: Option<crate::criu::kdat::KdatCache>,
 }
 
 /// Where a BGP takeover puts the addresses, and the BIRD that announces

@@ -298,7 +298,11 @@ async fn serve(
     let lazy = request.lazy_restore.then(|| {
         let criu = config.criu.clone();
         let dir = images.to_owned();
-        tokio::task::spawn_blocking(move || LazyPages::start(&criu, &dir))
+        let kdat = config
+            .kdat
+            .as_ref()
+            .and_then(|kdat| kdat.run_dir().map(std::path::Path::to_owned));
+        tokio::task::spawn_blocking(move || LazyPages::start(&criu, &dir, kdat.as_deref()))
     });
     let services = request.service_ips();
     let RestoreRequest {

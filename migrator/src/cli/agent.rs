@@ -94,6 +94,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         state = state.with_memory_limit(mib << 20);
     }
     state.remove_stale(migrator::agent::SESSION_PREFIX);
+    state.remove_stale(migrator::criu::kdat::KDAT_PREFIX);
+    // A lazy restore starts a CRIU while the process is frozen: its kernel
+    // probes are done now.
+    let kdat = match migrator::criu::kdat::KdatCache::prepare(&criu, &state) {
+        Ok(kdat) => kdat,
+        Err(why) => {
+            tracing::warn!(
+                "CRIU's kernel probes are not cached ({why}): a lazy restore's daemon will probe inside the freeze window"
+            );
+            None
+        }
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let iface = match iface {
@@ -121,6 +133,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 bgp: bird_socket
                     .zip(service_link)
                     .map(|(bird_socket, link)| migrator::agent::BgpTakeover { bird_socket, link }),
+                kdat,
             },
             credentials,
         )

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::CriuBinary;
+use super::{CriuBinary, kdat::with_cached_probes};
 
 /// CRIU's log of the daemon, in the images directory.
 pub const LAZY_LOG: &str = "lazy-pages.log";
@@ -72,11 +72,24 @@ pub struct LazyPages {
 impl LazyPages {
     /// Start the daemon on `images_dir` and wait until it listens. Done
     /// before the freeze: CRIU's start-up is not in the window.
-    pub fn start(criu: &CriuBinary, images_dir: &Path) -> Result<Self, LazyError> {
+    /// With `kdat` (a [`super::kdat::KdatCache`]'s directory), it reads
+    /// CRIU's cached kernel probes.
+    pub fn start(
+        criu: &CriuBinary,
+        images_dir: &Path,
+        kdat: Option<&Path>,
+    ) -> Result<Self, LazyError> {
         let socket = images_dir.join(SOCKET);
         let log = images_dir.join(LAZY_LOG);
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(&criu.path)
+        let mut command = Command::new(&criu.path);
+        if let Some(run_dir) = kdat {
+            with_cached_probes(&mut command, run_dir).map_err(|why| LazyError::Spawn {
+                criu: criu.path.clone(),
+                source: std::io::Error::other(why),
+            })?;
+        }
+        let child = command
             .arg("lazy-pages")
             .arg("--images-dir")
             .arg(images_dir)

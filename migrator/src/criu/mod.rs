@@ -13,6 +13,7 @@ use std::{
     process::Command,
 };
 
+pub mod kdat;
 pub mod lazy;
 pub mod page_stream;
 pub mod precheck;
