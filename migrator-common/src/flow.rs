@@ -61,7 +61,8 @@ pub enum FlowMode {
     /// Count only; every packet passes.
     Observe = 0,
     /// Drop every packet in both directions: nothing of the flow reaches or
-    /// leaves the local stack (no ACK, no RST, no window update).
+    /// leaves the local stack (no ACK, no RST, no window update). With
+    /// [`POLICY_OWN_SEGMENTS_PASS`] only the peer's packets and our RSTs.
     Freeze = 1,
     /// Like freeze, but incoming packets are also copied, with their arrival
     /// time, to the held-packet ring so they can be delivered later.
@@ -92,13 +93,21 @@ impl FlowMode {
     }
 }
 
+/// While the flow is blocked, the local side's own segments still leave,
+/// all but RSTs: on a source whose process still runs for the moment
+/// between the lock and CRIU's freeze, a segment it sends then must reach
+/// the peer (dropped, only its restored copy's retransmit timer could
+/// send it again). Peer packets stay blocked.
+pub const POLICY_OWN_SEGMENTS_PASS: u32 = 1;
+
 /// Value of the flow table, written by userspace only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowPolicy {
     /// A [`FlowMode`] as u32 (enums are not safe to read from map memory).
     pub mode: u32,
-    pub _pad: u32,
+    /// `POLICY_*` bits.
+    pub flags: u32,
     /// CLOCK_BOOTTIME nanoseconds after which a frozen flow passes again
     /// even if userspace never releases it (fail-open). 0: no deadline.
     pub deadline_ns: u64,
@@ -111,7 +120,7 @@ impl FlowPolicy {
     pub const fn observe() -> Self {
         Self {
             mode: FlowMode::Observe as u32,
-            _pad: 0,
+            flags: 0,
             deadline_ns: 0,
             since_ns: 0,
         }
@@ -120,7 +129,7 @@ impl FlowPolicy {
     pub const fn freeze(deadline_ns: u64) -> Self {
         Self {
             mode: FlowMode::Freeze as u32,
-            _pad: 0,
+            flags: 0,
             deadline_ns,
             since_ns: 0,
         }
@@ -129,10 +138,23 @@ impl FlowPolicy {
     pub const fn hold(deadline_ns: u64) -> Self {
         Self {
             mode: FlowMode::Hold as u32,
-            _pad: 0,
+            flags: 0,
             deadline_ns,
             since_ns: 0,
         }
+    }
+
+    /// The same policy, letting the local side's own segments out
+    /// ([`POLICY_OWN_SEGMENTS_PASS`]).
+    pub const fn own_segments_passing(mut self) -> Self {
+        self.flags |= POLICY_OWN_SEGMENTS_PASS;
+        self
+    }
+
+    /// Whether an outgoing segment (`rst`: an RST) leaves although the
+    /// flow is blocked.
+    pub const fn lets_out(&self, rst: bool) -> bool {
+        self.flags & POLICY_OWN_SEGMENTS_PASS != 0 && !rst
     }
 
     /// The same policy, stamped with when it was set.

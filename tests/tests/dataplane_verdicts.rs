@@ -78,6 +78,41 @@ fn untracked_and_non_tcp_traffic_passes_with_no_opinion() {
     assert_eq!(verdict(&mut dp, Direction::Ingress, &udp), NO_OPINION);
 }
 
+/// The source's lock (`freeze_incoming`): the peer's packets are
+/// dropped, our own segments leave (the process may still send until
+/// CRIU freezes it), all but RSTs.
+#[test]
+fn a_lock_on_incoming_packets_lets_our_segments_out_but_no_rst() {
+    let (mut dp, mut table) = loaded();
+    let policy = FlowPolicy::freeze(0).own_segments_passing();
+    table.set_flow(local_key(), policy).unwrap();
+    assert_eq!(
+        verdict(
+            &mut dp,
+            Direction::Ingress,
+            &from_peer().payload(100).frame()
+        ),
+        DROP
+    );
+    assert_eq!(
+        verdict(&mut dp, Direction::Egress, &to_peer().payload(100).frame()),
+        NO_OPINION
+    );
+    assert_eq!(
+        verdict(
+            &mut dp,
+            Direction::Egress,
+            &to_peer().flags(Flags::RST).frame()
+        ),
+        DROP
+    );
+    let stats = table
+        .flow_stats(&local_key())
+        .unwrap()
+        .expect("stats entry");
+    assert_eq!((stats.dropped, stats.rst_blocked, stats.packets_out), (2, 1, 2));
+}
+
 #[test]
 fn frozen_flow_is_dropped_both_ways_and_counted() {
     let (mut dp, mut table) = loaded();

@@ -52,11 +52,39 @@ impl MigrationLock {
         deadline: std::time::Duration,
         hold: bool,
     ) -> Result<(), DataplaneError> {
+        self.block(services, deadline, hold, false)
+    }
+
+    /// Like [`Self::freeze`], but the local side's own segments (all but
+    /// RSTs) still leave: for the source, whose process runs on for the
+    /// moment until CRIU freezes it (what it sends then must reach the
+    /// peer); once frozen and dumped, its sockets send nothing anyway.
+    pub fn freeze_incoming(
+        &mut self,
+        services: &[ServiceKey],
+        deadline: std::time::Duration,
+        hold: bool,
+    ) -> Result<(), DataplaneError> {
+        self.block(services, deadline, hold, true)
+    }
+
+    fn block(
+        &mut self,
+        services: &[ServiceKey],
+        deadline: std::time::Duration,
+        hold: bool,
+        own_segments_pass: bool,
+    ) -> Result<(), DataplaneError> {
         let deadline_ns = crate::system::deadline_ns(deadline);
         let policy = if hold {
             FlowPolicy::hold(deadline_ns)
         } else {
             FlowPolicy::freeze(deadline_ns)
+        };
+        let policy = if own_segments_pass {
+            policy.own_segments_passing()
+        } else {
+            policy
         };
         let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
         self.table.set_flows(&keys, policy)?;

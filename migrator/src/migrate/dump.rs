@@ -395,7 +395,7 @@ impl StartedCriu {
         };
         let task = tokio::task::spawn_blocking(move || {
             run_criu(swrk, pid, lock, page_stream, talk, |lock| {
-                lock.freeze(&services, deadline, hold)
+                lock.freeze_incoming(&services, deadline, hold)
                     .map_err(|e| format!("locking the flows: {e}"))
             })
         });
