@@ -110,7 +110,10 @@ fn a_lock_on_incoming_packets_lets_our_segments_out_but_no_rst() {
         .flow_stats(&local_key())
         .unwrap()
         .expect("stats entry");
-    assert_eq!((stats.dropped, stats.rst_blocked, stats.packets_out), (2, 1, 2));
+    assert_eq!(
+        (stats.dropped, stats.rst_blocked, stats.packets_out),
+        (2, 1, 2)
+    );
 }
 
 #[test]

@@ -170,13 +170,17 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
 /// stream to the destination's page server while they are dumped (none
 /// is written to the source's images), and the workload, which reads its
 /// whole ballast back every second and exits on the first wrong byte,
-/// keeps running with its connections.
+/// keeps running with its connections. Its long freeze outlasts the
+/// source sockets' retransmit timers: none of them may reach the peer
+/// after the freeze, or its newer timestamp makes the peer drop the
+/// restored sockets' segments as old (PAWS, counted at the peer).
 #[test]
 fn large_process_moves_there_and_back_with_its_memory_intact() {
     let mut lab = MigrationLab::new("big");
     let mut pid = lab.start_workload(true, 256);
     std::thread::sleep(Duration::from_millis(1500));
     for round in 0..2 {
+        let paws_before = tcp_ext(&lab, PEER, "PAWSEstab");
         let (report, _, to) = move_round(&lab, round, pid);
         assert_eq!(report["outcome"], "migrated", "{report}");
         pid = report["destination_pid"].as_i64().unwrap() as i32;
@@ -211,6 +215,11 @@ fn large_process_moves_there_and_back_with_its_memory_intact() {
         std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
         assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+        assert_eq!(
+            tcp_ext(&lab, PEER, "PAWSEstab"),
+            paws_before,
+            "the peer dropped the restored sockets' segments as old: {report}"
+        );
     }
 }
 
@@ -479,15 +488,34 @@ fn a_connection_closed_before_the_freeze_does_not_hold_up_the_move() {
     assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
 }
 
+/// A counter of `/proc/net/netstat` (`TcpExt` row) in `host`'s namespace.
+fn tcp_ext(lab: &MigrationLab, host: &str, name: &str) -> u64 {
+    let out = lab.output(host, "cat", &["/proc/net/netstat"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let (names, values) = (rows[0], rows[1]);
+    let at = names.split_whitespace().position(|n| n == name).unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
 /// With --hold the peers' packets that arrive during the freeze are kept
-/// and handed to the restored sockets after the release (both families).
+/// and handed to the restored sockets after the release (both families),
+/// and none of them is dropped there as old (PAWS: a live segment that
+/// got in first must not make the held ones look stale).
 #[test]
 fn hold_delivers_the_peers_packets_to_the_restored_sockets() {
     let mut lab = MigrationLab::new("hold");
     let pid = lab.start_workload(true, 0);
     std::thread::sleep(Duration::from_millis(300));
+    let paws_before = tcp_ext(&lab, DST, "PAWSEstab");
     let run = lab.migrate(SRC, DST, pid, &["--hold"]);
     assert!(run.success, "{}", run.stderr);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tcp_ext(&lab, DST, "PAWSEstab"),
+        paws_before,
+        "segments dropped as old by the restored sockets"
+    );
     let report = run.report.unwrap();
     let connections = report["connections"].as_array().unwrap();
     assert_eq!(connections.len(), 3);

@@ -12,6 +12,39 @@ use super::{
     spec::FlowSpec,
 };
 
+fn blocking(deadline_ns: u64, hold: bool) -> FlowPolicy {
+    if hold {
+        FlowPolicy::hold(deadline_ns)
+    } else {
+        FlowPolicy::freeze(deadline_ns)
+    }
+}
+
+/// The source's lock, second step: once CRIU has frozen the tree, the
+/// local side's own segments are blocked as well. A dumped socket's
+/// retransmit timer can still fire on the source (seen here ~200 ms after
+/// the freeze), and such a segment carries a newer TCP timestamp than the
+/// restored copy will: the peer, having seen it, then drops every segment
+/// of the restored socket as old (PAWS) until its clock catches up.
+pub struct OutgoingBlock {
+    table: FlowTable,
+    flows: Vec<migrator_common::FlowKey>,
+    services: Vec<ServiceKey>,
+    hold: bool,
+}
+
+impl OutgoingBlock {
+    /// Block both directions, keeping the deadline the first step set.
+    pub fn apply(mut self, deadline_ns: u64) -> Result<(), DataplaneError> {
+        let policy = blocking(deadline_ns, self.hold);
+        self.table.set_flows(&self.flows, policy)?;
+        for service in &self.services {
+            self.table.set_service(*service, policy)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct MigrationLock {
     table: FlowTable,
     root: PathBuf,
@@ -52,40 +85,43 @@ impl MigrationLock {
         deadline: std::time::Duration,
         hold: bool,
     ) -> Result<(), DataplaneError> {
-        self.block(services, deadline, hold, false)
+        let policy = blocking(crate::system::deadline_ns(deadline), hold);
+        self.block(services, policy)
     }
 
     /// Like [`Self::freeze`], but the local side's own segments (all but
-    /// RSTs) still leave: for the source, whose process runs on for the
-    /// moment until CRIU freezes it (what it sends then must reach the
-    /// peer); once frozen and dumped, its sockets send nothing anyway.
+    /// RSTs) still leave: the source's first step, while its process may
+    /// still run (CRIU freezes it right after), so that what it sends in
+    /// that moment reaches the peer. Its second step, [`OutgoingBlock`],
+    /// blocks them too once the tree is frozen. Returns the deadline set
+    /// (CLOCK_BOOTTIME ns), for that second step.
     pub fn freeze_incoming(
         &mut self,
         services: &[ServiceKey],
         deadline: std::time::Duration,
         hold: bool,
-    ) -> Result<(), DataplaneError> {
-        self.block(services, deadline, hold, true)
+    ) -> Result<u64, DataplaneError> {
+        let deadline_ns = crate::system::deadline_ns(deadline);
+        self.block(services, blocking(deadline_ns, hold).own_segments_passing())?;
+        Ok(deadline_ns)
     }
 
-    fn block(
-        &mut self,
+    /// Made before the freeze (opening the pinned maps again takes a
+    /// moment): the second step of [`Self::freeze_incoming`].
+    pub fn outgoing_block(
+        &self,
         services: &[ServiceKey],
-        deadline: std::time::Duration,
         hold: bool,
-        own_segments_pass: bool,
-    ) -> Result<(), DataplaneError> {
-        let deadline_ns = crate::system::deadline_ns(deadline);
-        let policy = if hold {
-            FlowPolicy::hold(deadline_ns)
-        } else {
-            FlowPolicy::freeze(deadline_ns)
-        };
-        let policy = if own_segments_pass {
-            policy.own_segments_passing()
-        } else {
-            policy
-        };
+    ) -> Result<OutgoingBlock, DataplaneError> {
+        Ok(OutgoingBlock {
+            table: FlowTable::open_pinned(&self.root)?,
+            flows: self.flows.iter().map(FlowSpec::key).collect(),
+            services: services.to_vec(),
+            hold,
+        })
+    }
+
+    fn block(&mut self, services: &[ServiceKey], policy: FlowPolicy) -> Result<(), DataplaneError> {
         let keys: Vec<_> = self.flows.iter().map(FlowSpec::key).collect();
         self.table.set_flows(&keys, policy)?;
         for service in services {

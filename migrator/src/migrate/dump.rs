@@ -42,7 +42,7 @@ use crate::{
         stats::read_dump_stats,
         swrk::{Outcome, SwrkError, stream_pair},
     },
-    dataplane::lock::MigrationLock,
+    dataplane::lock::{MigrationLock, OutgoingBlock},
     net::address::Netlink,
     report::{self, PhaseClock, Report},
 };
@@ -388,15 +388,28 @@ impl StartedCriu {
         let (verdict, verdicts) = std::sync::mpsc::channel();
         let (dumped, dumped_flows) = tokio::sync::oneshot::channel();
         let swrk = self.swrk;
+        // The lock's second step, ready before anything is frozen; without
+        // it, the first blocks both directions at once.
+        let outgoing = lock.as_ref().and_then(|lock| {
+            lock.outgoing_block(&services, hold)
+                .map_err(|e| tracing::warn!("the flows are blocked both ways from the start: {e}"))
+                .ok()
+        });
         let talk = CriuTalk {
             events,
             verdicts,
             dumped: Some(dumped),
         };
+        let two_steps = outgoing.is_some();
         let task = tokio::task::spawn_blocking(move || {
-            run_criu(swrk, pid, lock, page_stream, talk, |lock| {
-                lock.freeze_incoming(&services, deadline, hold)
-                    .map_err(|e| format!("locking the flows: {e}"))
+            run_criu(swrk, pid, lock, page_stream, talk, outgoing, |lock| {
+                if two_steps {
+                    lock.freeze_incoming(&services, deadline, hold)
+                } else {
+                    lock.freeze(&services, deadline, hold)
+                        .map(|()| crate::system::deadline_ns(deadline))
+                }
+                .map_err(|e| format!("locking the flows: {e}"))
             })
         });
         Attempt {
@@ -567,7 +580,8 @@ fn run_criu(
     mut lock: Option<MigrationLock>,
     wait_at_post_dump: bool,
     talk: CriuTalk,
-    freeze: impl Fn(&mut MigrationLock) -> Result<(), String>,
+    mut outgoing: Option<OutgoingBlock>,
+    freeze: impl Fn(&mut MigrationLock) -> Result<u64, String>,
 ) -> DumpResult {
     let CriuTalk {
         events,
@@ -575,45 +589,63 @@ fn run_criu(
         mut dumped,
     } = talk;
     let mut locked = false;
+    let mut deadline_ns = None;
     let criu = swrk.pid();
-    let result = swrk.dump(pid, |script| match script {
-        "pre-dump" if !locked => {
-            locked = true;
-            let result = lock.as_mut().map_or(Ok(()), &freeze);
-            let _ = events.send(CriuEvent::Locked {
-                at: Instant::now(),
-                result: result.clone(),
-                lock: lock.take().map(Box::new),
-            });
-            result
+    let result = swrk.dump(pid, |script| {
+        // Any notification after "pre-dump" comes with the tree frozen
+        // (CRIU seizes it right after that one): our own segments stop
+        // too, before a dumped socket's timer can send one.
+        if script != "pre-dump"
+            && let (Some(block), Some(deadline_ns)) = (outgoing.take(), deadline_ns)
+            && let Err(err) = block.apply(deadline_ns)
+        {
+            tracing::warn!("the source's own segments still leave: {err}");
         }
-        "post-dump" if crate::fault::fires(crate::fault::DUMP_FAILS) => {
-            Err("injected fault: the dump fails".into())
-        }
-        "post-dump" => {
-            let _ = events.send(CriuEvent::Dumped);
-            // The tree as CRIU dumped it, still frozen: the connections the
-            // restore must bring back (one the process closed since the
-            // preflight is not among them). With the page stream this runs
-            // while the images go out; without, CRIU waits for it.
-            if let (Some(dumped), Ok(network)) =
-                (dumped.take(), crate::net::discover::discover(pid))
-            {
-                let _ = dumped.send(
-                    network
-                        .connections
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect(),
-                );
+        match script {
+            "pre-dump" if !locked => {
+                locked = true;
+                let result = lock
+                    .as_mut()
+                    .map_or(Ok(None), |lock| freeze(lock).map(Some));
+                if let Ok(Some(set)) = result {
+                    deadline_ns = Some(set);
+                }
+                let result = result.map(|_| ());
+                let _ = events.send(CriuEvent::Locked {
+                    at: Instant::now(),
+                    result: result.clone(),
+                    lock: lock.take().map(Box::new),
+                });
+                result
             }
-            if wait_at_post_dump {
-                await_verdict(&verdicts, criu, pid)
-            } else {
-                Ok(())
+            "post-dump" if crate::fault::fires(crate::fault::DUMP_FAILS) => {
+                Err("injected fault: the dump fails".into())
             }
+            "post-dump" => {
+                let _ = events.send(CriuEvent::Dumped);
+                // The tree as CRIU dumped it, still frozen: the connections the
+                // restore must bring back (one the process closed since the
+                // preflight is not among them). With the page stream this runs
+                // while the images go out; without, CRIU waits for it.
+                if let (Some(dumped), Ok(network)) =
+                    (dumped.take(), crate::net::discover::discover(pid))
+                {
+                    let _ = dumped.send(
+                        network
+                            .connections
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect(),
+                    );
+                }
+                if wait_at_post_dump {
+                    await_verdict(&verdicts, criu, pid)
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
         }
-        _ => Ok(()),
     });
     (result, lock.map(Box::new))
 }
