@@ -81,8 +81,9 @@ fn move_round_with(
             .any(|p| p["name"] == "restore" && p["host"] == "destination"),
         "{parts:?}"
     );
-    // The peers' packets dropped while frozen are on the timeline, inside
-    // the freeze window (1 ms for the clocks' conversion).
+    // The peers' packets blocked while frozen (held, by default, or
+    // dropped) are on the timeline, inside the freeze window (1 ms for
+    // the clocks' conversion).
     let frozen_at = report["phases"]
         .as_array()
         .unwrap()
@@ -94,7 +95,7 @@ fn move_round_with(
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["kind"] == "drop" && e["host"] == "source")
+        .filter(|e| (e["kind"] == "drop" || e["kind"] == "hold") && e["host"] == "source")
         .map(|e| e["at_ms"].as_f64().unwrap())
         .collect();
     assert!(!drops.is_empty(), "no drop on the timeline");

@@ -260,8 +260,8 @@ impl Demo {
 }
 
 /// `cargo xtask run --server`: Debian's nginx (a master and two workers
-/// sharing listening sockets on the service addresses) moves with
-/// `--hold` while `lab-clients` in `peer` keep asking on keep-alive
+/// sharing listening sockets on the service addresses) moves, the peers'
+/// packets held through the freeze (the default), while `lab-clients` in `peer` keep asking on keep-alive
 /// connections and a new client arrives every 20 ms; the verdict counts
 /// failed requests and connects slower than the longest freeze + 50 ms.
 pub fn run_server(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
@@ -316,7 +316,7 @@ pub fn run_server(root: &Path, prefix: &str, rounds: u32) -> Result<()> {
     );
     std::thread::sleep(Duration::from_secs(1));
 
-    let (_, all_moved, windows) = demo.moves(rounds, pid, &["--hold"])?;
+    let (_, all_moved, windows) = demo.moves(rounds, pid, &[])?;
     demo.summary();
 
     cmd::section("verdict (from the clients, which never moved)");

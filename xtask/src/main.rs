@@ -44,8 +44,8 @@ enum Task {
         /// Round trips to make.
         #[arg(long, default_value_t = 1)]
         rounds: u32,
-        /// Move Debian's nginx (a master and two workers) instead, with
-        /// `--hold`, while keep-alive clients ask every 10 ms and a new
+        /// Move Debian's nginx (a master and two workers) instead, while
+        /// keep-alive clients ask every 10 ms and a new
         /// client arrives every 20 ms; the verdict counts failed and slow
         /// connects.
         #[arg(long)]

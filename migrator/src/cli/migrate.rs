@@ -58,13 +58,16 @@ pub struct MigrateArgs {
     /// Keep the images even when the migration (or its rollback) worked.
     #[arg(long)]
     keep_images: bool,
-    /// Keep the peers' packets during the freeze (instead of only
-    /// dropping them) and deliver them to the restored sockets right
-    /// after the release: the peers need not wait for their next
-    /// backed-off retransmit. Worth it when the freeze window passes the
-    /// peers' retransmit timeout (200 ms or more).
-    #[arg(long)]
+    /// The default: keep the peers' packets during the freeze and
+    /// deliver them to the restored sockets right after the release, so
+    /// the peers need not wait for their next (backed-off) retransmit.
+    /// Accepted for scripts written when it was not the default.
+    #[arg(long, overrides_with = "no_hold")]
     hold: bool,
+    /// Only drop the peers' packets during the freeze (the peers resend
+    /// them on their own retransmit timers after the release).
+    #[arg(long, overrides_with = "hold")]
+    no_hold: bool,
     /// Dump the whole process here first, then send the images (CRIU
     /// kills the tree at the end of the dump; a rollback restores it from
     /// those images), instead of streaming the memory to the destination
@@ -132,7 +135,8 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         json,
         work_dir,
         keep_images,
-        hold,
+        hold: _,
+        no_hold,
         dump_then_send,
         lazy_restore,
         takeover,
@@ -154,7 +158,7 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         criu,
         state: migrator::images::StateDir::open(&work_dir)?,
         keep_images,
-        hold,
+        hold: !no_hold,
         page_stream: !dump_then_send,
         lazy_restore,
         quiet,

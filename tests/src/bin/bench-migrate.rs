@@ -559,21 +559,22 @@ fn main() {
     let mut lab = MigrationLab::new("bench");
     let mut pid = lab.start_workload(true, 0);
     std::thread::sleep(std::time::Duration::from_secs(1));
-    // ours, baseline, baseline + announce, ours with --hold
+    // ours (holding the peers' packets, the default), baseline, baseline
+    // + announce, ours with --no-hold
     let mut samples: [Vec<Sample>; 4] = Default::default();
     let mut baseline_resets = Vec::new();
     let reports = [
         lab.dir.0.join("reports/small"),
         PathBuf::new(),
         PathBuf::new(),
-        lab.dir.0.join("reports/small-hold"),
+        lab.dir.0.join("reports/small-no-hold"),
     ];
     for round in 0..rounds {
         // Each round: every method there and back, so all meet the same
         // machine conditions.
-        for (method, hold) in [(0, false), (3, true)] {
+        for (method, no_hold) in [(0, false), (3, true)] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
-                let extra: &[&str] = if hold { &["--hold"] } else { &[] };
+                let extra: &[&str] = if no_hold { &["--no-hold"] } else { &[] };
                 let (sample, next) = ours(&lab, from, to, pid, extra, &reports[method]);
                 let broken = broken(&lab);
                 assert!(
@@ -584,7 +585,7 @@ fn main() {
                 pid = next;
             }
         }
-        // BENCH_ONLY_OURS: our two methods only (an A/B of --hold).
+        // BENCH_ONLY_OURS: our two methods only (an A/B of holding).
         let baselines: &[(usize, bool)] = if std::env::var_os("BENCH_ONLY_OURS").is_some() {
             &[]
         } else {
@@ -625,7 +626,7 @@ fn main() {
             samples[0].len()
         );
         println!("                                      min     median        max   (ms)");
-        let names = ["ours", "baseline", "baseline+announce", "ours --hold"];
+        let names = ["ours", "baseline", "baseline+announce", "ours --no-hold"];
         for (row, f) in ROWS {
             let medians: Vec<f64> = samples
                 .iter()
@@ -643,7 +644,7 @@ fn main() {
                 })
                 .collect();
             println!(
-                "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}, ours --hold/baseline+announce {:.3}",
+                "  median ratio ours/baseline {:.3}, ours/baseline+announce {:.3}, ours --no-hold/baseline+announce {:.3}",
                 medians[0] / medians[1],
                 medians[0] / medians[2],
                 medians[3] / medians[2]
