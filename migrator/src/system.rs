@@ -502,9 +502,77 @@ pub fn describe_pid(pid: i32) -> String {
     format!("PID {pid} (`{comm}`, {what})")
 }
 
+/// Children whose exit status their spawner waits for (a lazy restore's
+/// daemon: it exits 0 only once every page is filled): the agent's reaper
+/// of orphans leaves them alone.
+static WAITED_FOR: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn waited_for() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
+    WAITED_FOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Spawn `command` as a child whose exit status only its [`std::process::Child`]
+/// collects; call [`forget_waited`] once it was waited for.
+pub fn spawn_waited(command: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    // Held across the spawn: the reaper cannot take it in between.
+    let mut waited = waited_for();
+    let child = command.spawn()?;
+    waited.insert(child.id() as i32);
+    Ok(child)
+}
+
+/// The child `pid` of [`spawn_waited`] was waited for.
+pub fn forget_waited(pid: i32) {
+    waited_for().remove(&pid);
+}
+
+/// Reap this process's children that exited (restored processes that
+/// moved away, orphans of theirs: the agent is a subreaper), except those
+/// of [`spawn_waited`].
+pub fn reap_exited_children() {
+    let waited = waited_for();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    let children: std::collections::BTreeSet<i32> = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    for pid in children.difference(&waited) {
+        // SAFETY: waitpid on one child, WNOHANG, no status pointer.
+        unsafe { libc::waitpid(*pid, std::ptr::null_mut(), libc::WNOHANG) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reaper_leaves_a_waited_for_child_to_its_spawner() {
+        let mut child =
+            spawn_waited(std::process::Command::new("true").stdout(std::process::Stdio::null()))
+                .expect("spawn true");
+        let pid = child.id() as i32;
+        // A zombie, then the reaper's pass: the status must still be ours.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        reap_exited_children();
+        let status = child.wait().expect("the spawner waits for its child");
+        forget_waited(pid);
+        assert!(status.success());
+    }
 
     #[test]
     fn a_process_is_doomed_once_killed_even_before_it_is_reaped() {

@@ -273,7 +273,8 @@ fn become_subreaper() {
 }
 
 /// Reap children as they exit: restored processes that moved away, and
-/// their orphans (we are a subreaper). Exit statuses are not needed.
+/// their orphans (we are a subreaper). Their exit statuses are not
+/// needed; those of children spawned to be waited for are left to them.
 async fn reap_children() {
     let Ok(mut signals) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
     else {
@@ -285,7 +286,6 @@ async fn reap_children() {
             _ = signals.recv() => {}
             _ = tick.tick() => {}
         }
-        // SAFETY: waitpid with WNOHANG and no status pointer.
-        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        crate::system::reap_exited_children();
     }
 }

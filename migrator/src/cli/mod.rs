@@ -98,7 +98,8 @@ enum Command {
     /// 4  rolled back: the process runs here again, connections alive.
     ///
     /// 5  failed: the process runs nowhere and the lock holds its peers
-    /// until the deadline; run the `migrator recover` the error names.
+    /// until the deadline; run the `migrator recover` the error names
+    /// (unless it says the process is lost: then start it again).
     ///
     /// 6  in doubt: it runs on the destination or nowhere; look there
     /// first (the error says how).

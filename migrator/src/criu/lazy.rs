@@ -89,7 +89,7 @@ impl LazyPages {
                 source: std::io::Error::other(why),
             })?;
         }
-        let child = command
+        command
             .arg("lazy-pages")
             .arg("--images-dir")
             .arg(images_dir)
@@ -98,9 +98,11 @@ impl LazyPages {
             .arg("-v2")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|source| LazyError::Spawn {
+            .stderr(Stdio::null());
+        // Its exit status says whether every page was filled: the agent's
+        // reaper must not take it.
+        let child =
+            crate::system::spawn_waited(&mut command).map_err(|source| LazyError::Spawn {
                 criu: criu.path.clone(),
                 source,
             })?;
@@ -164,7 +166,9 @@ impl LazyPages {
     /// this (while the guards live, its faults wait, never read zeros).
     pub fn wait(&mut self) -> Result<Duration, LazyError> {
         let started = Instant::now();
-        match self.child.wait() {
+        let status = self.child.wait();
+        crate::system::forget_waited(self.pid());
+        match status {
             Ok(status) if status.success() => {
                 self.guards.clear();
                 Ok(started.elapsed())
@@ -195,5 +199,6 @@ impl Drop for LazyPages {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        crate::system::forget_waited(self.pid());
     }
 }
