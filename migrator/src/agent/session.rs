@@ -377,69 +377,78 @@ async fn serve(
         }
     };
     let pid = reply.pid;
-    if crate::fault::fires(crate::fault::RESTORED_REPLY_LOST) {
+    // Released: the process runs here for good, the only copy. No later
+    // failure (a reply lost, the source gone) may undo it.
+    session.restored_pid = None;
+    session.added.clear();
+    // The injected fault: the answer never goes out (the copy stays).
+    let reply_lost = crate::fault::fires(crate::fault::RESTORED_REPLY_LOST);
+    let sent = if reply_lost {
+        Err(ChannelError::Closed)
+    } else {
+        channel.send(&Message::Restored(Box::new(reply))).await
+    };
+    // A lazy restore's memory is filled whatever became of the channel.
+    if let Some(lazy) = session.lazy.take() {
+        let filled = fill_memory(pid, lazy, session.released_at).await;
+        if sent.is_ok() {
+            let _ = channel
+                .send(&match &filled {
+                    Ok(after_release_ms) => Message::MemoryFilled {
+                        after_release_ms: *after_release_ms,
+                    },
+                    Err(reason) => Message::Failed {
+                        phase: crate::report::MEMORY_FILL.to_owned(),
+                        reason: reason.clone(),
+                    },
+                })
+                .await;
+        }
+        filled.map_err(ChannelError::Refused)?;
+    }
+    if reply_lost {
         return Ok(pid);
     }
-    channel.send(&Message::Restored(Box::new(reply))).await?;
-    if let Some(lazy) = session.lazy.take() {
-        fill_memory(channel, session, lazy).await?;
-    }
-    Ok(pid)
+    sent.map(|()| pid)
 }
 
 /// After a lazy restore's release: wait until the daemon filled the
-/// restored memory and tell the source. A daemon that died leaves pages
-/// that can never be filled (the process's only copy is this one): the
-/// process is killed before the daemon's guards go, so it never reads a
-/// missing page as zeros, and the source hears it is lost.
+/// restored memory (how long after the release). A daemon that died
+/// leaves pages that can never be filled, and this copy is the only one:
+/// the process is killed before the daemon's guards go, so it never reads
+/// a missing page as zeros, and the error says it is lost.
 async fn fill_memory(
-    channel: &mut TlsChannel,
-    session: &mut Session,
+    pid: i32,
     mut lazy: LazyPages,
-) -> Result<(), ChannelError> {
+    released_at: Option<Instant>,
+) -> Result<f64, String> {
     if crate::fault::fires(crate::fault::LAZY_PAGES_DIES) {
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(lazy.pid(), libc::SIGKILL) };
     }
-    let (lazy, filled) = tokio::task::spawn_blocking(move || {
+    let released_at = released_at.unwrap_or_else(Instant::now);
+    let waited = tokio::task::spawn_blocking(move || {
         let filled = lazy.wait();
-        (lazy, filled)
-    })
-    .await
-    .map_err(|e| ChannelError::Frame(format!("waiting for the memory fill: {e}")))?;
-    let released_at = session.released_at.unwrap_or_else(Instant::now);
-    match filled {
-        Ok(_) => {
-            drop(lazy);
-            channel
-                .send(&Message::MemoryFilled {
-                    after_release_ms: released_at.elapsed().as_secs_f64() * 1e3,
-                })
-                .await
-        }
-        Err(err) => {
-            let pid = session.restored_pid.take().unwrap_or(0);
-            let reason = format!(
-                "{err}; the restored process {pid} was killed (its memory could not be completed) and is lost"
-            );
-            warn!("{reason}");
-            // Killed and reaped while the guards still hold its faults;
-            // only then may they go.
-            let _ = tokio::task::spawn_blocking(move || {
+        match filled {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                // Killed and reaped while the guards still hold its
+                // faults; only then may they go.
                 let pids = crate::system::kill_tree(pid);
                 let _ = crate::system::wait_for_free_pids(&pids, crate::system::PID_WAIT_LIMIT);
                 drop(lazy);
-            })
-            .await;
-            let _ = channel
-                .send(&Message::Failed {
-                    phase: crate::report::MEMORY_FILL.to_owned(),
-                    reason: reason.clone(),
-                })
-                .await;
-            Err(ChannelError::Refused(reason))
+                Err(format!(
+                    "{err}; the restored process {pid} was killed (its memory could not be completed) and is lost"
+                ))
+            }
         }
+    })
+    .await
+    .map_err(|e| format!("waiting for the memory fill: {e}"))?;
+    if let Err(reason) = &waited {
+        warn!("{reason}");
     }
+    waited.map(|()| released_at.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Give up after the restore began: undo everything here first (the copy
