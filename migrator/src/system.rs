@@ -303,10 +303,13 @@ pub fn open_fds(pid: i32) -> Vec<(i32, String, std::fs::Metadata)> {
         .collect()
 }
 
-/// Put every TCP socket `pid` holds into repair mode (taken from it with
-/// pidfd_getfd), so that closing them sends nothing. Listening sockets
-/// cannot be repaired and send nothing when closed anyway.
-fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
+/// Our own duplicates (pidfd_getfd) of the descriptors of `pid` whose
+/// target (`/proc/PID/fd` link) is `wanted`, each or why it could not be
+/// taken; `Err` when the process cannot be reached at all.
+pub fn duplicate_fds(
+    pid: i32,
+    wanted: impl Fn(&str) -> bool,
+) -> std::io::Result<Vec<std::io::Result<std::os::fd::OwnedFd>>> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     // SAFETY: pidfd_open takes a pid and flags; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -315,17 +318,29 @@ fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
     }
     // SAFETY: a fresh descriptor we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    for (fd, target, _) in open_fds(pid) {
-        if !target.starts_with("socket:") {
-            continue;
-        }
-        // SAFETY: pidfd_getfd on our pidfd; the result is checked.
-        let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-        if ours < 0 {
-            continue;
-        }
-        // SAFETY: a fresh descriptor we own (a duplicate of theirs).
-        let ours = unsafe { OwnedFd::from_raw_fd(ours as i32) };
+    Ok(open_fds(pid)
+        .into_iter()
+        .filter(|(_, target, _)| wanted(target))
+        .map(|(fd, _, _)| {
+            // SAFETY: pidfd_getfd on our pidfd; the result is checked.
+            let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            if ours < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                // SAFETY: a fresh descriptor we own (a duplicate of theirs).
+                Ok(unsafe { OwnedFd::from_raw_fd(ours as i32) })
+            }
+        })
+        .collect())
+}
+
+/// Put every TCP socket `pid` holds into repair mode (taken from it with
+/// pidfd_getfd), so that closing them sends nothing. Listening sockets
+/// cannot be repaired and send nothing when closed anyway.
+fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let sockets = duplicate_fds(pid, |target| target.starts_with("socket:"))?;
+    for ours in sockets.into_iter().flatten() {
         let mut protocol: libc::c_int = 0;
         let mut len = size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt into an int we own, its size given.

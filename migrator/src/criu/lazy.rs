@@ -17,7 +17,7 @@
 //! reader that is gone).
 
 use std::{
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -135,27 +135,11 @@ impl LazyPages {
     /// After the restore: hold a duplicate of each userfaultfd the daemon
     /// got from the restored processes. Returns how many.
     pub fn guard(&mut self) -> std::io::Result<usize> {
-        let pid = self.child.id() as i32;
-        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if pidfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-        for (fd, target, _) in crate::system::open_fds(pid) {
-            if target != "anon_inode:[userfaultfd]" {
-                continue;
-            }
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: pidfd_getfd on our pidfd; the result is checked.
-            let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-            if ours < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor we own (a duplicate of theirs).
-            self.guards
-                .push(unsafe { OwnedFd::from_raw_fd(ours as i32) });
+        let uffds = crate::system::duplicate_fds(self.pid(), |target| {
+            target == "anon_inode:[userfaultfd]"
+        })?;
+        for uffd in uffds {
+            self.guards.push(uffd?);
         }
         Ok(self.guards.len())
     }
