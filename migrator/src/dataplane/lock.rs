@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use migrator_common::{FlowPolicy, FlowStats, ServiceKey};
+use migrator_common::{FlowPolicy, FlowStats, ServiceKey, flow::POLICY_OWN_SEGMENTS_PASS};
 
 use super::{
     AttachMode, Dataplane, DataplaneError, FlowTable, default_pin_root, detach_if_unused,
@@ -30,18 +30,14 @@ pub struct OutgoingBlock {
     table: FlowTable,
     flows: Vec<migrator_common::FlowKey>,
     services: Vec<ServiceKey>,
-    hold: bool,
 }
 
 impl OutgoingBlock {
-    /// Block both directions, keeping the deadline the first step set.
-    pub fn apply(mut self, deadline_ns: u64) -> Result<(), DataplaneError> {
-        let policy = blocking(deadline_ns, self.hold);
-        self.table.set_flows(&self.flows, policy)?;
-        for service in &self.services {
-            self.table.set_service(*service, policy)?;
-        }
-        Ok(())
+    /// Block both directions: the first step's policies, mode, deadline
+    /// and all, without [`POLICY_OWN_SEGMENTS_PASS`].
+    pub fn apply(mut self) -> Result<(), DataplaneError> {
+        self.table
+            .clear_policy_flags(&self.flows, &self.services, POLICY_OWN_SEGMENTS_PASS)
     }
 }
 
@@ -93,31 +89,24 @@ impl MigrationLock {
     /// RSTs) still leave: the source's first step, while its process may
     /// still run (CRIU freezes it right after), so that what it sends in
     /// that moment reaches the peer. Its second step, [`OutgoingBlock`],
-    /// blocks them too once the tree is frozen. Returns the deadline set
-    /// (CLOCK_BOOTTIME ns), for that second step.
+    /// blocks them too once the tree is frozen.
     pub fn freeze_incoming(
         &mut self,
         services: &[ServiceKey],
         deadline: std::time::Duration,
         hold: bool,
-    ) -> Result<u64, DataplaneError> {
-        let deadline_ns = crate::system::deadline_ns(deadline);
-        self.block(services, blocking(deadline_ns, hold).own_segments_passing())?;
-        Ok(deadline_ns)
+    ) -> Result<(), DataplaneError> {
+        let policy = blocking(crate::system::deadline_ns(deadline), hold);
+        self.block(services, policy.own_segments_passing())
     }
 
     /// Made before the freeze (opening the pinned maps again takes a
     /// moment): the second step of [`Self::freeze_incoming`].
-    pub fn outgoing_block(
-        &self,
-        services: &[ServiceKey],
-        hold: bool,
-    ) -> Result<OutgoingBlock, DataplaneError> {
+    pub fn outgoing_block(&self, services: &[ServiceKey]) -> Result<OutgoingBlock, DataplaneError> {
         Ok(OutgoingBlock {
             table: FlowTable::open_pinned(&self.root)?,
             flows: self.flows.iter().map(FlowSpec::key).collect(),
             services: services.to_vec(),
-            hold,
         })
     }
 

@@ -118,6 +118,33 @@ impl FlowTable {
             .try_for_each(|slot| self.mark_local_port(slot, true))
     }
 
+    /// Clear `flags` from the policies of `keys` and `services` as they
+    /// stand (mode, deadline and since kept); absent entries are skipped.
+    pub fn clear_policy_flags(
+        &mut self,
+        keys: &[FlowKey],
+        services: &[ServiceKey],
+        flags: u32,
+    ) -> Result<(), DataplaneError> {
+        for key in keys {
+            if let Some(mut policy) = get(&self.flows, key, FLOWS_MAP)? {
+                policy.flags &= !flags;
+                self.flows
+                    .insert(*key, policy, 0)
+                    .map_err(map_error(FLOWS_MAP))?;
+            }
+        }
+        for key in services {
+            if let Some(mut policy) = get(&self.services, key, SERVICES_MAP)? {
+                policy.flags &= !flags;
+                self.services
+                    .insert(*key, policy, 0)
+                    .map_err(map_error(SERVICES_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stop blocking `key`: it goes back to observe, counters kept.
     /// Returns false if the flow was not tracked.
     pub fn release_flow(&mut self, key: &FlowKey) -> Result<bool, DataplaneError> {

@@ -391,7 +391,7 @@ impl StartedCriu {
         // The lock's second step, ready before anything is frozen; without
         // it, the first blocks both directions at once.
         let outgoing = lock.as_ref().and_then(|lock| {
-            lock.outgoing_block(&services, hold)
+            lock.outgoing_block(&services)
                 .map_err(|e| tracing::warn!("the flows are blocked both ways from the start: {e}"))
                 .ok()
         });
@@ -407,7 +407,6 @@ impl StartedCriu {
                     lock.freeze_incoming(&services, deadline, hold)
                 } else {
                     lock.freeze(&services, deadline, hold)
-                        .map(|()| crate::system::deadline_ns(deadline))
                 }
                 .map_err(|e| format!("locking the flows: {e}"))
             })
@@ -581,7 +580,7 @@ fn run_criu(
     wait_at_post_dump: bool,
     talk: CriuTalk,
     mut outgoing: Option<OutgoingBlock>,
-    freeze: impl Fn(&mut MigrationLock) -> Result<u64, String>,
+    freeze: impl Fn(&mut MigrationLock) -> Result<(), String>,
 ) -> DumpResult {
     let CriuTalk {
         events,
@@ -589,28 +588,22 @@ fn run_criu(
         mut dumped,
     } = talk;
     let mut locked = false;
-    let mut deadline_ns = None;
     let criu = swrk.pid();
     let result = swrk.dump(pid, |script| {
         // Any notification after "pre-dump" comes with the tree frozen
         // (CRIU seizes it right after that one): our own segments stop
         // too, before a dumped socket's timer can send one.
-        if script != "pre-dump"
-            && let (Some(block), Some(deadline_ns)) = (outgoing.take(), deadline_ns)
-            && let Err(err) = block.apply(deadline_ns)
+        if locked
+            && script != "pre-dump"
+            && let Some(block) = outgoing.take()
+            && let Err(err) = block.apply()
         {
             tracing::warn!("the source's own segments still leave: {err}");
         }
         match script {
             "pre-dump" if !locked => {
                 locked = true;
-                let result = lock
-                    .as_mut()
-                    .map_or(Ok(None), |lock| freeze(lock).map(Some));
-                if let Ok(Some(set)) = result {
-                    deadline_ns = Some(set);
-                }
-                let result = result.map(|_| ());
+                let result = lock.as_mut().map_or(Ok(()), &freeze);
                 let _ = events.send(CriuEvent::Locked {
                     at: Instant::now(),
                     result: result.clone(),
