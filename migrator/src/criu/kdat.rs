@@ -110,13 +110,9 @@ impl Drop for KdatCache {
 
 /// Whether `/run` is a tmpfs (where CRIU keeps its cache by itself).
 fn run_is_tmpfs() -> bool {
-    let path = Path::new("/run");
-    let Ok(target) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
     // SAFETY: statfs into a zeroed struct we own.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid NUL-terminated path and a struct to fill.
-    let rc = unsafe { libc::statfs(target.as_ptr(), &mut fs) };
+    let rc = unsafe { libc::statfs(c"/run".as_ptr(), &mut fs) };
     rc == 0 && fs.f_type as i64 == TMPFS_MAGIC
 }
