@@ -11,6 +11,9 @@
 //! - `restored-reply-lost` (agent): the answer to the first commit is
 //!   never sent (the connection closes instead), as when the link fails
 //!   right after the hand-over.
+//! - `restored-pause` (agent): the first restored copy stays restored and
+//!   stopped 300 ms longer before the agent says it is ready, so that a
+//!   test can act at that moment (a slow announce would do the same).
 //! - `lazy-pages-dies` (agent): with a lazy restore, the `criu lazy-pages`
 //!   daemon is SIGKILLed right after the release, before it could fill
 //!   the memory, as a daemon crashing or killed by the OOM killer would.
@@ -47,3 +50,4 @@ pub const DUMP_FAILS: &str = "dump-fails";
 pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";
 pub const RESTORE_FAILS: &str = "restore-fails";
 pub const LAZY_PAGES_DIES: &str = "lazy-pages-dies";
+pub const RESTORED_PAUSE: &str = "restored-pause";

@@ -259,16 +259,24 @@ pub struct Cell {
 /// `deadline_s` deadline; returns once settled (past the deadline).
 pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     let mut lab = MigrationLab::new("faults");
+    // The restored copy waits a few ms for the commit, too briefly for
+    // the injector to see it every time: there, the agent holds it a
+    // while (MIGRATOR_FAULTS=restored-pause).
+    let mut agent_faults = Vec::new();
+    let mut agent_args: &[&str] = &[];
     match fault {
-        Fault::RestoreFails => {
-            lab.stop_agent(DST);
-            lab.start_agent_injecting(DST, &[], Some("restore-fails"));
-        }
-        Fault::ImagesFull => {
-            lab.stop_agent(DST);
-            lab.start_agent_with(DST, &["--max-image-memory", "128"]);
-        }
+        Fault::RestoreFails => agent_faults.push("restore-fails"),
+        Fault::ImagesFull => agent_args = &["--max-image-memory", "128"],
         _ => {}
+    }
+    if point == RESTORED {
+        agent_faults.push("restored-pause");
+    }
+    if !agent_faults.is_empty() || !agent_args.is_empty() {
+        lab.stop_agent(DST);
+        let faults = agent_faults.join(",");
+        let faults = (!faults.is_empty()).then_some(faults.as_str());
+        lab.start_agent_injecting(DST, agent_args, faults);
     }
     let pid = lab.start_workload(true, 16);
     std::thread::sleep(Duration::from_millis(500));

@@ -325,6 +325,9 @@ async fn serve(
 
     // The hand-over: the copy here is restored, stopped, owns the address
     // and the peers answer it. It runs only if the source commits in time.
+    if crate::fault::fires(crate::fault::RESTORED_PAUSE) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     channel.send(&Message::Ready).await?;
     let waited_from = Instant::now();
     let mut held = held;
