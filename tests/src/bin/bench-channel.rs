@@ -30,19 +30,40 @@ use tokio_util::codec::Framed;
 
 const TOTAL: usize = 256 << 20;
 
-/// Run `future` on a runtime of its own on a thread pinned to `cpu`.
+/// Run `future` on a runtime of its own on a thread pinned to `cpu`;
+/// with its result, the CPU time the thread took (user and system), which
+/// other load on the machine disturbs far less than the wall clock.
 fn on_cpu<T: Send + 'static>(
     cpu: usize,
     future: impl Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
+) -> std::thread::JoinHandle<(T, Duration)> {
     std::thread::spawn(move || {
         pin_to_cpu(cpu);
-        tokio::runtime::Builder::new_current_thread()
+        let result = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(future)
+            .block_on(future);
+        (result, thread_cpu_time())
     })
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// One way through: the wall time from the first byte sent to the last
+/// received, and the CPU time both ends took.
+struct Run {
+    wall: Duration,
+    cpu: Duration,
 }
 
 fn listener() -> std::net::TcpListener {
@@ -51,7 +72,7 @@ fn listener() -> std::net::TcpListener {
     listener
 }
 
-fn through_tls(token: &Path, payload: &Bytes) -> Duration {
+fn through_tls(token: &Path, payload: &Bytes) -> Run {
     let std_listener = listener();
     let address = std_listener.local_addr().unwrap();
     let receiver_token = token.to_owned();
@@ -80,12 +101,15 @@ fn through_tls(token: &Path, payload: &Bytes) -> Duration {
         }
         started
     });
-    let started = sender.join().unwrap();
-    receiver.join().unwrap();
-    started.elapsed()
+    let (started, sender_cpu) = sender.join().unwrap();
+    let ((), receiver_cpu) = receiver.join().unwrap();
+    Run {
+        wall: started.elapsed(),
+        cpu: sender_cpu + receiver_cpu,
+    }
 }
 
-fn through_plain(payload: &Bytes) -> Duration {
+fn through_plain(payload: &Bytes) -> Run {
     let std_listener = listener();
     let address = std_listener.local_addr().unwrap();
     let receiver = on_cpu(1, async move {
@@ -115,9 +139,12 @@ fn through_plain(payload: &Bytes) -> Duration {
         }
         started
     });
-    let started = sender.join().unwrap();
-    receiver.join().unwrap();
-    started.elapsed()
+    let (started, sender_cpu) = sender.join().unwrap();
+    let ((), receiver_cpu) = receiver.join().unwrap();
+    Run {
+        wall: started.elapsed(),
+        cpu: sender_cpu + receiver_cpu,
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -143,22 +170,27 @@ fn main() {
             .collect::<Vec<u8>>(),
     );
     let mib = (TOTAL >> 20) as f64;
-    let mut ratios = Vec::new();
+    let (mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
     let (mut tls_rates, mut plain_rates) = (Vec::new(), Vec::new());
+    let (mut tls_cpu, mut plain_cpu) = (Vec::new(), Vec::new());
     println!(
-        "{rounds} alternating rounds of {mib:.0} MiB each way, 1 MiB frames, loopback, sender and receiver pinned to CPUs 0 and 1"
+        "{rounds} alternating rounds of {mib:.0} MiB each way, 1 MiB frames, loopback, sender and receiver pinned to CPUs 0 and 1; CPU: both ends' threads, user and system"
     );
     for round in 1..=rounds {
         let tls = through_tls(&token, &payload);
         let plain = through_plain(&payload);
-        let (tls_rate, plain_rate) = (mib / tls.as_secs_f64(), mib / plain.as_secs_f64());
+        let (tls_rate, plain_rate) = (mib / tls.wall.as_secs_f64(), mib / plain.wall.as_secs_f64());
+        let (tls_ms, plain_ms) = (tls.cpu.as_secs_f64() * 1e3, plain.cpu.as_secs_f64() * 1e3);
         println!(
-            "  round {round}: TLS {tls_rate:7.0} MiB/s   plain {plain_rate:7.0} MiB/s   time ratio {:.3}",
-            tls.as_secs_f64() / plain.as_secs_f64()
+            "  round {round}: TLS {tls_rate:7.0} MiB/s {tls_ms:5.0} ms CPU   plain {plain_rate:7.0} MiB/s {plain_ms:5.0} ms CPU   time ratio {:.3}",
+            tls.wall.as_secs_f64() / plain.wall.as_secs_f64()
         );
-        ratios.push(tls.as_secs_f64() / plain.as_secs_f64());
+        ratios.push(tls.wall.as_secs_f64() / plain.wall.as_secs_f64());
+        cpu_ratios.push(tls_ms / plain_ms);
         tls_rates.push(tls_rate);
         plain_rates.push(plain_rate);
+        tls_cpu.push(tls_ms);
+        plain_cpu.push(plain_ms);
     }
     let (low, high) = ratios
         .iter()
@@ -168,6 +200,12 @@ fn main() {
         median(&mut tls_rates),
         median(&mut plain_rates),
         median(&mut ratios)
+    );
+    println!(
+        "median CPU for {mib:.0} MiB: TLS {:.0} ms, plain {:.0} ms, ratio {:.3}",
+        median(&mut tls_cpu),
+        median(&mut plain_cpu),
+        median(&mut cpu_ratios)
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
