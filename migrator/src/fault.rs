@@ -6,6 +6,9 @@
 //!
 //! - `dump-fails` (source): the first `criu dump` fails at its post-dump
 //!   notification (every page already out), as a CRIU failure would.
+//! - `dump-fails-unfrozen` (source): the first `criu dump` fails at its
+//!   pre-dump notification, right after the flows were locked and before
+//!   CRIU froze the tree: the earliest a frozen migration's dump can fail.
 //! - `restore-fails` (agent): the first restore fails before CRIU
 //!   restores anything, as the destination host's restore failing would.
 //! - `restored-reply-lost` (agent): the answer to the first commit is
@@ -47,6 +50,7 @@ pub fn fires(name: &'static str) -> bool {
 }
 
 pub const DUMP_FAILS: &str = "dump-fails";
+pub const DUMP_FAILS_UNFROZEN: &str = "dump-fails-unfrozen";
 pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";
 pub const RESTORE_FAILS: &str = "restore-fails";
 pub const LAZY_PAGES_DIES: &str = "lazy-pages-dies";

@@ -332,18 +332,25 @@ fn dump_then_send_moves_the_process_with_its_memory() {
 }
 
 /// CRIU's dump fails once (injected at its post-dump notification, every
-/// page already at the destination): the migration dumps again, still
-/// frozen, the destination starting its page images over, and the
-/// process moves with its memory (checked by the workload) and its
-/// connections; the same when the images are dumped here first.
+/// page already at the destination, or at its pre-dump one, before the
+/// tree is frozen): the migration dumps again, still frozen, the
+/// destination starting its page images over, and the process moves with
+/// its memory (checked by the workload) and its connections; the same
+/// when the images are dumped here first. Either way the second dump
+/// ends with the lock in its second step (the source's own segments
+/// blocked too) once CRIU froze the tree again.
 #[test]
 fn a_dump_that_fails_once_is_run_again_and_the_process_moves() {
     let mut lab = MigrationLab::new("redump");
     let mut pid = lab.start_workload(true, 64);
     std::thread::sleep(Duration::from_millis(1200));
-    for (from, to, extra) in [(SRC, DST, &[][..]), (DST, SRC, &["--dump-then-send"][..])] {
-        let run = lab.migrate_with_faults(from, to, pid, "dump-fails", extra);
-        assert!(run.success, "{extra:?}: {}", run.stderr);
+    for (from, to, fault, extra) in [
+        (SRC, DST, "dump-fails", &[][..]),
+        (DST, SRC, "dump-fails", &["--dump-then-send"][..]),
+        (SRC, DST, "dump-fails-unfrozen", &[][..]),
+    ] {
+        let run = lab.migrate_with_faults(from, to, pid, fault, extra);
+        assert!(run.success, "{fault} {extra:?}: {}", run.stderr);
         let report = run.report.unwrap();
         assert_eq!(report["outcome"], "migrated", "{report}");
         let retried = report["dump_retried"].as_str().unwrap_or_default();
@@ -351,6 +358,25 @@ fn a_dump_that_fails_once_is_run_again_and_the_process_moves() {
         // The pages of the second dump only.
         let bytes = report["image_bytes"].as_u64().unwrap();
         assert!(bytes > 64 << 20 && bytes < 2 * (64 << 20), "{report}");
+        // The second step, after the freeze and within the dump.
+        let phase = |name: &str| {
+            report["phases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name && p["host"] == "source")
+                .unwrap_or_else(|| panic!("no {name} phase: {report}"))
+                .clone()
+        };
+        let (freeze, dump) = (phase("freeze"), phase("dump"));
+        let blocked = report["own_segments_blocked_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{fault}: own segments never blocked: {report}"));
+        let dump_end = dump["start_ms"].as_f64().unwrap() + dump["duration_ms"].as_f64().unwrap();
+        assert!(
+            blocked > freeze["start_ms"].as_f64().unwrap() && blocked < dump_end,
+            "{fault}: blocked at {blocked} ms: {report}"
+        );
         pid = report["destination_pid"].as_i64().unwrap() as i32;
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));

@@ -27,7 +27,10 @@
 //! every image here and kills the tree at once, and a rollback restores
 //! from those images.
 
-use std::time::Instant;
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use tokio::{
     net::UnixStream,
@@ -243,7 +246,9 @@ pub(super) async fn dump(
     // and the service addresses (new SYNs wait too) are locked right before
     // CRIU freezes the tree, and stay locked from there on.
     let phase = clock.begin(report::DUMP);
-    let mut attempt = criu.run(options, progress.lock.take(), page_stream);
+    let applied = AppliedAt::default();
+    let outgoing = SecondStep::prepare(options, progress.lock.as_ref(), &applied);
+    let mut attempt = criu.run(options, progress.lock.take(), outgoing, page_stream);
 
     // The freeze, or a dump that ended before it.
     let frozen_at = match attempt.dump.next().await {
@@ -298,11 +303,15 @@ pub(super) async fn dump(
         );
         report.dump_retried = Some(failure);
         report.image_bytes = 0;
-        attempt = match retry(options, &mut channel, progress, page_stream).await {
+        attempt = match retry(options, &mut channel, progress, page_stream, &applied).await {
             Ok(attempt) => attempt,
             Err(err) => break Err(err),
         };
     };
+    report.own_segments_blocked_ms = applied
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .map(|at| at.duration_since(clock.started()).as_secs_f64() * 1e3);
     clock.end_with(phase, dumped.map_err(|err| format!("dump: {err}")))?;
 
     Ok(Frozen {
@@ -372,14 +381,59 @@ fn start_criu(
     })
 }
 
+/// The lock's second step (our own segments stop too), and when it was
+/// last applied.
+struct SecondStep {
+    block: OutgoingBlock,
+    applied: AppliedAt,
+}
+
+/// Shared by every attempt of a dump and the thread that runs it.
+type AppliedAt = Arc<Mutex<Option<Instant>>>;
+
+impl SecondStep {
+    /// Ready before anything is frozen: its map handle is opened now, not
+    /// inside the freeze. None if it cannot be: then the first step blocks
+    /// both ways.
+    fn prepare(
+        options: &MigrateOptions,
+        lock: Option<&MigrationLock>,
+        applied: &AppliedAt,
+    ) -> Option<Self> {
+        let services = ServiceAddress::lock_rules(&options.service_addresses);
+        let block = lock?
+            .outgoing_block(&services)
+            .map_err(|e| tracing::warn!("the flows are blocked both ways from the start: {e}"))
+            .ok()?;
+        Some(Self {
+            block,
+            applied: applied.clone(),
+        })
+    }
+
+    fn apply(self) {
+        match self.block.apply() {
+            Ok(()) => {
+                *self
+                    .applied
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+            }
+            Err(err) => tracing::warn!("the source's own segments still leave: {err}"),
+        }
+    }
+}
+
 impl StartedCriu {
     /// Start the dump on its own thread; with a `lock`, it freezes at
     /// CRIU's pre-dump notification (without, the flows are locked
-    /// already).
+    /// already). `outgoing`, the lock's second step, is applied at the
+    /// first notification after that one (the tree frozen).
     fn run(
         self,
         options: &MigrateOptions,
         lock: Option<MigrationLock>,
+        outgoing: Option<SecondStep>,
         page_stream: bool,
     ) -> Attempt {
         let services = ServiceAddress::lock_rules(&options.service_addresses);
@@ -388,13 +442,6 @@ impl StartedCriu {
         let (verdict, verdicts) = std::sync::mpsc::channel();
         let (dumped, dumped_flows) = tokio::sync::oneshot::channel();
         let swrk = self.swrk;
-        // The lock's second step, ready before anything is frozen; without
-        // it, the first blocks both directions at once.
-        let outgoing = lock.as_ref().and_then(|lock| {
-            lock.outgoing_block(&services)
-                .map_err(|e| tracing::warn!("the flows are blocked both ways from the start: {e}"))
-                .ok()
-        });
         let talk = CriuTalk {
             events,
             verdicts,
@@ -523,12 +570,13 @@ async fn stream_pages(
 
 /// After a failed dump, still frozen: the agent drops the pages it got,
 /// this side the images CRIU wrote (its log kept as `dump.1.log`), and a
-/// new `criu dump` runs (the lock stays as it is).
+/// new `criu dump` runs.
 async fn retry(
     options: &MigrateOptions,
     channel: &mut TlsChannel,
     progress: &mut Progress,
     page_stream: bool,
+    second_step_applied: &AppliedAt,
 ) -> Result<Attempt, String> {
     progress.source_copy = None;
     if page_stream {
@@ -542,7 +590,11 @@ async fn retry(
         images.join(FAILED_DUMP_LOG),
     );
     clear_images(images).map_err(|e| format!("clearing {}: {e}", images.display()))?;
-    let mut attempt = start_criu(options, images, page_stream)?.run(options, None, page_stream);
+    // The lock stays as it is, but a dump that failed before CRIU froze
+    // the tree left it in its first step: the second comes again.
+    let outgoing = SecondStep::prepare(options, progress.lock.as_ref(), second_step_applied);
+    let mut attempt =
+        start_criu(options, images, page_stream)?.run(options, None, outgoing, page_stream);
     match attempt.dump.next().await {
         Next::Event(CriuEvent::Locked { result: Ok(()), .. }) => Ok(attempt),
         Next::Event(CriuEvent::Locked {
@@ -579,7 +631,7 @@ fn run_criu(
     mut lock: Option<MigrationLock>,
     wait_at_post_dump: bool,
     talk: CriuTalk,
-    mut outgoing: Option<OutgoingBlock>,
+    mut outgoing: Option<SecondStep>,
     freeze: impl Fn(&mut MigrationLock) -> Result<(), String>,
 ) -> DumpResult {
     let CriuTalk {
@@ -595,10 +647,9 @@ fn run_criu(
         // too, before a dumped socket's timer can send one.
         if locked
             && script != "pre-dump"
-            && let Some(block) = outgoing.take()
-            && let Err(err) = block.apply()
+            && let Some(step) = outgoing.take()
         {
-            tracing::warn!("the source's own segments still leave: {err}");
+            step.apply();
         }
         match script {
             "pre-dump" if !locked => {
@@ -609,6 +660,9 @@ fn run_criu(
                     result: result.clone(),
                     lock: lock.take().map(Box::new),
                 });
+                if result.is_ok() && crate::fault::fires(crate::fault::DUMP_FAILS_UNFROZEN) {
+                    return Err("injected fault: the dump fails before the freeze".into());
+                }
                 result
             }
             "post-dump" if crate::fault::fires(crate::fault::DUMP_FAILS) => {

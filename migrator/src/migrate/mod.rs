@@ -155,6 +155,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         memory: None,
         precopy: None,
         dump_retried: None,
+        own_segments_blocked_ms: None,
         error_code: None,
         new_connections_held: 0,
         new_connection_attempts_frozen: 0,

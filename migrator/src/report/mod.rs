@@ -354,6 +354,12 @@ pub struct Report {
     /// frozen); null when the first dump went through.
     #[serde(default)]
     pub dump_retried: Option<String>,
+    /// When the lock's second step stopped the source's own segments too
+    /// (ms from the start; the first, at the freeze, stops only the
+    /// peers'): right after CRIU froze the tree, again after a dump run a
+    /// second time. Null: one step, both directions from the freeze.
+    #[serde(default)]
+    pub own_segments_blocked_ms: Option<f64>,
     /// New connections that arrived during the freeze (a client's SYN to
     /// a service address), held and delivered to the restored listening
     /// sockets with --hold; without it they wait for their SYN retransmit.
