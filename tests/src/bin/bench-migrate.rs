@@ -442,6 +442,7 @@ fn our_windows(reports: &Path) -> ((f64, f64, f64), Summary) {
 }
 
 fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds: usize) -> i32 {
+    let started = cpu_ticks();
     pid = fresh_workload(lab, pid, ballast_mb);
     let streamed = lab.dir.0.join(format!("reports/{ballast_mb}-streamed"));
     let after_dump = lab
@@ -493,6 +494,7 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
             f64::from(ballast_mb) / (median / 1e3),
         );
     }
+    print_steal(started);
     pid
 }
 
@@ -565,6 +567,33 @@ fn routed_section(rounds: usize) {
     );
 }
 
+/// The machine's CPU time so far (all CPUs, in clock ticks) and how much
+/// of it the hypervisor gave to others (steal): on a shared VM the
+/// figures of a run are only as steady as that share is low.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    (ticks.iter().sum(), ticks.get(7).copied().unwrap_or(0))
+}
+
+fn print_steal(since: (u64, u64)) {
+    let now = cpu_ticks();
+    let (total, steal) = (now.0 - since.0, now.1 - since.1);
+    if total > 0 {
+        println!(
+            "  CPU time the hypervisor took from this VM meanwhile (steal): {:.1}%",
+            100.0 * steal as f64 / total as f64
+        );
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
@@ -595,6 +624,7 @@ fn main() {
     // + announce, ours with --no-hold
     let mut samples: [Vec<Sample>; 4] = Default::default();
     let mut baseline_resets = Vec::new();
+    let small_started = cpu_ticks();
     let reports = [
         lab.dir.0.join("reports/small"),
         PathBuf::new(),
@@ -702,6 +732,7 @@ fn main() {
         for reset in &baseline_resets {
             println!("    {reset}");
         }
+        print_steal(small_started);
         println!("\nours, where the windows went (migrator report):");
         print!("{}", our_windows(&reports[0]).1.render());
     }
