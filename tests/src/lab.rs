@@ -268,6 +268,20 @@ pub fn remove_namespaces(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Unmount (lazily) every mount under `dir`: the tmpfs a killed migrate
+/// or agent leaves in its state directory (images, CRIU's kernel-probe
+/// cache), which would otherwise outlive the lab.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    for target in mounts.lines().filter_map(|line| line.split(' ').nth(1)) {
+        if Path::new(target).starts_with(dir) {
+            let _ = Command::new("umount").args(["-l", target]).status();
+        }
+    }
+}
+
 /// Make this process the reaper of every process it starts, however deep
 /// (lab workloads outlive their launchers, agents' restored processes
 /// outlive the agents): without it, what the lab kills on the way down is

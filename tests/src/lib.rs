@@ -61,16 +61,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        // Images' tmpfs mounts a killed migrate or agent left inside.
-        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-            for target in mounts.lines().filter_map(|line| line.split(' ').nth(1)) {
-                if std::path::Path::new(target).starts_with(&self.0) {
-                    let _ = std::process::Command::new("umount")
-                        .args(["-l", target])
-                        .status();
-                }
-            }
-        }
+        lab::unmount_under(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -6,7 +6,7 @@
 //! the time.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,13 +15,19 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::{cmd, lab};
 
-/// Removes the lab whatever happens to the demo.
-struct LabGuard(lab::Lab);
+/// Removes the lab whatever happens to the demo: its namespaces and what
+/// runs in them, and the mounts its agents leave in their state
+/// directories under `dir` (killed, they unmount nothing).
+struct LabGuard(lab::Lab, PathBuf);
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        match self.0.down() {
-            Ok(()) => eprintln!("\nlab down: namespaces, links, pins and processes removed"),
+        let down = self.0.down();
+        lab::unmount_under(&self.1);
+        match down {
+            Ok(()) => {
+                eprintln!("\nlab down: namespaces, links, pins, mounts and processes removed");
+            }
             Err(err) => eprintln!("\nlab down failed: {err} (run `cargo xtask lab down`)"),
         }
     }
@@ -67,7 +73,9 @@ impl Demo {
         let bin = root.join("target/debug");
         let dir = root.join("target/lab");
         std::fs::create_dir_all(&dir)?;
-        // State directories of earlier runs: migrator makes them afresh, 0700.
+        // State directories of earlier runs (with what a run that was
+        // killed left mounted there): migrator makes them afresh, 0700.
+        lab::unmount_under(&dir);
         for state in ["images", "agent-src", "agent-dst", "nginx"] {
             let _ = std::fs::remove_dir_all(dir.join(state));
         }
@@ -91,7 +99,7 @@ impl Demo {
             lab.up().map_err(anyhow::Error::msg)?;
             None
         };
-        let guard = LabGuard(lab.clone());
+        let guard = LabGuard(lab.clone(), dir.clone());
         let (peer_v4, peer_v6) = crate::routed::addresses_of(routed.is_some(), lab::PEER);
         eprintln!(
             "    peer {peer_v4} / {peer_v6}, service address {} / {} on src{}",

@@ -212,7 +212,9 @@ fn run(cli: Cli) -> Result<()> {
                     routed::RoutedLab::new(LAB_PREFIX)
                         .down()
                         .map_err(anyhow::Error::msg)?;
-                    eprintln!("lab down: namespaces, links, pins and processes removed");
+                    // What `cargo xtask run`'s agents left mounted there.
+                    lab::unmount_under(&root.join("target/lab"));
+                    eprintln!("lab down: namespaces, links, pins, mounts and processes removed");
                 }
             }
             Ok(())
