@@ -12,7 +12,9 @@ use super::{
     spec::FlowSpec,
 };
 
-fn blocking(deadline_ns: u64, hold: bool) -> FlowPolicy {
+/// The blocking policy, failing open after `deadline`.
+fn blocking(deadline: std::time::Duration, hold: bool) -> FlowPolicy {
+    let deadline_ns = crate::system::deadline_ns(deadline);
     if hold {
         FlowPolicy::hold(deadline_ns)
     } else {
@@ -81,8 +83,7 @@ impl MigrationLock {
         deadline: std::time::Duration,
         hold: bool,
     ) -> Result<(), DataplaneError> {
-        let policy = blocking(crate::system::deadline_ns(deadline), hold);
-        self.block(services, policy)
+        self.block(services, blocking(deadline, hold))
     }
 
     /// Like [`Self::freeze`], but the local side's own segments (all but
@@ -96,8 +97,7 @@ impl MigrationLock {
         deadline: std::time::Duration,
         hold: bool,
     ) -> Result<(), DataplaneError> {
-        let policy = blocking(crate::system::deadline_ns(deadline), hold);
-        self.block(services, policy.own_segments_passing())
+        self.block(services, blocking(deadline, hold).own_segments_passing())
     }
 
     /// Made before the freeze (opening the pinned maps again takes a

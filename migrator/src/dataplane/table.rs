@@ -126,23 +126,8 @@ impl FlowTable {
         services: &[ServiceKey],
         flags: u32,
     ) -> Result<(), DataplaneError> {
-        for key in keys {
-            if let Some(mut policy) = get(&self.flows, key, FLOWS_MAP)? {
-                policy.flags &= !flags;
-                self.flows
-                    .insert(*key, policy, 0)
-                    .map_err(map_error(FLOWS_MAP))?;
-            }
-        }
-        for key in services {
-            if let Some(mut policy) = get(&self.services, key, SERVICES_MAP)? {
-                policy.flags &= !flags;
-                self.services
-                    .insert(*key, policy, 0)
-                    .map_err(map_error(SERVICES_MAP))?;
-            }
-        }
-        Ok(())
+        clear_flags(&mut self.flows, keys, flags, FLOWS_MAP)?;
+        clear_flags(&mut self.services, services, flags, SERVICES_MAP)
     }
 
     /// Stop blocking `key`: it goes back to observe, counters kept.
@@ -349,6 +334,22 @@ fn get<K: Pod, V: Pod>(
         Err(MapError::KeyNotFound) => Ok(None),
         Err(source) => Err(DataplaneError::Map { name, source }),
     }
+}
+
+/// Clear `flags` from the policy of each of `keys` that `map` holds.
+fn clear_flags<K: Pod>(
+    map: &mut HashMap<MapData, K, FlowPolicy>,
+    keys: &[K],
+    flags: u32,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    for key in keys {
+        if let Some(mut policy) = get(map, key, name)? {
+            policy.flags &= !flags;
+            map.insert(*key, policy, 0).map_err(map_error(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// Remove `key`; false if it was not there.
