@@ -376,3 +376,32 @@ fn a_lost_answer_to_the_commit_is_in_doubt_and_leaves_one_copy() {
         assert_eq!(conn["error"], Value::Null, "{conn}");
     }
 }
+
+/// The same lost answer after a lazy restore: the copy there already runs
+/// with part of its memory still in the images, and the channel is gone,
+/// so the agent fills the rest without the source. The workload (its
+/// 64 MiB ballast read back every second, exit on the first wrong byte)
+/// runs on with its connections: one copy, on the destination.
+#[test]
+fn a_lost_answer_after_a_lazy_restore_still_gets_the_memory_filled() {
+    let mut lab = MigrationLab::new("lostlz");
+    let pid = lab.start_workload(true, 64);
+    lab.stop_agent(DST);
+    lab.start_agent_injecting(DST, &[], Some("restored-reply-lost"));
+    std::thread::sleep(Duration::from_millis(800));
+    let run = lab.migrate(SRC, DST, pid, &["--lazy-restore", "--deadline", "8s"]);
+    assert_eq!(outcome(&run), "in-doubt", "{}", run.stderr);
+    assert_eq!(run.code, Some(6), "in doubt exits 6");
+    // Two checks of the whole ballast, then still one copy, running there.
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(running_workloads(&[lab.netns_inode(SRC)]), 0);
+    assert_eq!(
+        running_workloads(&[lab.netns_inode(DST)]),
+        1,
+        "the copy there is gone (its memory never filled?)"
+    );
+    assert_flowing(&lab);
+    for conn in lab.peer_connections() {
+        assert_eq!(conn["error"], Value::Null, "{conn}");
+    }
+}
