@@ -17,6 +17,9 @@
 //! - `restored-pause` (agent): the first restored copy stays restored and
 //!   stopped 300 ms longer before the agent says it is ready, so that a
 //!   test can act at that moment (a slow announce would do the same).
+//! - `transfer-pause` (source): the first transfer waits 300 ms once it
+//!   began, before any image goes, so that a test can act at that moment
+//!   (the images of a small process cross in about a millisecond).
 //! - `lazy-pages-dies` (agent): with a lazy restore, the `criu lazy-pages`
 //!   daemon is SIGKILLed right after the release, before it could fill
 //!   the memory, as a daemon crashing or killed by the OOM killer would.
@@ -55,3 +58,4 @@ pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";
 pub const RESTORE_FAILS: &str = "restore-fails";
 pub const LAZY_PAGES_DIES: &str = "lazy-pages-dies";
 pub const RESTORED_PAUSE: &str = "restored-pause";
+pub const TRANSFER_PAUSE: &str = "transfer-pause";

@@ -259,9 +259,11 @@ pub struct Cell {
 /// `deadline_s` deadline; returns once settled (past the deadline).
 pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
     let mut lab = MigrationLab::new("faults");
-    // The restored copy waits a few ms for the commit, too briefly for
-    // the injector to see it every time: there, the agent holds it a
-    // while (MIGRATOR_FAULTS=restored-pause).
+    // The restored copy waits a few ms for the commit, and the images of
+    // this small process cross in about one, too briefly for the injector
+    // to see every time: there, the agent holds the copy a while
+    // (MIGRATOR_FAULTS=restored-pause), and the source its transfer
+    // (transfer-pause).
     let mut agent_faults = Vec::new();
     let mut agent_args: &[&str] = &[];
     match fault {
@@ -313,7 +315,12 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
             }
             "point never reached".to_owned()
         });
-        let run = lab.migrate(SRC, DST, pid, &["--deadline", &deadline]);
+        let args = ["--deadline", deadline.as_str()];
+        let run = if point == "transfer" {
+            lab.migrate_with_faults(SRC, DST, pid, "transfer-pause", &args)
+        } else {
+            lab.migrate(SRC, DST, pid, &args)
+        };
         (run, injector.join().unwrap())
     });
     let ((run, injected), migrated_at) = (run, started.elapsed());

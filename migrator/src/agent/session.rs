@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::AsyncWriteExt as _;
 use tracing::warn;
 
 use super::{
@@ -565,8 +564,9 @@ async fn receive_images(
                     channel.send(&refuse(reason.clone())).await?;
                     return Err(ChannelError::Refused(reason));
                 }
+                // Written in place, as the page images are: tmpfs.
                 let mut file = match session_dir.create_file(&name) {
-                    Ok(file) => tokio::fs::File::from_std(file),
+                    Ok(file) => file,
                     Err(err) => {
                         let reason = err.to_string();
                         channel.send(&refuse(reason.clone())).await?;
@@ -582,9 +582,8 @@ async fn receive_images(
                         )));
                     }
                     left -= chunk.len() as u64;
-                    file.write_all(&chunk).await?;
+                    std::io::Write::write_all(&mut file, &chunk)?;
                 }
-                file.flush().await?;
             }
             Message::FilesDone {
                 files: sent_files,

@@ -41,6 +41,9 @@ pub(super) async fn transfer_and_release(
     } = frozen;
     // transfer
     let phase = clock.begin(report::TRANSFER);
+    if crate::fault::fires(crate::fault::TRANSFER_PAUSE) {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
     let sent = send_images(&mut channel, &progress.images)
         .await
         .map_err(|err| format!("transfer: {err}"));
