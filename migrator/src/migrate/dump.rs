@@ -28,7 +28,10 @@
 //! from those images.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -145,11 +148,28 @@ pub(super) struct SourceCopy {
 /// Why a rollback cannot bring back a tree whose CRIU died mid-dump.
 const LOST: &str = "CRIU died holding the tree, which cannot serve its connections in the state CRIU left it (TCP sockets in repair mode): it was killed, and the process is lost here";
 
-/// Once no process of `pids` can run again.
+/// Once no process of `pids` can run again. Polled from a thread of its
+/// own: tokio's timers tick in whole milliseconds, which added one or two
+/// to every freeze window here (source-exit 1.7 ms median before, in the
+/// small workload's bench). Dropping the future stops the polling.
 async fn until_doomed(pids: &[i32]) {
-    while !pids.iter().all(|pid| crate::system::doomed(*pid)) {
-        tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
     }
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let (pids, stopped) = (pids.to_vec(), stop.0.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        while !stopped.load(Ordering::Relaxed)
+            && !pids.iter().all(|pid| crate::system::doomed(*pid))
+        {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    })
+    .await;
+    drop(stop);
 }
 
 /// The tree here, doomed: every process of it has SIGKILL pending or is
