@@ -268,10 +268,16 @@ pub fn remove_namespaces(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// Unmount (lazily) every mount under `dir`: the tmpfs a killed migrate
-/// or agent leaves in its state directory (images, CRIU's kernel-probe
-/// cache), which would otherwise outlive the lab.
-pub fn unmount_under(dir: &Path) {
+/// What a killed migrate or agent leaves of itself under `dir`, which
+/// would otherwise outlive the lab: every mount there is unmounted
+/// (lazily), the tmpfs of its state directory (images, CRIU's
+/// kernel-probe cache), and CRIU's `/run/criu.kdat` is removed if it
+/// links into `dir` (an agent publishes its cache there).
+pub fn clear_leftovers_under(dir: &Path) {
+    let kdat = Path::new("/run/criu.kdat");
+    if std::fs::read_link(kdat).is_ok_and(|target| target.starts_with(dir)) {
+        let _ = std::fs::remove_file(kdat);
+    }
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
         return;
     };

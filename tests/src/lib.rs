@@ -61,7 +61,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        lab::unmount_under(&self.0);
+        lab::clear_leftovers_under(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

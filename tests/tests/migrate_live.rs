@@ -157,6 +157,13 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
         assert_eq!(four_tuples(&lab), tuples);
         let connections = report["connections"].as_array().unwrap();
         assert_eq!(connections.len(), 3, "{report}");
+        // The restore's CRIU found its kernel probes cached (this VM's
+        // /run is no tmpfs: through the agent's link), not run inside the
+        // window.
+        assert_eq!(
+            report["criu_restore"]["kernel_probes_cached"], true,
+            "{report}"
+        );
         windows.push(report["freeze_window_ms"].as_f64().unwrap());
         assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
     }
@@ -165,6 +172,13 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
     for conn in lab.peer_connections() {
         assert_eq!(conn["error"], Value::Null, "{conn}");
     }
+    // The lab gone (its agents killed), no link leads into it.
+    let dir = lab.dir.0.clone();
+    drop(lab);
+    assert!(
+        !std::fs::read_link("/run/criu.kdat").is_ok_and(|target| target.starts_with(&dir)),
+        "/run/criu.kdat still leads into the removed lab"
+    );
 }
 
 /// A process with 256 MiB of memory moves there and back: its pages

@@ -16,14 +16,14 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cmd, lab};
 
 /// Removes the lab whatever happens to the demo: its namespaces and what
-/// runs in them, and the mounts its agents leave in their state
-/// directories under `dir` (killed, they unmount nothing).
+/// runs in them, and what its agents leave of themselves under `dir`
+/// (killed, they unmount nothing and leave their CRIU cache link).
 struct LabGuard(lab::Lab, PathBuf);
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
         let down = self.0.down();
-        lab::unmount_under(&self.1);
+        lab::clear_leftovers_under(&self.1);
         match down {
             Ok(()) => {
                 eprintln!("\nlab down: namespaces, links, pins, mounts and processes removed");
@@ -75,7 +75,7 @@ impl Demo {
         std::fs::create_dir_all(&dir)?;
         // State directories of earlier runs (with what a run that was
         // killed left mounted there): migrator makes them afresh, 0700.
-        lab::unmount_under(&dir);
+        lab::clear_leftovers_under(&dir);
         for state in ["images", "agent-src", "agent-dst", "nginx"] {
             let _ = std::fs::remove_dir_all(dir.join(state));
         }

@@ -213,7 +213,7 @@ fn run(cli: Cli) -> Result<()> {
                         .down()
                         .map_err(anyhow::Error::msg)?;
                     // What `cargo xtask run`'s agents left mounted there.
-                    lab::unmount_under(&root.join("target/lab"));
+                    lab::clear_leftovers_under(&root.join("target/lab"));
                     eprintln!("lab down: namespaces, links, pins, mounts and processes removed");
                 }
             }

@@ -120,6 +120,14 @@ pub async fn take_over(
     }
 
     let phase = clock.begin(report::RESTORE);
+    // Its kernel probes from the cache, not run here (25-30 ms).
+    if let Some(Err(why)) = config
+        .kdat
+        .as_ref()
+        .map(crate::criu::kdat::KdatCache::publish)
+    {
+        warn!("the restore's CRIU probes the kernel inside the freeze window: {why}");
+    }
     let swrk = match session.swrk.take() {
         Some(swrk) => swrk,
         None => config

@@ -95,13 +95,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
     state.remove_stale(migrator::agent::SESSION_PREFIX);
     state.remove_stale(migrator::criu::kdat::KDAT_PREFIX);
-    // A lazy restore starts a CRIU while the process is frozen: its kernel
-    // probes are done now.
+    // The restore's CRIU (and a lazy restore's daemon) start while the
+    // process is frozen: their kernel probes are done now.
     let kdat = match migrator::criu::kdat::KdatCache::prepare(&criu, &state) {
         Ok(kdat) => kdat,
         Err(why) => {
             tracing::warn!(
-                "CRIU's kernel probes are not cached ({why}): a lazy restore's daemon will probe inside the freeze window"
+                "CRIU's kernel probes are not cached ({why}): each restore will probe the kernel inside the freeze window (about 25-30 ms)"
             );
             None
         }

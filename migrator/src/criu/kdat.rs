@@ -1,10 +1,21 @@
-//! CRIU's cache of its kernel probes, for the CRIU we start inside the
-//! freeze window. Each CRIU process probes the kernel as it starts (about
-//! 25-30 ms here) unless `/run/criu.kdat` holds the answers, and CRIU
-//! keeps that file only on a tmpfs. Where `/run` is not one (this lab's
-//! VM), [`KdatCache`] is a tmpfs of our own that CRIU sees as `/run` in a
-//! mount namespace of its own: filled once when the agent starts, read by
-//! the `criu lazy-pages` daemon that starts while the process is frozen.
+//! CRIU's cache of its kernel probes, for the CRIUs we start around the
+//! freeze window. Each CRIU request probes the kernel first (about 25-30
+//! ms here) unless `/run/criu.kdat` holds the answers, and CRIU keeps that
+//! file only on a tmpfs, so that it never outlives the boot it describes.
+//! Where `/run` is not one (this lab's VM), [`KdatCache`] is a tmpfs of
+//! our own, filled once when the agent starts, and reaches CRIU two ways:
+//!
+//! - `/run/criu.kdat` becomes a symlink to it before each restore
+//!   ([`KdatCache::publish`]).
+//!   The restore's CRIU runs in the host's mount namespace (the process it
+//!   restores lives there) and reads its probes through the link: 25-30
+//!   ms less inside every freeze window. The link dies with the tmpfs (at
+//!   the latest at reboot: then CRIU finds nothing and probes), so it can
+//!   never hand CRIU answers about another boot.
+//! - The `criu lazy-pages` daemon, which starts while the process is
+//!   frozen, sees the tmpfs as `/run` in a mount namespace of its own
+//!   ([`with_cached_probes`]), whatever became of the link.
+//!
 //! Where `/run` is a tmpfs, CRIU caches by itself and nothing is done.
 
 use std::{
@@ -51,7 +62,7 @@ impl KdatCache {
         let status = check
             .status()
             .map_err(|e| format!("running `criu check`: {e}"))?;
-        if !path.join("criu.kdat").exists() {
+        if !path.join(KDAT_FILE).exists() {
             return Err(format!("`criu check` ({status}) wrote no criu.kdat"));
         }
         Ok(Some(cache))
@@ -61,7 +72,39 @@ impl KdatCache {
     pub fn run_dir(&self) -> Option<&Path> {
         self.dir.as_ref().map(SessionDir::path)
     }
+
+    /// Make `/run/criu.kdat` lead to this cache, unless it does already
+    /// or is a file of someone else's (left alone). Called right before
+    /// each restore (a `readlink` when the link is in place): a link that
+    /// another agent replaced or removed (on a lab machine), or that
+    /// leads to a cache since unmounted, is mended in time for it.
+    pub fn publish(&self) -> Result<(), String> {
+        let Some(dir) = self.run_dir() else {
+            return Ok(());
+        };
+        let (link, cache) = (Path::new(PUBLISHED), dir.join(KDAT_FILE));
+        match std::fs::read_link(link) {
+            Ok(target) if target == cache => return Ok(()),
+            Ok(_) => {}
+            Err(_) if link.symlink_metadata().is_ok() => return Ok(()),
+            Err(_) => {}
+        }
+        // A new link under another name, then renamed over the old one:
+        // CRIU sees either, never none half made.
+        let staged = Path::new("/run").join(format!(".criu.kdat.{}", std::process::id()));
+        let _ = std::fs::remove_file(&staged);
+        std::os::unix::fs::symlink(&cache, &staged)
+            .and_then(|()| std::fs::rename(&staged, link))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&staged);
+                format!("linking {PUBLISHED} to {}: {e}", dir.display())
+            })
+    }
 }
+
+/// Where CRIU looks for its cache (its build's run directory).
+const PUBLISHED: &str = "/run/criu.kdat";
+const KDAT_FILE: &str = "criu.kdat";
 
 /// Start `command` (a CRIU) in a mount namespace of its own where
 /// `run_dir`, a [`KdatCache`]'s, is `/run`.
@@ -103,6 +146,10 @@ pub fn with_cached_probes(command: &mut Command, run_dir: &Path) -> Result<(), S
 impl Drop for KdatCache {
     fn drop(&mut self) {
         if let Some(dir) = self.dir.take() {
+            // Our link only: another agent's stays.
+            if std::fs::read_link(PUBLISHED).is_ok_and(|target| target.starts_with(dir.path())) {
+                let _ = std::fs::remove_file(PUBLISHED);
+            }
             dir.remove();
         }
     }

@@ -4,7 +4,8 @@
 //! The images are CRIU's format: one or two magic words, then entries of
 //! (u32 length, protobuf message). `StatsEntry` is small and stable
 //! (`images/stats.proto`), so it is decoded here by field number instead
-//! of pulling in CRIU's whole image schema.
+//! of pulling in CRIU's whole image schema. Whether the restore had its
+//! kernel probes cached is in its log, not its stats.
 
 use std::path::Path;
 
@@ -31,7 +32,14 @@ pub struct RestoreStats {
     pub forking_ms: f64,
     pub restore_ms: f64,
     pub pages_restored: u64,
+    /// CRIU read its kernel probes from `/run/criu.kdat` instead of
+    /// running them (25-30 ms here) inside the freeze window.
+    #[serde(default)]
+    pub kernel_probes_cached: bool,
 }
+
+/// What CRIU logs when it found its cache of kernel probes.
+const KDAT_LOADED: &str = "Loaded kdat cache from";
 
 pub fn read_dump_stats(images_dir: &Path) -> Option<DumpStats> {
     let entry = stats_entry(&images_dir.join(DUMP_STATS_FILE))?;
@@ -54,6 +62,8 @@ pub fn read_restore_stats(images_dir: &Path) -> Option<RestoreStats> {
         forking_ms: get(&restore, 3) as f64 / 1e3,
         restore_ms: get(&restore, 4) as f64 / 1e3,
         pages_restored: get(&restore, 5),
+        kernel_probes_cached: std::fs::read_to_string(images_dir.join(super::swrk::RESTORE_LOG))
+            .is_ok_and(|log| log.contains(KDAT_LOADED)),
     })
 }
 

@@ -519,8 +519,15 @@ impl Report {
         }
         if let Some(restore) = &self.criu_restore {
             out.push_str(&format!(
-                "  criu restore: {:.1} ms (forking {:.1}), {} pages restored\n",
-                restore.restore_ms, restore.forking_ms, restore.pages_restored
+                "  criu restore: {:.1} ms (forking {:.1}), {} pages restored, {}\n",
+                restore.restore_ms,
+                restore.forking_ms,
+                restore.pages_restored,
+                if restore.kernel_probes_cached {
+                    "kernel probes cached"
+                } else {
+                    "kernel probes run inside the window (no /run/criu.kdat)"
+                }
             ));
         }
         if !self.connections.is_empty() {
