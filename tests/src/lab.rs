@@ -268,13 +268,17 @@ pub fn remove_namespaces(names: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Where an agent links its cache of CRIU's kernel probes (on a host
+/// whose `/run` is no tmpfs).
+pub const CRIU_KDAT_LINK: &str = "/run/criu.kdat";
+
 /// What a killed migrate or agent leaves of itself under `dir`, which
 /// would otherwise outlive the lab: every mount there is unmounted
 /// (lazily), the tmpfs of its state directory (images, CRIU's
 /// kernel-probe cache), and CRIU's `/run/criu.kdat` is removed if it
 /// links into `dir` (an agent publishes its cache there).
 pub fn clear_leftovers_under(dir: &Path) {
-    let kdat = Path::new("/run/criu.kdat");
+    let kdat = Path::new(CRIU_KDAT_LINK);
     if std::fs::read_link(kdat).is_ok_and(|target| target.starts_with(dir)) {
         let _ = std::fs::remove_file(kdat);
     }

@@ -340,21 +340,50 @@ fn a_link_cut_during_the_restore_never_runs_two_copies() {
     assert_flowing(&lab);
 }
 
-/// The destination's answer to the commit is lost (injected: its agent
-/// closes the connection instead of answering, as a link failing right
-/// after the hand-over would): the source cannot know whether the copy
-/// there runs, says so (in doubt, exit 6) and never resumes its own. One
-/// copy runs, on the destination, with its connections.
+/// `pid` migrated from src to an agent on dst that loses its answer to
+/// the commit (`MIGRATOR_FAULTS=restored-reply-lost`: it closes the
+/// connection instead, as a link failing right after the hand-over
+/// would), with `extra` arguments: in doubt, exit 6.
+fn migrate_losing_the_answer(
+    lab: &mut MigrationLab,
+    pid: i32,
+    settle: Duration,
+    extra: &[&str],
+) -> migrator_tests::migration::MigrateRun {
+    lab.stop_agent(DST);
+    lab.start_agent_injecting(DST, &[], Some("restored-reply-lost"));
+    std::thread::sleep(settle);
+    let args: Vec<&str> = extra.iter().copied().chain(["--deadline", "8s"]).collect();
+    let run = lab.migrate(SRC, DST, pid, &args);
+    assert_eq!(outcome(&run), "in-doubt", "{}", run.stderr);
+    assert_eq!(run.code, Some(6), "in doubt exits 6");
+    run
+}
+
+/// One copy runs, on the destination, its connections flowing and never
+/// broken.
+fn assert_one_copy_there(lab: &MigrationLab) {
+    assert_eq!(running_workloads(&[lab.netns_inode(SRC)]), 0);
+    assert_eq!(
+        running_workloads(&[lab.netns_inode(DST)]),
+        1,
+        "no copy runs on the destination"
+    );
+    assert_flowing(lab);
+    for conn in lab.peer_connections() {
+        assert_eq!(conn["error"], Value::Null, "{conn}");
+    }
+}
+
+/// The destination's answer to the commit is lost: the source cannot
+/// know whether the copy there runs, says so (in doubt, exit 6) and never
+/// resumes its own. One copy runs, on the destination, with its
+/// connections.
 #[test]
 fn a_lost_answer_to_the_commit_is_in_doubt_and_leaves_one_copy() {
     let mut lab = MigrationLab::new("lost");
     let pid = lab.start_workload(true, 0);
-    lab.stop_agent(DST);
-    lab.start_agent_injecting(DST, &[], Some("restored-reply-lost"));
-    std::thread::sleep(Duration::from_millis(300));
-    let run = lab.migrate(SRC, DST, pid, &["--deadline", "8s"]);
-    assert_eq!(outcome(&run), "in-doubt", "{}", run.stderr);
-    assert_eq!(run.code, Some(6), "in doubt exits 6");
+    let run = migrate_losing_the_answer(&mut lab, pid, Duration::from_millis(300), &[]);
     let report = run.report.unwrap();
     let error = report["error"].as_str().unwrap();
     assert!(
@@ -367,14 +396,9 @@ fn a_lost_answer_to_the_commit_is_in_doubt_and_leaves_one_copy() {
         MigrationLab::netns_of(pid).is_none(),
         "the source's copy runs"
     );
-    assert_eq!(running_workloads(&[lab.netns_inode(SRC)]), 0);
-    assert_eq!(running_workloads(&[lab.netns_inode(DST)]), 1);
     assert!(lab.has_address(DST, SERVICE_V4) && lab.has_address(DST, SERVICE_V6));
     assert!(!lab.has_address(SRC, SERVICE_V4) && !lab.has_address(SRC, SERVICE_V6));
-    assert_flowing(&lab);
-    for conn in lab.peer_connections() {
-        assert_eq!(conn["error"], Value::Null, "{conn}");
-    }
+    assert_one_copy_there(&lab);
 }
 
 /// The same lost answer after a lazy restore: the copy there already runs
@@ -386,22 +410,14 @@ fn a_lost_answer_to_the_commit_is_in_doubt_and_leaves_one_copy() {
 fn a_lost_answer_after_a_lazy_restore_still_gets_the_memory_filled() {
     let mut lab = MigrationLab::new("lostlz");
     let pid = lab.start_workload(true, 64);
-    lab.stop_agent(DST);
-    lab.start_agent_injecting(DST, &[], Some("restored-reply-lost"));
-    std::thread::sleep(Duration::from_millis(800));
-    let run = lab.migrate(SRC, DST, pid, &["--lazy-restore", "--deadline", "8s"]);
-    assert_eq!(outcome(&run), "in-doubt", "{}", run.stderr);
-    assert_eq!(run.code, Some(6), "in doubt exits 6");
-    // Two checks of the whole ballast, then still one copy, running there.
-    std::thread::sleep(Duration::from_millis(2100));
-    assert_eq!(running_workloads(&[lab.netns_inode(SRC)]), 0);
-    assert_eq!(
-        running_workloads(&[lab.netns_inode(DST)]),
-        1,
-        "the copy there is gone (its memory never filled?)"
+    migrate_losing_the_answer(
+        &mut lab,
+        pid,
+        Duration::from_millis(800),
+        &["--lazy-restore"],
     );
-    assert_flowing(&lab);
-    for conn in lab.peer_connections() {
-        assert_eq!(conn["error"], Value::Null, "{conn}");
-    }
+    // Two checks of the whole ballast, then still one copy, running there
+    // (none if its memory was never filled).
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_one_copy_there(&lab);
 }

@@ -7,7 +7,7 @@
 use std::{process::Command, time::Duration};
 
 use migrator_tests::{
-    lab::{DST, PEER, SERVICE_V4, SERVICE_V6, SRC},
+    lab::{self, DST, PEER, SERVICE_V4, SERVICE_V6, SRC},
     migration::{MigrationLab, SERVICE_PORT, Workload},
     wire::arrivals,
 };
@@ -26,6 +26,20 @@ fn four_tuples(lab: &MigrationLab) -> Vec<String> {
 
 fn assert_streams_intact_and_flowing(lab: &MigrationLab, wait: Duration) {
     lab.assert_streams_intact_and_flowing(wait);
+}
+
+/// The report's phase `name` on `host` ("source" or "destination"), if
+/// it ran.
+fn phase<'a>(report: &'a Value, host: &str, name: &str) -> Option<&'a Value> {
+    report["phases"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name && p["host"] == host)
+}
+
+/// When a phase ended (ms on the report's timeline).
+fn end_ms(phase: &Value) -> f64 {
+    phase["start_ms"].as_f64().unwrap() + phase["duration_ms"].as_f64().unwrap()
 }
 
 fn outcome(run: &migrator_tests::migration::MigrateRun) -> String {
@@ -105,11 +119,7 @@ fn move_round_with(
     );
     // Later ones are stale packets: a peer still sending here after this
     // host gave up the addresses, counted as such.
-    let released_at = report["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "ip-release" && p["host"] == "source")
+    let released_at = phase(&report, "source", "ip-release")
         .and_then(|p| p["start_ms"].as_f64())
         .unwrap();
     let stale: Vec<f64> = drops
@@ -176,7 +186,7 @@ fn ten_migrations_back_and_forth_keep_every_connection() {
     let dir = lab.dir.0.clone();
     drop(lab);
     assert!(
-        !std::fs::read_link("/run/criu.kdat").is_ok_and(|target| target.starts_with(&dir)),
+        !std::fs::read_link(lab::CRIU_KDAT_LINK).is_ok_and(|target| target.starts_with(&dir)),
         "/run/criu.kdat still leads into the removed lab"
     );
 }
@@ -259,22 +269,19 @@ fn lazy_restore_moves_a_large_process_with_its_memory_intact() {
                 .ends_with("restored lazily (the memory filled there after the release)"),
             "{report}"
         );
-        let phases = report["phases"].as_array().unwrap();
         let phase = |name: &str| {
-            phases
-                .iter()
-                .find(|p| p["name"] == name && p["host"] == "destination")
+            phase(&report, "destination", name)
                 .unwrap_or_else(|| panic!("no destination phase {name}: {report}"))
         };
-        let end = |p: &Value| p["start_ms"].as_f64().unwrap() + p["duration_ms"].as_f64().unwrap();
         let fill = phase("memory-fill");
         assert!(fill["duration_ms"].as_f64().unwrap() > 0.0, "{report}");
         assert!(
-            fill["start_ms"].as_f64().unwrap() >= end(phase("release")) - 1.0,
+            fill["start_ms"].as_f64().unwrap() >= end_ms(phase("release")) - 1.0,
             "{report}"
         );
         assert!(
-            end(phase("lazy-pages-start")) <= phase("restore")["start_ms"].as_f64().unwrap() + 1e-6
+            end_ms(phase("lazy-pages-start"))
+                <= phase("restore")["start_ms"].as_f64().unwrap() + 1e-6
         );
         let parts = report["freeze_window_parts"].as_array().unwrap();
         assert!(
@@ -374,21 +381,14 @@ fn a_dump_that_fails_once_is_run_again_and_the_process_moves() {
         assert!(bytes > 64 << 20 && bytes < 2 * (64 << 20), "{report}");
         // The second step, after the freeze and within the dump.
         let phase = |name: &str| {
-            report["phases"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["name"] == name && p["host"] == "source")
-                .unwrap_or_else(|| panic!("no {name} phase: {report}"))
-                .clone()
+            phase(&report, "source", name).unwrap_or_else(|| panic!("no {name} phase: {report}"))
         };
         let (freeze, dump) = (phase("freeze"), phase("dump"));
         let blocked = report["own_segments_blocked_ms"]
             .as_f64()
             .unwrap_or_else(|| panic!("{fault}: own segments never blocked: {report}"));
-        let dump_end = dump["start_ms"].as_f64().unwrap() + dump["duration_ms"].as_f64().unwrap();
         assert!(
-            blocked > freeze["start_ms"].as_f64().unwrap() && blocked < dump_end,
+            blocked > freeze["start_ms"].as_f64().unwrap() && blocked < end_ms(dump),
             "{fault}: blocked at {blocked} ms: {report}"
         );
         pid = report["destination_pid"].as_i64().unwrap() as i32;
@@ -1013,11 +1013,7 @@ fn rollback_after_the_destination_restored_waits_for_its_pids() {
     // the tree.
     let error = report["error"].as_str().unwrap();
     assert!(error.contains("destination route-convergence"), "{report}");
-    let waited = report["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "pid-wait" && p["host"] == "source")
+    let waited = phase(&report, "source", "pid-wait")
         .unwrap_or_else(|| panic!("the rollback did not wait for the PIDs: {report}"));
     assert_eq!(waited["ok"], true, "{report}");
     assert_eq!(report["restored_here_pid"].as_i64(), Some(i64::from(pid)));
