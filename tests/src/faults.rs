@@ -84,28 +84,81 @@ const RESTORED: &str = "restored (destination)";
 
 /// How many `lab-workload` copies run in these namespaces: not stopped,
 /// not zombies, not traced (CRIU holds the copies it dumps or restores
-/// with ptrace), not being killed.
+/// with ptrace), not being killed or stopped.
 pub fn live_copies(netns: &[u64]) -> usize {
+    live_copy_statuses(netns).len()
+}
+
+/// The `/proc/PID/status` of each live copy (see [`live_copies`]).
+fn live_copy_statuses(netns: &[u64]) -> Vec<String> {
     crate::migration::workload_statuses(netns)
-        .iter()
+        .into_iter()
         .filter(|status| {
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(str::trim)
-                    .unwrap_or("")
-            };
+            let pid = status_field(status, "Pid:").parse::<i32>().unwrap_or(0);
             // A copy being killed (SIGKILL pending, exiting) may show as
             // running for a moment, but it never runs its code again.
-            let doomed = field("Pid:")
-                .parse::<i32>()
-                .is_ok_and(migrator::system::doomed);
-            !field("State:").starts_with(['T', 't', 'Z', 'X'])
-                && field("TracerPid:") == "0"
-                && !doomed
+            // Nor does a copy being stopped, until the scheduler gets to
+            // each of its threads (2 ms seen here): CRIU leaves a restored
+            // copy stopped by sending it SIGSTOP and then letting go of
+            // it, and each thread stops on its way out of the kernel.
+            !status_field(status, "State:").starts_with(['T', 't', 'Z', 'X'])
+                && status_field(status, "TracerPid:") == "0"
+                && !migrator::system::doomed(pid)
+                && !being_stopped(pid, status)
         })
-        .count()
+        .collect()
+}
+
+/// Whether a stop is under way in process `pid`: SIGSTOP pending, or
+/// (once a thread took it) one of its threads stopped already.
+fn being_stopped(pid: i32, status: &str) -> bool {
+    const SIGSTOP_BIT: u64 = 1 << (libc::SIGSTOP - 1);
+    let pending = ["ShdPnd:", "SigPnd:"].iter().any(|name| {
+        u64::from_str_radix(status_field(status, name), 16)
+            .is_ok_and(|pending| pending & SIGSTOP_BIT != 0)
+    });
+    pending
+        || std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+            .any(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map_or("", str::trim)
+}
+
+/// One line per live copy: who it is and where, to explain a sample with
+/// more than one.
+fn describe_copies(statuses: &[String]) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    statuses
+        .iter()
+        .map(|status| {
+            let pid = status_field(status, "Pid:");
+            let parent = status_field(status, "PPid:");
+            let netns = std::fs::metadata(format!("/proc/{pid}/ns/net")).map_or(0, |m| m.ino());
+            let parent_cmd = std::fs::read_to_string(format!("/proc/{parent}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
+            format!(
+                "pid {pid} (netns {netns}, state {}, signals blocked {}, pending {}, parent {parent}: {})",
+                status_field(status, "State:"),
+                status_field(status, "SigBlk:"),
+                status_field(status, "ShdPnd:"),
+                parent_cmd.trim()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The phase the source published last.
@@ -246,6 +299,8 @@ pub struct Cell {
     pub outcome: String,
     pub injected: String,
     pub max_live: usize,
+    /// The copies seen live at once, when more than one was.
+    pub crowded: String,
     pub live_after: usize,
     pub intact: bool,
     /// The report says the process is lost (nothing to recover).
@@ -287,13 +342,20 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicUsize::new(0)),
     );
+    // The first sample with more than one live copy, described.
     let sampler = {
         let (stop, max_live, hosts) = (stop.clone(), max_live.clone(), hosts.clone());
         std::thread::spawn(move || {
+            let mut crowded = String::new();
             while !stop.load(Ordering::Relaxed) {
-                max_live.fetch_max(live_copies(&hosts), Ordering::Relaxed);
+                let live = live_copy_statuses(&hosts);
+                if live.len() > 1 && crowded.is_empty() {
+                    crowded = describe_copies(&live);
+                }
+                max_live.fetch_max(live.len(), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
+            crowded
         })
     };
     let started = Instant::now();
@@ -335,7 +397,7 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
         let _ = lab.lab.nft(DST, "delete table inet cut\n");
     }
     stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
+    let crowded = sampler.join().unwrap();
     let intact = lab.peer_connections().iter().all(|c| c["error"].is_null())
         && lab.peer_connections().len() == 3;
     let lost = run.report.as_ref().is_some_and(|r| {
@@ -359,6 +421,7 @@ pub fn run_cell(fault: Fault, point: &'static str, deadline_s: u64) -> Cell {
         outcome,
         injected,
         max_live: max_live.load(Ordering::Relaxed),
+        crowded,
         live_after,
         intact,
         lost,

@@ -21,8 +21,9 @@ fn check(cell: &Cell) {
     );
     assert!(
         cell.max_live <= 1,
-        "{} copies ran at once: {what}",
-        cell.max_live
+        "{} copies ran at once: {what}: {}",
+        cell.max_live,
+        cell.crowded
     );
     match cell.live_after {
         1 => assert!(

@@ -8,9 +8,11 @@
 //! image tmpfs full), one migration of the lab workload with that fault
 //! injected once the point is reached. Live copies of the process are
 //! counted on both hosts every 10 ms throughout (a copy is live when it
-//! runs: not stopped, not a zombie, not held by a tracer such as CRIU),
-//! and once things settle: the outcome, whether the peers' connections
-//! are intact, and whether the state left needs `migrator recover`.//!
+//! runs: not stopped or being stopped, not a zombie, not held by a tracer
+//! such as CRIU, not being killed), and once things settle: the outcome,
+//! whether the peers' connections are intact, and whether the state left
+//! needs `migrator recover`.
+//!
 //! Figures, not a test: `bench-faults [FAULT]` prints one row per cell
 //! (FAULT: one of the faults' names, for its row only).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -71,6 +73,9 @@ fn main() {
             );
             if verdict.contains("nothing to hit") {
                 println!("    (the migration said: {})", cell.error);
+            }
+            if cell.max_live > 1 {
+                println!("    (live at once: {})", cell.crowded);
             }
         }
     }
