@@ -277,6 +277,7 @@ async fn serve(
             iface: config.iface.clone(),
             host: crate::report::HostInfo::here(config.criu_version.clone()),
             page_stream,
+            images: images.display().to_string(),
         }))
         .await?;
 

@@ -192,6 +192,10 @@ pub struct PreflightReply {
     /// restore there, so the source keeps complete images to roll back).
     #[serde(default)]
     pub page_stream: bool,
+    /// Where the agent keeps this session's images: what to give
+    /// `migrator recover` there if the hand-over ends in doubt.
+    #[serde(default)]
+    pub images: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -109,6 +109,9 @@ struct Progress {
     /// After the commit the destination said its copy is lost (a lazy
     /// restore whose memory could not be filled): no copy runs anywhere.
     lost_at_destination: bool,
+    /// Where the agent keeps this session's images (its word at
+    /// preflight).
+    destination_images: String,
     /// The tree's connections as CRIU dumped them (for the restore's
     /// check at the destination), once CRIU got that far.
     dumped_flows: Option<tokio::sync::oneshot::Receiver<Vec<String>>>,
@@ -186,6 +189,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         pages_at_destination: false,
         source_lost: None,
         lost_at_destination: false,
+        destination_images: String::new(),
         dumped_flows: None,
     };
     let result = run(&options, &mut clock, &mut report, &mut progress).await;
@@ -204,20 +208,24 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             // images and the lock (until its deadline) stay for `recover`.
             report.outcome = Outcome::InDoubt;
             progress.lock = None;
+            // Where: its memory streamed there, or the images are here.
+            let (host, dir) = match (
+                progress.pages_at_destination,
+                progress.destination_images.as_str(),
+            ) {
+                (true, "") => ("there", "DIR".to_owned()),
+                (true, dir) => ("there", dir.to_owned()),
+                (false, _) => ("here", images.display().to_string()),
+            };
+            let named = if dir == "DIR" {
+                ", DIR being the directory the agent's log names"
+            } else {
+                ""
+            };
             report.error = Some(format!(
-                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it {} before the lock's deadline ({} s) with `migrator recover --images DIR`, DIR being {}",
+                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it {host} before the lock's deadline ({} s) with `migrator recover --images {dir}`{named}",
                 options.to,
-                if progress.pages_at_destination {
-                    "there"
-                } else {
-                    "here"
-                },
                 options.deadline.as_secs(),
-                if progress.pages_at_destination {
-                    "the directory the agent's log names (its memory streamed there)".to_owned()
-                } else {
-                    images.display().to_string()
-                }
             ));
         }
         Err(error) => {
@@ -309,6 +317,9 @@ async fn run(
     let prepared = preflight::prepare(options, &network, clock, progress).await?;
     report.source_host = Some(prepared.source_host.clone());
     report.destination_host = Some(prepared.destination_host.clone());
+    progress
+        .destination_images
+        .clone_from(&prepared.destination_images);
     let crossed = if prepared.page_stream {
         "streamed to the destination during the dump, through the channel, into a tmpfs there"
     } else if !options.page_stream {

@@ -103,6 +103,8 @@ pub(super) struct Prepared {
     pub destination_host: HostInfo,
     /// The agent takes the dump's pages as they are dumped.
     pub page_stream: bool,
+    /// Where the agent keeps this session's images.
+    pub destination_images: String,
 }
 
 async fn preflight(
@@ -210,7 +212,7 @@ async fn preflight(
         .send(&Message::Preflight(request))
         .await
         .map_err(|e| e.to_string())?;
-    let (destination_host, page_stream) =
+    let (destination_host, page_stream, destination_images) =
         match channel.receive().await.map_err(|e| e.to_string())? {
             Message::PreflightOk(reply) => {
                 let mut host = reply.host;
@@ -223,7 +225,7 @@ async fn preflight(
                 ] {
                     *field = channel::printable(field);
                 }
-                (host, reply.page_stream)
+                (host, reply.page_stream, channel::printable(&reply.images))
             }
             Message::Refused { reason } => {
                 return Err(format!("agent refused: {}", channel::printable(&reason)));
@@ -238,6 +240,7 @@ async fn preflight(
         source_host: HostInfo::here(criu_version.to_string()),
         destination_host,
         page_stream,
+        destination_images,
     })
 }
 
