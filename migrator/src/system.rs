@@ -221,11 +221,15 @@ pub fn process_tree(root: i32) -> Vec<i32> {
 }
 
 /// Kill a process tree for good: stop every process first (so none can
-/// fork a replacement for one that dies), put its TCP sockets in repair
-/// mode (a copy whose connections live on elsewhere must not close them:
-/// a socket in repair mode closes without a FIN or RST, as CRIU's dumped
-/// trees do), then SIGKILL them all. Returns the PIDs signalled; they are
-/// free once their parent reaps them.
+/// fork a replacement for one that dies), take a duplicate of each of its
+/// TCP sockets, SIGKILL them all, then put those sockets in repair mode
+/// and let them go (a copy whose connections live on elsewhere must not
+/// close them: a socket in repair mode closes without a FIN or RST, as
+/// CRIU's dumped trees do). Our duplicates keep the sockets open past the
+/// tree's exit; the repair comes after the kill because a thread stuck
+/// inside a send (on a page a lazy restore never filled) holds its
+/// socket's lock until it dies. Returns the PIDs signalled; they are free
+/// once their parent reaps them.
 pub fn kill_tree(root: i32) -> Vec<i32> {
     let signal_all = |pids: &[i32], signal: i32| {
         for pid in pids {
@@ -243,12 +247,19 @@ pub fn kill_tree(root: i32) -> Vec<i32> {
         }
         pids = again;
     }
+    let mut sockets = Vec::new();
     for pid in &pids {
-        if let Err(err) = silence_tcp_sockets(*pid) {
-            tracing::warn!("process {pid}: its TCP sockets may close with a FIN: {err}");
+        match tcp_sockets(*pid) {
+            Ok(found) => sockets.extend(found),
+            Err(err) => {
+                tracing::warn!("process {pid}: its TCP sockets may close with a FIN: {err}");
+            }
         }
     }
     signal_all(&pids, libc::SIGKILL);
+    for socket in &sockets {
+        silence(socket);
+    }
     pids
 }
 
@@ -337,39 +348,46 @@ pub fn duplicate_fds(
 /// Put every TCP socket `pid` holds into repair mode (taken from it with
 /// pidfd_getfd), so that closing them sends nothing. Listening sockets
 /// cannot be repaired and send nothing when closed anyway.
-fn silence_tcp_sockets(pid: i32) -> std::io::Result<()> {
+/// Duplicates of process `pid`'s TCP sockets.
+fn tcp_sockets(pid: i32) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
     use std::os::fd::AsRawFd as _;
     let sockets = duplicate_fds(pid, |target| target.starts_with("socket:"))?;
-    for ours in sockets.into_iter().flatten() {
-        let mut protocol: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt into an int we own, its size given.
-        let rc = unsafe {
-            libc::getsockopt(
-                ours.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PROTOCOL,
-                (&raw mut protocol).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 || protocol != libc::IPPROTO_TCP {
-            continue;
-        }
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt with an int value we own. EPERM for a
-        // listening socket is expected.
-        unsafe {
-            libc::setsockopt(
-                ours.as_raw_fd(),
-                libc::SOL_TCP,
-                libc::TCP_REPAIR,
-                (&raw const on).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+    Ok(sockets
+        .into_iter()
+        .flatten()
+        .filter(|ours| {
+            let mut protocol: libc::c_int = 0;
+            let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt into an int we own, its size given.
+            let rc = unsafe {
+                libc::getsockopt(
+                    ours.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_PROTOCOL,
+                    (&raw mut protocol).cast(),
+                    &mut len,
+                )
+            };
+            rc == 0 && protocol == libc::IPPROTO_TCP
+        })
+        .collect())
+}
+
+/// Repair mode: the socket closes without a FIN or RST.
+fn silence(socket: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with an int value we own. EPERM for a listening
+    // socket is expected.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_REPAIR,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
-    Ok(())
 }
 
 /// The CLOCK_BOOTTIME instant `after` from now, in ns, as the data plane

@@ -300,6 +300,132 @@ fn lazy_restore_moves_a_large_process_with_its_memory_intact() {
     }
 }
 
+/// `--post-copy`: the dump stays here but for what the restore reads
+/// itself; the destination restores lazily and its daemon fetches the
+/// rest from here through the channel after the release. The workload
+/// (its whole ballast read back every second, exit on the first wrong
+/// byte) moves there and back with its connections; the images that
+/// crossed in the window hold a small part of its memory, the restore
+/// copied almost none, and the fill comes after the release.
+#[test]
+fn post_copy_moves_a_large_process_with_its_memory_intact() {
+    let mut lab = MigrationLab::new("postc");
+    let mut pid = lab.start_workload(true, 128);
+    std::thread::sleep(Duration::from_millis(1500));
+    for round in 0..2 {
+        let (report, _, to) = move_round_with(&lab, round, pid, &["--post-copy"]);
+        pid = report["destination_pid"].as_i64().unwrap() as i32;
+        assert!(
+            report["memory"]
+                .as_str()
+                .unwrap()
+                .ends_with("(--post-copy)"),
+            "{report}"
+        );
+        let sent = report["image_bytes"].as_u64().unwrap();
+        assert!(
+            sent < (128 << 20) / 4,
+            "{sent} bytes of images crossed: {report}"
+        );
+        let phase = |name: &str| {
+            phase(&report, "destination", name)
+                .unwrap_or_else(|| panic!("no destination phase {name}: {report}"))
+        };
+        let fill = phase("memory-fill");
+        assert!(fill["duration_ms"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(
+            fill["start_ms"].as_f64().unwrap() >= end_ms(phase("release")) - 1.0,
+            "{report}"
+        );
+        let restored = report["criu_restore"]["pages_restored"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(restored < (128 << 20) / 4096 / 4, "{report}");
+        eprintln!(
+            "round {round}: freeze window {} ms = {}; {sent} bytes of images crossed; memory filled {} ms after the release",
+            report["freeze_window_ms"], report["freeze_window_parts"], fill["duration_ms"]
+        );
+        // Two checks of the ballast after the move.
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+    }
+}
+
+/// `--post-copy` with `migrate` killed (SIGKILL) while the destination
+/// still fetches pages from it: the copy there, released but not filled,
+/// can get no more pages, so the agent ends it (its faults wait on our
+/// userfaultfd duplicates meanwhile, never reading zeros) rather than let
+/// it run with memory missing. No copy runs anywhere, and the complete
+/// dump stays on the source, for `migrator recover`.
+#[test]
+fn post_copy_whose_source_dies_mid_fill_never_runs_a_copy_with_missing_pages() {
+    let mut lab = MigrationLab::new("postk");
+    let pid = lab.start_workload(true, 256);
+    std::thread::sleep(Duration::from_millis(1500));
+    let hosts = [lab.netns_inode(SRC), lab.netns_inode(DST)];
+    let dst = [lab.netns_inode(DST)];
+    let killed = std::thread::scope(|scope| {
+        let killer = scope.spawn(|| {
+            // Released there (running), and still filling: migrate lives.
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                if migrator_tests::faults::live_copies(&dst) == 1 {
+                    for pid in lab::processes_in(&lab.lab.netns_path(SRC)) {
+                        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                            .unwrap_or_default();
+                        if cmdline.contains("migrate\0") && cmdline.contains("--post-copy") {
+                            // SAFETY: kill has no memory preconditions.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                            return true;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        });
+        let run = lab.migrate(SRC, DST, pid, &["--post-copy"]);
+        assert!(run.report.is_none(), "migrate finished: {:?}", run.report);
+        killer.join().unwrap()
+    });
+    assert!(killed, "the destination's copy never ran");
+    // The agent sees the channel close and ends its copy.
+    let started = std::time::Instant::now();
+    while !migrator_tests::migration::workload_statuses(&hosts).is_empty()
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        migrator_tests::migration::workload_statuses(&hosts).is_empty(),
+        "a copy is left"
+    );
+    // The dump, complete, is still here.
+    let kept: Vec<_> = walk(&lab.dir.0.join("images"))
+        .into_iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    assert!(kept.iter().any(|n| n == "stats-dump"), "{kept:?}");
+    assert!(kept.iter().any(|n| n.starts_with("pages-")), "{kept:?}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|entry| {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&entry.path())
+            } else {
+                vec![entry.path()]
+            }
+        })
+        .collect()
+}
+
 /// A lazy restore whose `criu lazy-pages` dies right after the release
 /// (`MIGRATOR_FAULTS=lazy-pages-dies` on the agent, a real SIGKILL): the
 /// memory can never be completed, so the destination kills the process

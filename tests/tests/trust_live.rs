@@ -130,6 +130,7 @@ fn preflight(addresses: &[&str], flows: &[&str], deadline_ms: u64) -> Message {
         hold: true,
         page_stream: true,
         lazy_restore: false,
+        post_copy: false,
         boot_id: identity.0,
         pid_namespace: identity.1,
         image_bytes: 0,

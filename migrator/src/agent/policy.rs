@@ -139,6 +139,7 @@ mod tests {
             hold: false,
             page_stream: true,
             lazy_restore: false,
+            post_copy: false,
             boot_id: String::new(),
             pid_namespace: 0,
             image_bytes: 0,

@@ -295,6 +295,16 @@ async fn serve(
     receive_images(channel, session_dir, commit_by).await?;
     // The lazy restore's daemon reads the images' inventory as it starts:
     // now, while the restore request comes.
+    // Post-copy: the daemon asks for the lazy pages on a socket of ours,
+    // and we ask the source.
+    let (mut source_pages, remote_pages) = if request.post_copy && request.lazy_restore {
+        let (daemon_end, ours) =
+            crate::criu::swrk::stream_pair().map_err(|e| ChannelError::Refused(e.to_string()))?;
+        let ours = pages::unix_stream(ours).map_err(ChannelError::Refused)?;
+        (Some(ours), Some(daemon_end))
+    } else {
+        (None, None)
+    };
     let lazy = request.lazy_restore.then(|| {
         let criu = config.criu.clone();
         let dir = images.to_owned();
@@ -302,7 +312,9 @@ async fn serve(
             .kdat
             .as_ref()
             .and_then(|kdat| kdat.run_dir().map(std::path::Path::to_owned));
-        tokio::task::spawn_blocking(move || LazyPages::start(&criu, &dir, kdat.as_deref()))
+        tokio::task::spawn_blocking(move || {
+            LazyPages::start(&criu, &dir, kdat.as_deref(), remote_pages)
+        })
     });
     let services = request.service_ips();
     let RestoreRequest {
@@ -314,9 +326,20 @@ async fn serve(
 
     let restoring = shared.restoring.lock().await;
     let expected = dumped_flows.as_deref().unwrap_or(&request.flows);
-    let taken = match takeover::take_over(config, images, request, expected, netlink, session, lazy)
-        .await
-    {
+    let restore = takeover::take_over(config, images, request, expected, netlink, session, lazy);
+    let taken = match source_pages.as_mut() {
+        None => restore.await,
+        // The restore itself may touch lazy pages (CRIU's restorer does):
+        // the source answers while it waits for our word.
+        Some(daemon) => match relay_while(restore, channel, daemon).await {
+            (taken, None) => taken,
+            (_, Some(err)) => Err((
+                crate::report::RESTORE,
+                format!("asking the source for the pages the restore needs: {err}"),
+            )),
+        },
+    };
+    let taken = match taken {
         Ok(taken) => taken,
         Err((phase, reason)) => {
             return Err(abandon(channel, session, netlink, phase, reason).await);
@@ -393,7 +416,15 @@ async fn serve(
     };
     // A lazy restore's memory is filled whatever became of the channel.
     if let Some(lazy) = session.lazy.take() {
-        let filled = fill_memory(pid, lazy, session.released_at).await;
+        let filled = match source_pages.as_mut() {
+            Some(daemon) => {
+                // Released: the lock's deadline no longer bounds the
+                // channel, which now carries the pages.
+                channel.clear_hard_deadline();
+                fill_memory_from_source(pid, lazy, daemon, channel, session.released_at).await
+            }
+            None => fill_memory(pid, lazy, session.released_at).await,
+        };
         if sent.is_ok() {
             let _ = channel
                 .send(&match &filled {
@@ -452,6 +483,68 @@ async fn fill_memory(
         warn!("{reason}");
     }
     waited.map(|()| released_at.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Post-copy: the daemon's requests go to the source, which answers with
+/// the pages. If that fails the daemon is ended, and with it (see
+/// [`fill_memory`]) the process it could not fill.
+async fn fill_memory_from_source(
+    pid: i32,
+    lazy: LazyPages,
+    requests: &mut tokio::net::UnixStream,
+    channel: &mut TlsChannel,
+    released_at: Option<Instant>,
+) -> Result<f64, String> {
+    let daemon = lazy.pid();
+    let relayed = crate::channel::post_copy::ask_source(channel, requests).await;
+    if let Err(err) = &relayed {
+        warn!("asking the source for pages: {err}; ending the lazy-pages daemon");
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(daemon, libc::SIGKILL) };
+    }
+    let filled = fill_memory(pid, lazy, released_at).await;
+    match relayed {
+        Err(err) => Err(format!(
+            "asking the source for pages: {err}; {}",
+            filled.err().unwrap_or_default()
+        )),
+        Ok(_) => filled,
+    }
+}
+
+/// Post-copy, during the restore: relay the daemon's requests to the
+/// source until `restoring` is done. If relaying fails, the daemon's
+/// socket is shut, so that it ends and the restore waits no more (what it
+/// restored is then not to be used: the error says so).
+async fn relay_while<T>(
+    restoring: impl std::future::Future<Output = T>,
+    channel: &mut TlsChannel,
+    daemon: &mut tokio::net::UnixStream,
+) -> (T, Option<ChannelError>) {
+    tokio::pin!(restoring);
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut restoring => return (done, failed),
+            ready = daemon.readable(), if failed.is_none() => {
+                let relayed = match ready {
+                    Ok(()) => crate::channel::post_copy::relay_one(channel, daemon).await,
+                    Err(err) => Err(err.into()),
+                };
+                match relayed {
+                    Ok(Some(_)) => {}
+                    Ok(None) => failed = Some(ChannelError::Closed),
+                    Err(err) => failed = Some(err),
+                }
+                if failed.is_some() {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: shutdown on a socket we own.
+                    unsafe { libc::shutdown(daemon.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+            }
+        }
+    }
 }
 
 /// Give up after the restore began: undo everything here first (the copy
@@ -539,12 +632,28 @@ async fn receive_images(
     let mut names = BTreeSet::new();
     loop {
         match channel.receive_before(Some(deadline)).await? {
-            Message::File { name, size } => {
+            Message::File {
+                name,
+                size,
+                extents,
+            } => {
+                // What crosses: the whole file, or the parts named (each
+                // in order, apart, inside the file).
+                let parts = extents.unwrap_or_else(|| vec![(0, size)]);
+                let sent = parts.iter().try_fold(0u64, |end, &(at, len)| {
+                    (at >= end && at.checked_add(len).is_some_and(|e| e <= size)).then(|| at + len)
+                });
+                let bytes: u64 = parts.iter().map(|(_, len)| *len).sum();
                 files += 1;
-                total = total.saturating_add(size);
+                total = total.saturating_add(bytes);
                 if !policy::safe_name(&name) || !names.insert(name.clone()) {
                     let reason =
                         format!("image name `{name}` refused (not a plain, new file name)");
+                    channel.send(&refuse(reason.clone())).await?;
+                    return Err(ChannelError::Refused(reason));
+                }
+                if sent.is_none() || size > MAX_TOTAL_BYTES {
+                    let reason = format!("image `{name}`: its parts do not fit its size {size}");
                     channel.send(&refuse(reason.clone())).await?;
                     return Err(ChannelError::Refused(reason));
                 }
@@ -557,16 +666,16 @@ async fn receive_images(
                     return Err(ChannelError::Refused(reason));
                 }
                 let free = crate::images::free_bytes(images).unwrap_or(u64::MAX);
-                if size.saturating_add(crate::images::DISK_RESERVE) > free {
+                if bytes.saturating_add(crate::images::DISK_RESERVE) > free {
                     let reason = format!(
-                        "no room for image `{name}` ({size} bytes) in {}: {free} bytes free",
+                        "no room for image `{name}` ({bytes} bytes) in {}: {free} bytes free",
                         images.display()
                     );
                     channel.send(&refuse(reason.clone())).await?;
                     return Err(ChannelError::Refused(reason));
                 }
                 // Written in place, as the page images are: tmpfs.
-                let mut file = match session_dir.create_file(&name) {
+                let file = match session_dir.create_file(&name) {
                     Ok(file) => file,
                     Err(err) => {
                         let reason = err.to_string();
@@ -574,16 +683,20 @@ async fn receive_images(
                         return Err(ChannelError::Refused(reason));
                     }
                 };
-                let mut left = size;
-                while left > 0 {
-                    let chunk = channel.receive_data().await?;
-                    if chunk.len() as u64 > left {
-                        return Err(ChannelError::Frame(format!(
-                            "{name}: more bytes than announced"
-                        )));
+                // A hole where no part goes (tmpfs keeps no memory for it).
+                file.set_len(size)?;
+                for (at, len) in parts {
+                    let mut done = 0u64;
+                    while done < len {
+                        let chunk = channel.receive_data().await?;
+                        if chunk.len() as u64 > len - done {
+                            return Err(ChannelError::Frame(format!(
+                                "{name}: more bytes than announced"
+                            )));
+                        }
+                        std::os::unix::fs::FileExt::write_all_at(&file, &chunk, at + done)?;
+                        done += chunk.len() as u64;
                     }
-                    left -= chunk.len() as u64;
-                    std::io::Write::write_all(&mut file, &chunk)?;
                 }
             }
             Message::FilesDone {

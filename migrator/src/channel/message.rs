@@ -85,6 +85,11 @@ pub struct PreflightRequest {
     /// release (`migrate --lazy-restore`).
     #[serde(default)]
     pub lazy_restore: bool,
+    /// With the lazy restore: the lazy pages are not in the images; the
+    /// daemon asks the source for them after the release
+    /// (`migrate --post-copy`).
+    #[serde(default)]
+    pub post_copy: bool,
     /// The source's boot id and PID namespace: equal to the agent's when
     /// both run on one machine in one PID namespace (then the tree's PIDs
     /// are its own until the dump, and the agent waits for them).
@@ -266,10 +271,15 @@ pub enum Message {
     /// The page images so far are gone; no answer for the old stream
     /// follows this.
     PagesRestarted,
-    /// An image file follows as data frames totalling `size` bytes.
+    /// An image file follows as data frames totalling `size` bytes; or,
+    /// with `extents` (offset, length), a file of `size` bytes of which
+    /// only these parts follow, in order, the rest left a hole (a
+    /// post-copy's pages image: its lazy pages come later).
     File {
         name: String,
         size: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        extents: Option<Vec<(u64, u64)>>,
     },
     /// All files sent; the agent checks and acknowledges.
     FilesDone {
@@ -301,6 +311,15 @@ pub enum Message {
     /// unless the agent answers `Failed` (its copy removed).
     Commit,
     Restored(Box<RestoreReply>),
+    /// After `Restored`, with a post-copy: the destination's daemon needs
+    /// `pages` pages from `vaddr` of page map `id` (the dumped process).
+    /// Answered with one data frame: CRIU's page-server record and the
+    /// pages.
+    PagesWanted {
+        id: u64,
+        vaddr: u64,
+        pages: u64,
+    },
     /// After `Restored`, with a lazy restore: the daemon filled every page
     /// of the restored memory, this long after the release.
     MemoryFilled {

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod codec;
 pub mod message;
 pub mod pages;
+pub mod post_copy;
 pub mod tls;
 pub mod token;
 
@@ -201,30 +202,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Channel<S> {
     /// costs microseconds and a hop to another thread and back costs more
     /// (the small workload's transfer inside the freeze: dozens of files).
     pub async fn send_file(&mut self, path: &Path, name: &str) -> Result<u64, ChannelError> {
-        use std::io::Read as _;
-        let mut file = std::fs::File::open(path)?;
+        self.send_file_parts(path, name, None).await
+    }
+
+    /// Send only `extents` (offset, length; in order, apart) of a file:
+    /// the other end keeps its size and leaves the rest a hole.
+    pub async fn send_file_parts(
+        &mut self,
+        path: &Path,
+        name: &str,
+        extents: Option<Vec<(u64, u64)>>,
+    ) -> Result<u64, ChannelError> {
+        use std::os::unix::fs::FileExt as _;
+        let file = std::fs::File::open(path)?;
         let size = file.metadata()?.len();
+        let parts = extents.clone().unwrap_or_else(|| vec![(0, size)]);
+        if let Some((at, len)) = parts
+            .iter()
+            .find(|(at, len)| at.saturating_add(*len) > size)
+        {
+            return Err(ChannelError::Frame(format!(
+                "{}: bytes {at}..{} asked for, the file has {size}",
+                path.display(),
+                at + len
+            )));
+        }
         self.send(&Message::File {
             name: name.to_owned(),
             size,
+            extents,
         })
         .await?;
         // One buffer for the whole file: nothing allocated or cleared per
         // chunk on the way out.
-        let mut chunk = vec![0u8; DATA_CHUNK.min(usize::try_from(size).unwrap_or(DATA_CHUNK))];
+        let longest = parts.iter().map(|(_, len)| *len).max().unwrap_or(0);
+        let mut chunk = vec![0u8; DATA_CHUNK.min(usize::try_from(longest).unwrap_or(DATA_CHUNK))];
         let mut sent = 0u64;
-        while sent < size {
-            let n = file.read(&mut chunk)?;
-            if n == 0 {
-                return Err(ChannelError::Frame(format!(
-                    "{} shrank while being sent",
-                    path.display()
-                )));
+        for (at, len) in parts {
+            let mut done = 0u64;
+            while done < len {
+                let want = chunk
+                    .len()
+                    .min(usize::try_from(len - done).unwrap_or(usize::MAX));
+                let n = file.read_at(&mut chunk[..want], at + done)?;
+                if n == 0 {
+                    return Err(ChannelError::Frame(format!(
+                        "{} shrank while being sent",
+                        path.display()
+                    )));
+                }
+                self.send_data(&chunk[..n]).await?;
+                done += n as u64;
             }
-            self.send_data(&chunk[..n]).await?;
-            sent += n as u64;
+            sent += len;
         }
         Ok(sent)
+    }
+
+    /// No wait on this channel is bound to the hard deadline any more
+    /// (the lock it stood for was released).
+    pub fn clear_hard_deadline(&mut self) {
+        self.hard_deadline = None;
     }
 }
 

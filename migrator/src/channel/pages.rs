@@ -20,6 +20,15 @@ use tokio::{
 use super::{Channel, ChannelError, DATA_CHUNK, Message, codec::Frame};
 use crate::criu::page_stream::PageStore;
 
+/// A socket to CRIU's page-server protocol, for tokio.
+pub fn unix_stream(fd: std::os::fd::OwnedFd) -> Result<UnixStream, String> {
+    let socket = std::os::unix::net::UnixStream::from(fd);
+    socket
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(socket))
+        .map_err(|e| format!("a page socket: {e}"))
+}
+
 /// Source: relay CRIU's page stream from `socket` to the agent, and the
 /// agent's answers back, until CRIU closes its end (its pages are all
 /// out, or it failed). Returns the bytes sent. Whether the stream counts

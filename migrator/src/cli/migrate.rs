@@ -88,6 +88,19 @@ pub struct MigrateArgs {
     /// says how long the fill took after the release.
     #[arg(long)]
     lazy_restore: bool,
+    /// Post-copy: dump the process here (into memory, as CRIU by hand
+    /// does), send everything but its lazy pages, restore lazily there and
+    /// release; the destination's daemon then fetches the pages it needs
+    /// from this host, through the same channel (on demand when a page is
+    /// touched, the rest in the background), while `migrate` waits. The
+    /// shortest freeze window for a large process: no memory crosses
+    /// inside it. The risk is --lazy-restore's and more: until the report
+    /// says the memory is filled, the process needs this host as well;
+    /// if either host or the channel fails meanwhile, the restored copy is
+    /// killed rather than run with pages missing, and the images stay
+    /// here for `migrator recover` (outcome in-doubt).
+    #[arg(long, conflicts_with_all = ["lazy_restore", "dump_then_send"])]
+    post_copy: bool,
     /// How the destination takes the service addresses over: `l2` (the
     /// peers share the link: the address moves to the destination's
     /// interface and is announced by gratuitous ARP / unsolicited
@@ -139,6 +152,7 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         no_hold,
         dump_then_send,
         lazy_restore,
+        post_copy,
         takeover,
         bird_socket,
         criu,
@@ -159,8 +173,9 @@ fn migrate_and_report(args: MigrateArgs, quiet: bool) -> anyhow::Result<ExitCode
         state: migrator::images::StateDir::open(&work_dir)?,
         keep_images,
         hold: !no_hold,
-        page_stream: !dump_then_send,
-        lazy_restore,
+        page_stream: !dump_then_send && !post_copy,
+        lazy_restore: lazy_restore || post_copy,
+        post_copy,
         quiet,
         takeover,
         bird_socket,

@@ -17,7 +17,7 @@
 //! reader that is gone).
 
 use std::{
-    os::fd::OwnedFd,
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -74,20 +74,33 @@ impl LazyPages {
     /// before the freeze: CRIU's start-up is not in the window.
     /// With `kdat` (a [`super::kdat::KdatCache`]'s directory), it reads
     /// CRIU's cached kernel probes.
+    /// With `remote_pages` (post-copy: the daemon's end of a socket), the
+    /// lazy pages are not in the images: the daemon asks for them there,
+    /// with CRIU's page-server protocol.
     pub fn start(
         criu: &CriuBinary,
         images_dir: &Path,
         kdat: Option<&Path>,
+        remote_pages: Option<OwnedFd>,
     ) -> Result<Self, LazyError> {
         let socket = images_dir.join(SOCKET);
         let log = images_dir.join(LAZY_LOG);
         let _ = std::fs::remove_file(&socket);
         let mut command = Command::new(&criu.path);
+        let spawn_error = |source: std::io::Error| LazyError::Spawn {
+            criu: criu.path.clone(),
+            source,
+        };
+        if let Some(daemon_end) = &remote_pages {
+            command
+                .arg("--page-server")
+                .arg("--ps-socket")
+                .arg(daemon_end.as_raw_fd().to_string());
+            super::swrk::inherit_fds(&mut command, vec![daemon_end.as_raw_fd()]);
+        }
         if let Some(run_dir) = kdat {
-            with_cached_probes(&mut command, run_dir).map_err(|why| LazyError::Spawn {
-                criu: criu.path.clone(),
-                source: std::io::Error::other(why),
-            })?;
+            with_cached_probes(&mut command, run_dir)
+                .map_err(|why| spawn_error(std::io::Error::other(why)))?;
         }
         command
             .arg("lazy-pages")
@@ -101,11 +114,9 @@ impl LazyPages {
             .stderr(Stdio::null());
         // Its exit status says whether every page was filled: the agent's
         // reaper must not take it.
-        let child =
-            crate::system::spawn_waited(&mut command).map_err(|source| LazyError::Spawn {
-                criu: criu.path.clone(),
-                source,
-            })?;
+        let child = crate::system::spawn_waited(&mut command).map_err(spawn_error)?;
+        // The daemon's end is its own now.
+        drop(remote_pages);
         let mut daemon = LazyPages {
             child,
             log,

@@ -15,6 +15,7 @@ use std::{
 
 pub mod kdat;
 pub mod lazy;
+pub mod page_source;
 pub mod page_stream;
 pub mod precheck;
 pub mod stats;

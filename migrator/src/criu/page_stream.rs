@@ -20,26 +20,32 @@ use crate::images::SessionDir;
 /// The wire record: `struct page_server_iov` (u32 cmd, 4 bytes padding,
 /// u64 nr_pages, u64 vaddr, u64 dst_id), in the host's byte order (both
 /// hosts run the same architecture: CRIU restores only there).
-const RECORD: usize = 32;
-const PAGE: u64 = 4096;
+pub(crate) const RECORD: usize = 32;
+pub(crate) const PAGE: u64 = 4096;
 
 const PS_IOV_ADD: u32 = 1;
 const PS_IOV_HOLE: u32 = 2;
 const PS_IOV_OPEN: u32 = 3;
 const PS_IOV_OPEN2: u32 = 4;
 const PS_IOV_PARENT: u32 = 5;
-const PS_IOV_ADD_F: u32 = 6;
-const PS_IOV_CLOSE: u32 = 0x1023;
-const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+pub(crate) const PS_IOV_ADD_F: u32 = 6;
+/// The lazy-pages daemon's request for pages (answered with an ADD_F
+/// record and the pages).
+pub(crate) const PS_IOV_GET: u32 = 7;
+pub(crate) const PS_IOV_CLOSE: u32 = 0x1023;
+pub(crate) const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
 
-const PE_PARENT: u32 = 1 << 0;
-const PE_PRESENT: u32 = 1 << 2;
+pub(crate) const PE_PARENT: u32 = 1 << 0;
+/// Restored later, by the lazy-pages daemon (CRIU marks a normal dump's
+/// private anonymous memory so, except the stack).
+pub(crate) const PE_LAZY: u32 = 1 << 1;
+pub(crate) const PE_PRESENT: u32 = 1 << 2;
 
 const PS_TYPE_PID: u64 = 1;
 const PS_TYPE_SHMEM: u64 = 2;
 
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+pub(crate) const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+pub(crate) const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 
 /// Like CRIU's page server, numbered apart from any pages a dump writes
 /// locally.

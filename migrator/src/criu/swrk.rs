@@ -287,7 +287,7 @@ impl Drop for Swrk {
 }
 
 /// Let the child inherit `fds` (ours are all O_CLOEXEC).
-fn inherit_fds(command: &mut Command, fds: Vec<i32>) {
+pub(super) fn inherit_fds(command: &mut Command, fds: Vec<i32>) {
     // SAFETY: only async-signal-safe calls (fcntl) between fork and exec.
     unsafe {
         command.pre_exec(move || {

@@ -397,7 +397,7 @@ fn start_criu(
         .map_err(|e| e.to_string())?;
     Ok(StartedCriu {
         swrk,
-        page_socket: Some(unix_stream(our_end)?),
+        page_socket: Some(pages::unix_stream(our_end)?),
     })
 }
 
@@ -737,12 +737,4 @@ fn await_verdict(
             Err(RecvTimeoutError::Timeout) => {}
         }
     }
-}
-
-fn unix_stream(fd: std::os::fd::OwnedFd) -> Result<UnixStream, String> {
-    let socket = std::os::unix::net::UnixStream::from(fd);
-    socket
-        .set_nonblocking(true)
-        .and_then(|()| UnixStream::from_std(socket))
-        .map_err(|e| format!("the page stream's socket: {e}"))
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::{Progress, transfer::Released};
 use crate::{
     channel::{self, Message, message::RestoreReply},
+    criu::page_source::PageSource,
     criu::stats::read_dump_stats,
     report::{
         self, ConnectionEvent, ConnectionReport, HANDOVER, MAX_EVENTS_PER_HOST, Phase, PhaseClock,
@@ -27,6 +28,7 @@ pub(super) async fn hand_over(
         packets_at_ip_release,
         hold,
         lazy_restore,
+        post_copy,
     } = released;
     // restore, announce, confirm: at the agent, which then waits,
     // the process stopped and the lock on, for our commit.
@@ -49,7 +51,11 @@ pub(super) async fn hand_over(
         })
         .await
         .map_err(|e| format!("asking for the restore: {e}"))?;
-    match channel.receive_before(Some(handover_by)).await {
+    // Post-copy: the restore there may need lazy pages already.
+    let mut pages = post_copy.then(|| PageSource::new(&progress.images));
+    match channel::post_copy::receive_answering(&mut channel, pages.as_mut(), Some(handover_by))
+        .await
+    {
         Ok(Message::Ready) => {}
         Ok(Message::Failed { phase, reason }) => {
             return Err(undone_there(clock, progress, &phase, &reason));
@@ -217,7 +223,9 @@ pub(super) async fn hand_over(
             });
         }
     }
-    if lazy_restore {
+    if let Some(pages) = pages.as_mut() {
+        answer_for_memory(&mut channel, pages, clock, released_at_ms, progress).await?;
+    } else if lazy_restore {
         await_memory_fill(&mut channel, clock, released_at_ms, progress).await?;
     }
     Ok(())
@@ -242,13 +250,7 @@ async fn await_memory_fill(
         .await
     {
         Ok(Message::MemoryFilled { after_release_ms }) => {
-            clock.record(Phase {
-                name: report::MEMORY_FILL.to_owned(),
-                host: "destination".to_owned(),
-                start_ms: released_at_ms,
-                duration_ms: after_release_ms.clamp(0.0, MEMORY_FILL_WAIT.as_secs_f64() * 1e3),
-                ok: true,
-            });
+            clock.record(memory_fill_phase(released_at_ms, after_release_ms));
             Ok(())
         }
         Ok(Message::Failed { reason, .. }) => {
@@ -263,6 +265,51 @@ async fn await_memory_fill(
             other.name()
         )),
         Err(err) => Err(format!("waiting for the lazy restore's memory fill: {err}")),
+    }
+}
+
+/// Post-copy: answer the destination's daemon from our images until it
+/// says the memory is filled. Until then the process needs both hosts.
+/// If the destination says its copy could not be filled (killed), the
+/// process runs nowhere and our images are the whole of it: the report
+/// fails and keeps them. If we lose touch, it is in doubt (the copy
+/// there is killed once its daemon can get no more pages, but we cannot
+/// know that it was).
+async fn answer_for_memory(
+    channel: &mut crate::channel::TlsChannel,
+    pages: &mut PageSource,
+    clock: &mut PhaseClock,
+    released_at_ms: f64,
+    progress: &mut Progress,
+) -> Result<(), String> {
+    let answered =
+        channel::post_copy::answer_destination(channel, pages, Instant::now() + MEMORY_FILL_WAIT)
+            .await;
+    match answered {
+        Ok(channel::post_copy::Answered::Filled { after_release_ms }) => {
+            clock.record(memory_fill_phase(released_at_ms, after_release_ms));
+            Ok(())
+        }
+        Ok(channel::post_copy::Answered::Failed { reason }) => {
+            progress.destination_lost_copy = true;
+            Err(format!(
+                "the destination could not fill the memory of its copy, which it killed: {}",
+                channel::printable(&reason)
+            ))
+        }
+        Err(err) => Err(format!(
+            "answering the destination's page requests (post-copy): {err}"
+        )),
+    }
+}
+
+fn memory_fill_phase(released_at_ms: f64, after_release_ms: f64) -> Phase {
+    Phase {
+        name: report::MEMORY_FILL.to_owned(),
+        host: "destination".to_owned(),
+        start_ms: released_at_ms,
+        duration_ms: after_release_ms.clamp(0.0, MEMORY_FILL_WAIT.as_secs_f64() * 1e3),
+        ok: true,
     }
 }
 

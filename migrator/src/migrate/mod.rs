@@ -66,6 +66,9 @@ pub struct MigrateOptions {
     /// `criu lazy-pages` daemon that fills it from the images there once
     /// the process runs.
     pub lazy_restore: bool,
+    /// With it: the lazy pages stay here until the destination's daemon
+    /// asks for them (after the release).
+    pub post_copy: bool,
     pub quiet: bool,
     /// How the destination takes the addresses over; with BGP, this
     /// host's BIRD (its control socket) withdraws them.
@@ -112,6 +115,9 @@ struct Progress {
     /// Where the agent keeps this session's images (its word at
     /// preflight).
     destination_images: String,
+    /// After the commit, post-copy: the destination killed its copy,
+    /// whose memory it could not fill; our images hold the whole process.
+    destination_lost_copy: bool,
     /// The tree's connections as CRIU dumped them (for the restore's
     /// check at the destination), once CRIU got that far.
     dumped_flows: Option<tokio::sync::oneshot::Receiver<Vec<String>>>,
@@ -189,6 +195,7 @@ pub async fn migrate(options: MigrateOptions) -> Report {
         pages_at_destination: false,
         source_lost: None,
         lost_at_destination: false,
+        destination_lost_copy: false,
         destination_images: String::new(),
         dumped_flows: None,
     };
@@ -201,6 +208,17 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             progress.lock = None;
             report.error = Some(format!(
                 "{error}; the process is lost: nothing can be recovered (the source's copy ended at the commit); start the service again"
+            ));
+        }
+        Err(error) if progress.destination_lost_copy => {
+            // Known dead there, whole here (post-copy): never restored
+            // without someone checking, but nothing is lost.
+            report.outcome = Outcome::Failed;
+            progress.lock = None;
+            report.error = Some(format!(
+                "{error}; the process runs nowhere now, and its complete dump is here: remove the service addresses from {} (`ip addr del`), then restore it here with `migrator recover --images {}` (the images are kept)",
+                options.to,
+                images.display()
             ));
         }
         Err(error) if progress.committed => {
@@ -320,14 +338,18 @@ async fn run(
     progress
         .destination_images
         .clone_from(&prepared.destination_images);
-    let crossed = if prepared.page_stream {
+    let crossed = if options.post_copy {
+        "dumped here; all but its lazy pages sent, which the destination's daemon then fetched from here after the release (--post-copy)"
+    } else if prepared.page_stream {
         "streamed to the destination during the dump, through the channel, into a tmpfs there"
     } else if !options.page_stream {
         "dumped here, then sent (--dump-then-send)"
     } else {
         "dumped here, then sent (both hosts one machine sharing PIDs: the tree must be gone before the restore there)"
     };
-    report.memory = Some(if options.lazy_restore {
+    report.memory = Some(if options.post_copy {
+        crossed.to_owned()
+    } else if options.lazy_restore {
         format!("{crossed}; restored lazily (the memory filled there after the release)")
     } else {
         crossed.to_owned()

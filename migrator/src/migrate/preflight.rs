@@ -160,6 +160,7 @@ async fn preflight(
         hold: options.hold,
         page_stream: options.page_stream,
         lazy_restore: options.lazy_restore,
+        post_copy: options.post_copy,
         boot_id: identity.0.clone(),
         pid_namespace: identity.1,
         image_bytes,

@@ -1,11 +1,12 @@
 //! After the dump: the images to the agent, the service addresses given
 //! up here, and (with --hold) the peers' packets held so far.
 
-use std::{path::Path, time::Instant};
+use std::{collections::HashMap, path::Path, time::Instant};
 
 use super::{MigrateOptions, Progress, dump::Frozen};
 use crate::{
     channel::{self, ChannelError, Message, TlsChannel},
+    criu::page_source::Pagemap,
     dataplane::lock::MigrationLock,
     report::{self, PhaseClock, Report},
 };
@@ -23,6 +24,9 @@ pub(super) struct Released {
     /// The destination restores lazily (--lazy-restore): after `Restored`
     /// it says when the memory is filled.
     pub lazy_restore: bool,
+    /// And its lazy pages are still here: we answer for them until the
+    /// memory is filled (--post-copy).
+    pub post_copy: bool,
 }
 
 pub(super) async fn transfer_and_release(
@@ -44,7 +48,7 @@ pub(super) async fn transfer_and_release(
     if crate::fault::fires(crate::fault::TRANSFER_PAUSE) {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
-    let sent = send_images(&mut channel, &progress.images)
+    let sent = send_images(&mut channel, &progress.images, options.post_copy)
         .await
         .map_err(|err| format!("transfer: {err}"));
     report.image_bytes += clock.end_with(phase, sent)?;
@@ -82,6 +86,7 @@ pub(super) async fn transfer_and_release(
         packets_at_ip_release,
         hold: options.hold,
         lazy_restore: options.lazy_restore,
+        post_copy: options.post_copy,
     })
 }
 
@@ -106,16 +111,28 @@ pub(super) async fn send_held(
     Ok(())
 }
 
-async fn send_images(channel: &mut TlsChannel, dir: &Path) -> Result<u64, ChannelError> {
+/// Every image of `dir`; with `post_copy`, of each pages image only what
+/// the restore reads itself (the lazy pages are asked for later).
+async fn send_images(
+    channel: &mut TlsChannel,
+    dir: &Path,
+    post_copy: bool,
+) -> Result<u64, ChannelError> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(Result::ok)
         .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
         .collect();
     entries.sort_by_key(std::fs::DirEntry::file_name);
+    let mut eager = if post_copy {
+        eager_parts(&entries)?
+    } else {
+        HashMap::new()
+    };
     let (mut files, mut bytes) = (0u64, 0u64);
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
-        bytes += channel.send_file(&entry.path(), &name).await?;
+        let parts = eager.remove(&name);
+        bytes += channel.send_file_parts(&entry.path(), &name, parts).await?;
         files += 1;
     }
     channel.send(&Message::FilesDone { files, bytes }).await?;
@@ -127,4 +144,22 @@ async fn send_images(channel: &mut TlsChannel, dir: &Path) -> Result<u64, Channe
             got: other.name(),
         }),
     }
+}
+
+/// By pages image name: the parts the restore reads itself, from the page
+/// maps that point at it.
+fn eager_parts(
+    entries: &[std::fs::DirEntry],
+) -> Result<HashMap<String, Vec<(u64, u64)>>, ChannelError> {
+    let mut parts = HashMap::new();
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
+            continue;
+        }
+        let map = Pagemap::read(&entry.path())
+            .map_err(|err| ChannelError::Frame(format!("post-copy: {err}")))?;
+        parts.insert(format!("pages-{}.img", map.pages_id), map.eager_extents());
+    }
+    Ok(parts)
 }

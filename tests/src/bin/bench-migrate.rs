@@ -450,11 +450,13 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
         .0
         .join(format!("reports/{ballast_mb}-dump-then-send"));
     let lazy = lab.dir.0.join(format!("reports/{ballast_mb}-lazy-restore"));
+    let post = lab.dir.0.join(format!("reports/{ballast_mb}-post-copy"));
     let mut by_hand = Vec::new();
     for round in 0..rounds {
         for (reports, extra) in [
             (&streamed, &[][..]),
             (&lazy, &["--lazy-restore"][..]),
+            (&post, &["--post-copy"][..]),
             (&after_dump, &["--dump-then-send"][..]),
         ] {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
@@ -483,6 +485,7 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
     for (name, (low, median, high)) in [
         ("ours, streamed", our_windows(&streamed).0),
         ("ours, --lazy-restore", our_windows(&lazy).0),
+        ("ours, --post-copy", our_windows(&post).0),
         ("ours, --dump-then-send", our_windows(&after_dump).0),
         ("CRIU by hand", hand),
     ] {
@@ -492,6 +495,25 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
             median / hand,
             median / f64::from(ballast_mb),
             f64::from(ballast_mb) / (median / 1e3),
+        );
+    }
+    // After the release: how long until the memory was all there.
+    for (name, dir) in [("--lazy-restore", &lazy), ("--post-copy", &post)] {
+        let mut fills: Vec<f64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .filter_map(|report| {
+                report["phases"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["name"] == "memory-fill")?["duration_ms"]
+                    .as_f64()
+            })
+            .collect();
+        let (low, median, high) = stats(&mut fills);
+        println!(
+            "  {ballast_mb:>5} MiB  {name:<24} memory filled {median:.0} ms ({low:.0}..{high:.0}) after the release"
         );
     }
     print_steal(started);
