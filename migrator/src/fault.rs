@@ -21,8 +21,9 @@
 //!   began, before any image goes, so that a test can act at that moment
 //!   (the images of a small process cross in about a millisecond).
 //! - `lazy-pages-dies` (agent): with a lazy restore, the `criu lazy-pages`
-//!   daemon is SIGKILLed right after the release, before it could fill
-//!   the memory, as a daemon crashing or killed by the OOM killer would.
+//!   daemon is SIGKILLed right after the restore (the process still
+//!   stopped, released later), before it could fill the memory, as a
+//!   daemon crashing or killed by the OOM killer would.
 
 use std::sync::Mutex;
 

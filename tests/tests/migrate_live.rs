@@ -426,7 +426,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// A lazy restore whose `criu lazy-pages` dies right after the release
+/// A lazy restore whose `criu lazy-pages` dies right after the restore
 /// (`MIGRATOR_FAULTS=lazy-pages-dies` on the agent, a real SIGKILL): the
 /// memory can never be completed, so the destination kills the process
 /// (its faults wait on our userfaultfd duplicates meanwhile, never

@@ -293,8 +293,6 @@ async fn serve(
         pages::deliver(channel, &mut store, limit, commit_by).await?;
     }
     receive_images(channel, session_dir, commit_by).await?;
-    // The lazy restore's daemon reads the images' inventory as it starts:
-    // now, while the restore request comes.
     // Post-copy: the daemon asks for the lazy pages on a socket of ours,
     // and we ask the source.
     let (mut source_pages, remote_pages) = if request.post_copy && request.lazy_restore {
@@ -305,6 +303,8 @@ async fn serve(
     } else {
         (None, None)
     };
+    // The lazy restore's daemon reads the images' inventory as it starts:
+    // now, while the restore request comes.
     let lazy = request.lazy_restore.then(|| {
         let criu = config.criu.clone();
         let dir = images.to_owned();
@@ -456,10 +456,6 @@ async fn fill_memory(
     mut lazy: LazyPages,
     released_at: Option<Instant>,
 ) -> Result<f64, String> {
-    if crate::fault::fires(crate::fault::LAZY_PAGES_DIES) {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(lazy.pid(), libc::SIGKILL) };
-    }
     let released_at = released_at.unwrap_or_else(Instant::now);
     let waited = tokio::task::spawn_blocking(move || {
         let filled = lazy.wait();

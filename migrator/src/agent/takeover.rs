@@ -160,6 +160,13 @@ pub async fn take_over(
                 format!("guarding the lazy restore's userfaultfds: {e}"),
             )
         })?;
+        // The injected fault: the daemon dies at once, long before it
+        // could fill the memory (after the release it raced the fill of
+        // a small process, and sometimes lost).
+        if crate::fault::fires(crate::fault::LAZY_PAGES_DIES) {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(lazy.pid(), libc::SIGKILL) };
+        }
     }
     // Every connection dumped must be back, established, in the restored
     // tree: CRIU succeeding is not proof enough to release.
