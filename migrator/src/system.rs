@@ -267,7 +267,6 @@ pub fn kill_tree(root: i32) -> Vec<i32> {
 /// exiting (PF_EXITING), or with SIGKILL pending.
 pub fn doomed(pid: i32) -> bool {
     const PF_EXITING: u64 = 0x4;
-    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
     let (Ok(stat), Ok(status)) = (
         std::fs::read_to_string(format!("/proc/{pid}/stat")),
         std::fs::read_to_string(format!("/proc/{pid}/status")),
@@ -285,17 +284,22 @@ pub fn doomed(pid: i32) -> bool {
         .get(6)
         .and_then(|flags| flags.parse::<u64>().ok())
         .unwrap_or(0);
-    let pending = |name: &str| {
+    matches!(state, "Z" | "X" | "x")
+        || flags & PF_EXITING != 0
+        || signal_pending(&status, libc::SIGKILL)
+}
+
+/// Whether `signal` is pending (for the thread or the whole process) in
+/// a `/proc/PID/status`.
+pub fn signal_pending(status: &str, signal: i32) -> bool {
+    let bit = 1u64 << (signal - 1);
+    ["SigPnd:", "ShdPnd:"].iter().any(|name| {
         status
             .lines()
             .find_map(|line| line.strip_prefix(name))
             .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-            .is_some_and(|mask| mask & SIGKILL_BIT != 0)
-    };
-    matches!(state, "Z" | "X" | "x")
-        || flags & PF_EXITING != 0
-        || pending("SigPnd:")
-        || pending("ShdPnd:")
+            .is_some_and(|mask| mask & bit != 0)
+    })
 }
 
 /// (fd, target path, metadata of the target) for every descriptor.

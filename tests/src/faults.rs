@@ -112,12 +112,7 @@ fn live_copy_statuses(netns: &[u64]) -> Vec<String> {
 /// Whether a stop is under way in process `pid`: SIGSTOP pending, or
 /// (once a thread took it) one of its threads stopped already.
 fn being_stopped(pid: i32, status: &str) -> bool {
-    const SIGSTOP_BIT: u64 = 1 << (libc::SIGSTOP - 1);
-    let pending = ["ShdPnd:", "SigPnd:"].iter().any(|name| {
-        u64::from_str_radix(status_field(status, name), 16)
-            .is_ok_and(|pending| pending & SIGSTOP_BIT != 0)
-    });
-    pending
+    migrator::system::signal_pending(status, libc::SIGSTOP)
         || std::fs::read_dir(format!("/proc/{pid}/task"))
             .into_iter()
             .flatten()

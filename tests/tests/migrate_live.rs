@@ -269,16 +269,8 @@ fn lazy_restore_moves_a_large_process_with_its_memory_intact() {
                 .ends_with("restored lazily (the memory filled there after the release)"),
             "{report}"
         );
-        let phase = |name: &str| {
-            phase(&report, "destination", name)
-                .unwrap_or_else(|| panic!("no destination phase {name}: {report}"))
-        };
-        let fill = phase("memory-fill");
-        assert!(fill["duration_ms"].as_f64().unwrap() > 0.0, "{report}");
-        assert!(
-            fill["start_ms"].as_f64().unwrap() >= end_ms(phase("release")) - 1.0,
-            "{report}"
-        );
+        filled_after_the_release(&report, 128);
+        let phase = |name: &str| destination_phase(&report, name);
         assert!(
             end_ms(phase("lazy-pages-start"))
                 <= phase("restore")["start_ms"].as_f64().unwrap() + 1e-6
@@ -288,16 +280,34 @@ fn lazy_restore_moves_a_large_process_with_its_memory_intact() {
             parts.iter().all(|p| p["name"] != "memory-fill"),
             "{parts:?}"
         );
-        // The restore copied almost nothing: the fill did.
-        let restored = report["criu_restore"]["pages_restored"]
-            .as_u64()
-            .unwrap_or(0);
-        assert!(restored < (128 << 20) / 4096 / 4, "{report}");
         // Two checks of the ballast after the move.
         std::thread::sleep(Duration::from_millis(2100));
         assert_eq!(MigrationLab::netns_of(pid), Some(lab.netns_inode(to)));
         assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
     }
+}
+
+/// The destination's phase `name` in `report`.
+fn destination_phase<'a>(report: &'a Value, name: &str) -> &'a Value {
+    phase(report, "destination", name)
+        .unwrap_or_else(|| panic!("no destination phase {name}: {report}"))
+}
+
+/// A lazy restore's checks: the memory filled after the release, and the
+/// restore itself copied almost nothing of the `ballast_mb` MiB (the fill
+/// did). Returns the fill's phase.
+fn filled_after_the_release(report: &Value, ballast_mb: u64) -> Value {
+    let fill = destination_phase(report, "memory-fill");
+    assert!(fill["duration_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        fill["start_ms"].as_f64().unwrap() >= end_ms(destination_phase(report, "release")) - 1.0,
+        "{report}"
+    );
+    let restored = report["criu_restore"]["pages_restored"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(restored < (ballast_mb << 20) / 4096 / 4, "{report}");
+    fill.clone()
 }
 
 /// `--post-copy`: the dump stays here but for what the restore reads
@@ -327,20 +337,7 @@ fn post_copy_moves_a_large_process_with_its_memory_intact() {
             sent < (128 << 20) / 4,
             "{sent} bytes of images crossed: {report}"
         );
-        let phase = |name: &str| {
-            phase(&report, "destination", name)
-                .unwrap_or_else(|| panic!("no destination phase {name}: {report}"))
-        };
-        let fill = phase("memory-fill");
-        assert!(fill["duration_ms"].as_f64().unwrap() > 0.0, "{report}");
-        assert!(
-            fill["start_ms"].as_f64().unwrap() >= end_ms(phase("release")) - 1.0,
-            "{report}"
-        );
-        let restored = report["criu_restore"]["pages_restored"]
-            .as_u64()
-            .unwrap_or(0);
-        assert!(restored < (128 << 20) / 4096 / 4, "{report}");
+        let fill = filled_after_the_release(&report, 128);
         eprintln!(
             "round {round}: freeze window {} ms = {}; {sent} bytes of images crossed; memory filled {} ms after the release",
             report["freeze_window_ms"], report["freeze_window_parts"], fill["duration_ms"]

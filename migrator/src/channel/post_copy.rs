@@ -3,7 +3,7 @@
 //! lacks with CRIU's page-server protocol on a local socket;
 //! [`ask_source`] (agent) turns each request into a `PagesWanted`
 //! message and writes the source's answer back to the daemon, and
-//! [`answer_destination`] (source) reads the pages from its dump's
+//! [`receive_answering`] (source) reads the pages from its dump's
 //! images. One request at a time, in the daemon's order, which is the
 //! order in which it waits for the answers.
 
@@ -121,34 +121,6 @@ where
         other => Err(ChannelError::Frame(format!(
             "the lazy-pages daemon sent command {other:#x} ({pages} pages)"
         ))),
-    }
-}
-
-/// How answering the destination ended.
-pub enum Answered {
-    /// It says the memory is filled, this long after its release.
-    Filled { after_release_ms: f64 },
-    /// It says its copy could not be filled (and was killed).
-    Failed { reason: String },
-}
-
-/// Source: answer the destination's `PagesWanted` from our images until
-/// it says the memory is filled or lost, or `give_up_at`.
-pub async fn answer_destination<S>(
-    channel: &mut Channel<S>,
-    source: &mut PageSource,
-    give_up_at: Instant,
-) -> Result<Answered, ChannelError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    match receive_answering(channel, Some(source), Some(give_up_at)).await? {
-        Message::MemoryFilled { after_release_ms } => Ok(Answered::Filled { after_release_ms }),
-        Message::Failed { reason, .. } => Ok(Answered::Failed { reason }),
-        other => Err(ChannelError::Unexpected {
-            expected: "pages-wanted or memory-filled",
-            got: other.name(),
-        }),
     }
 }
 

@@ -223,10 +223,15 @@ pub(super) async fn hand_over(
             });
         }
     }
-    if let Some(pages) = pages.as_mut() {
-        answer_for_memory(&mut channel, pages, clock, released_at_ms, progress).await?;
-    } else if lazy_restore {
-        await_memory_fill(&mut channel, clock, released_at_ms, progress).await?;
+    if lazy_restore {
+        await_memory_fill(
+            &mut channel,
+            pages.as_mut(),
+            clock,
+            released_at_ms,
+            progress,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -238,20 +243,38 @@ const MEMORY_FILL_WAIT: Duration = Duration::from_secs(120);
 
 /// With a lazy restore, the destination's word that the restored memory
 /// is complete (its fill, as a phase after the release), or that it could
-/// not be and the process is lost.
+/// not be. With post-copy (`pages`), we answer its daemon's page requests
+/// from our images meanwhile, and until then the process needs both
+/// hosts: a copy it could not fill, it killed, and our images are the
+/// whole process (the report fails and keeps them); if we lose touch, it
+/// is in doubt (the copy there is killed once its daemon can get no more
+/// pages, but we cannot know that it was). Without, a copy it could not
+/// fill is lost.
 async fn await_memory_fill(
     channel: &mut crate::channel::TlsChannel,
+    pages: Option<&mut PageSource>,
     clock: &mut PhaseClock,
     released_at_ms: f64,
     progress: &mut Progress,
 ) -> Result<(), String> {
-    match channel
-        .receive_before(Some(Instant::now() + MEMORY_FILL_WAIT))
-        .await
-    {
+    let post_copy = pages.is_some();
+    let answer = channel::post_copy::receive_answering(
+        channel,
+        pages,
+        Some(Instant::now() + MEMORY_FILL_WAIT),
+    )
+    .await;
+    match answer {
         Ok(Message::MemoryFilled { after_release_ms }) => {
             clock.record(memory_fill_phase(released_at_ms, after_release_ms));
             Ok(())
+        }
+        Ok(Message::Failed { reason, .. }) if post_copy => {
+            progress.destination_lost_copy = true;
+            Err(format!(
+                "the destination could not fill the memory of its copy, which it killed: {}",
+                channel::printable(&reason)
+            ))
         }
         Ok(Message::Failed { reason, .. }) => {
             progress.lost_at_destination = true;
@@ -264,42 +287,10 @@ async fn await_memory_fill(
             "waiting for the lazy restore's memory fill, the destination answered {}",
             other.name()
         )),
-        Err(err) => Err(format!("waiting for the lazy restore's memory fill: {err}")),
-    }
-}
-
-/// Post-copy: answer the destination's daemon from our images until it
-/// says the memory is filled. Until then the process needs both hosts.
-/// If the destination says its copy could not be filled (killed), the
-/// process runs nowhere and our images are the whole of it: the report
-/// fails and keeps them. If we lose touch, it is in doubt (the copy
-/// there is killed once its daemon can get no more pages, but we cannot
-/// know that it was).
-async fn answer_for_memory(
-    channel: &mut crate::channel::TlsChannel,
-    pages: &mut PageSource,
-    clock: &mut PhaseClock,
-    released_at_ms: f64,
-    progress: &mut Progress,
-) -> Result<(), String> {
-    let answered =
-        channel::post_copy::answer_destination(channel, pages, Instant::now() + MEMORY_FILL_WAIT)
-            .await;
-    match answered {
-        Ok(channel::post_copy::Answered::Filled { after_release_ms }) => {
-            clock.record(memory_fill_phase(released_at_ms, after_release_ms));
-            Ok(())
-        }
-        Ok(channel::post_copy::Answered::Failed { reason }) => {
-            progress.destination_lost_copy = true;
-            Err(format!(
-                "the destination could not fill the memory of its copy, which it killed: {}",
-                channel::printable(&reason)
-            ))
-        }
-        Err(err) => Err(format!(
+        Err(err) if post_copy => Err(format!(
             "answering the destination's page requests (post-copy): {err}"
         )),
+        Err(err) => Err(format!("waiting for the lazy restore's memory fill: {err}")),
     }
 }
 

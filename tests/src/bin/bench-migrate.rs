@@ -441,6 +441,22 @@ fn our_windows(reports: &Path) -> ((f64, f64, f64), Summary) {
     ((w.min, w.p50, w.max), summary)
 }
 
+/// The duration of phase `name` in each report of `dir` that has it.
+fn phase_durations(dir: &Path, name: &str) -> Vec<f64> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .filter_map(|report| {
+            report["phases"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == name)?["duration_ms"]
+                .as_f64()
+        })
+        .collect()
+}
+
 fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds: usize) -> i32 {
     let started = cpu_ticks();
     pid = fresh_workload(lab, pid, ballast_mb);
@@ -499,19 +515,7 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
     }
     // After the release: how long until the memory was all there.
     for (name, dir) in [("--lazy-restore", &lazy), ("--post-copy", &post)] {
-        let mut fills: Vec<f64> = std::fs::read_dir(dir)
-            .unwrap()
-            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-            .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .filter_map(|report| {
-                report["phases"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["name"] == "memory-fill")?["duration_ms"]
-                    .as_f64()
-            })
-            .collect();
-        let (low, median, high) = stats(&mut fills);
+        let (low, median, high) = stats(&mut phase_durations(dir, "memory-fill"));
         println!(
             "  {ballast_mb:>5} MiB  {name:<24} memory filled {median:.0} ms ({low:.0}..{high:.0}) after the release"
         );
@@ -565,19 +569,7 @@ fn routed_section(rounds: usize) {
     // How long, from the announcement, until every peer's echo answer
     // reached the destination (the route-convergence phase).
     for (dir, name) in reports.iter().zip(["l2", "bgp"]) {
-        let mut phase: Vec<f64> = std::fs::read_dir(dir)
-            .unwrap()
-            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-            .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .filter_map(|report| {
-                report["phases"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["name"] == "route-convergence")?["duration_ms"]
-                    .as_f64()
-            })
-            .collect();
-        let (a, b, c) = stats(&mut phase);
+        let (a, b, c) = stats(&mut phase_durations(dir, "route-convergence"));
         println!(
             "  {name:<18} {:<18} {a:8.1} {b:10.1} {c:10.1}",
             "route-convergence"
