@@ -21,9 +21,13 @@
 //!   began, before any image goes, so that a test can act at that moment
 //!   (the images of a small process cross in about a millisecond).
 //! - `lazy-pages-dies` (agent): with a lazy restore, the `criu lazy-pages`
-//!   daemon is SIGKILLed right after the restore (the process still
-//!   stopped, released later), before it could fill the memory, as a
-//!   daemon crashing or killed by the OOM killer would.
+//!   daemon is SIGKILLed right after the restore, before the agent says
+//!   it is ready, as a daemon crashing or killed by the OOM killer would.
+//! - `lazy-pages-dies-at-release` (agent): with a lazy restore, the daemon
+//!   is SIGKILLed once the commit came, right before the release, the
+//!   memory not yet filled (one filling from local images is stopped
+//!   right after the restore; with post-copy nobody relays its requests
+//!   from the restore's end to the release).
 
 use std::sync::Mutex;
 
@@ -58,5 +62,6 @@ pub const DUMP_FAILS_UNFROZEN: &str = "dump-fails-unfrozen";
 pub const RESTORED_REPLY_LOST: &str = "restored-reply-lost";
 pub const RESTORE_FAILS: &str = "restore-fails";
 pub const LAZY_PAGES_DIES: &str = "lazy-pages-dies";
+pub const LAZY_PAGES_DIES_AT_RELEASE: &str = "lazy-pages-dies-at-release";
 pub const RESTORED_PAUSE: &str = "restored-pause";
 pub const TRANSFER_PAUSE: &str = "transfer-pause";

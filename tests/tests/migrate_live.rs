@@ -423,32 +423,87 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// A lazy restore whose `criu lazy-pages` dies right after the restore
-/// (`MIGRATOR_FAULTS=lazy-pages-dies` on the agent, a real SIGKILL): the
-/// memory can never be completed, so the destination kills the process
-/// (its faults wait on our userfaultfd duplicates meanwhile, never
-/// reading zeros), and the source reports it lost: outcome failed, exit
-/// 5, not in doubt, no copy running on either host.
+/// A lazy restore whose `criu lazy-pages` dies at the release, the
+/// memory not yet filled (`MIGRATOR_FAULTS=lazy-pages-dies-at-release` on
+/// the agent: stopped after the restore, a real SIGKILL once the commit
+/// came): it can never be completed, so the destination kills the
+/// process (its faults wait on our userfaultfd duplicates meanwhile,
+/// never reading zeros), and the source reports it lost: outcome failed,
+/// exit 5, not in doubt, no copy running on either host. The same with
+/// `--post-copy`, whose dump here is then only the process at the
+/// freeze, and the error says so.
 #[test]
 fn lazy_restore_whose_memory_filler_dies_is_reported_lost() {
-    let mut lab = MigrationLab::new("lazyd");
-    lab.stop_agent(DST);
-    lab.start_agent_injecting(DST, &[], Some("lazy-pages-dies"));
-    let pid = lab.start_workload(true, 64);
-    std::thread::sleep(Duration::from_millis(800));
-    let run = lab.migrate(SRC, DST, pid, &["--lazy-restore"]);
-    assert_eq!(run.code, Some(5), "lost exits 5: {}", run.stderr);
-    let report = run.report.unwrap();
-    assert_eq!(report["outcome"], "failed", "{report}");
-    let error = report["error"].as_str().unwrap();
-    assert!(error.contains("lazy-pages"), "{error}");
-    assert!(error.contains("the process is lost"), "{error}");
-    let hosts = [lab.netns_inode(SRC), lab.netns_inode(DST)];
-    assert_eq!(migrator_tests::faults::live_copies(&hosts), 0, "{report}");
-    assert!(
-        migrator_tests::migration::workload_statuses(&hosts).is_empty(),
-        "a copy is left: {report}"
-    );
+    for mode in ["--lazy-restore", "--post-copy"] {
+        let mut lab = MigrationLab::new("lazyd");
+        lab.stop_agent(DST);
+        lab.start_agent_injecting(DST, &[], Some("lazy-pages-dies-at-release"));
+        let pid = lab.start_workload(true, 64);
+        std::thread::sleep(Duration::from_millis(800));
+        let run = lab.migrate(SRC, DST, pid, &[mode]);
+        assert_eq!(run.code, Some(5), "{mode}: lost exits 5: {}", run.stderr);
+        let report = run.report.unwrap();
+        assert_eq!(report["outcome"], "failed", "{mode}: {report}");
+        let error = report["error"].as_str().unwrap();
+        assert!(error.contains("lazy-pages"), "{mode}: {error}");
+        assert!(error.contains("the process is lost"), "{mode}: {error}");
+        if mode == "--post-copy" {
+            let kept = report["images_kept"].as_str().unwrap();
+            assert!(
+                error.contains("as it was at the freeze")
+                    && error.contains(&format!("migrator recover --images {kept}")),
+                "{error}"
+            );
+        }
+        let hosts = [lab.netns_inode(SRC), lab.netns_inode(DST)];
+        assert_eq!(migrator_tests::faults::live_copies(&hosts), 0, "{report}");
+        assert!(
+            migrator_tests::migration::workload_statuses(&hosts).is_empty(),
+            "{mode}: a copy is left: {report}"
+        );
+    }
+}
+
+/// A lazy restore whose `criu lazy-pages` dies before the destination
+/// says it is ready (`MIGRATOR_FAULTS=lazy-pages-dies` on the agent, a
+/// real SIGKILL right after the restore): the agent sees it gone and
+/// gives up, so the source, which has not committed, resumes its own
+/// copy: rolled back, the connections intact, nothing left there. With
+/// `--lazy-restore` (the memory streamed there) and `--post-copy`.
+#[test]
+fn a_memory_filler_dead_before_the_release_rolls_back() {
+    let mut lab = MigrationLab::new("lazye");
+    let mut pid = lab.start_workload(true, 64);
+    std::thread::sleep(Duration::from_millis(1200));
+    for mode in ["--lazy-restore", "--post-copy"] {
+        lab.stop_agent(DST);
+        lab.start_agent_injecting(DST, &[], Some("lazy-pages-dies"));
+        std::thread::sleep(Duration::from_millis(300));
+        let run = lab.migrate(SRC, DST, pid, &[mode]);
+        assert_eq!(outcome(&run), "rolled-back", "{mode}: {}", run.stderr);
+        let report = run.report.unwrap();
+        let error = report["error"].as_str().unwrap();
+        assert!(
+            error.contains("lazy-pages daemon exited") && error.contains("before the release"),
+            "{mode}: {error}"
+        );
+        assert_eq!(
+            migrator_tests::faults::live_copies(&[lab.netns_inode(SRC)]),
+            1,
+            "{mode}: {report}"
+        );
+        assert!(
+            migrator_tests::migration::workload_statuses(&[lab.netns_inode(DST)]).is_empty(),
+            "{mode}: a copy is left there"
+        );
+        assert!(!lab.has_address(DST, SERVICE_V4), "{mode}");
+        assert!(!lab.pins_left(DST), "{mode}");
+        assert_streams_intact_and_flowing(&lab, Duration::from_millis(300));
+        // Restored from the images here (post-copy) or resumed.
+        if let Some(restored) = report["restored_here_pid"].as_i64() {
+            pid = restored as i32;
+        }
+    }
 }
 
 /// `--dump-then-send`: CRIU dumps every image here (and kills the tree),

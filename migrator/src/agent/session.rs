@@ -50,6 +50,9 @@ pub(super) struct Session {
     /// With a lazy restore: the daemon that fills the restored memory.
     /// Dropped only once that copy is gone or filled.
     pub lazy: Option<LazyPages>,
+    /// The injected fault `lazy-pages-dies-at-release` stopped the
+    /// daemon: it is killed right before the release.
+    pub kill_daemon_at_release: bool,
 }
 
 /// What happens to a session's images when it ends.
@@ -146,6 +149,7 @@ pub(super) async fn run(
         frozen_at: None,
         released_at: None,
         lazy: None,
+        kill_daemon_at_release: false,
     };
     let result = serve(
         &mut channel,
@@ -333,9 +337,16 @@ async fn serve(
         // the source answers while it waits for our word.
         Some(daemon) => match relay_while(restore, channel, daemon).await {
             (taken, None) => taken,
+            // The daemon's end failing is most likely the daemon gone.
             (_, Some(err)) => Err((
                 crate::report::RESTORE,
-                format!("asking the source for the pages the restore needs: {err}"),
+                session
+                    .lazy
+                    .as_mut()
+                    .and_then(LazyPages::died_early)
+                    .unwrap_or_else(|| {
+                        format!("asking the source for the pages the restore needs: {err}")
+                    }),
             )),
         },
     };
@@ -350,6 +361,13 @@ async fn serve(
     // and the peers answer it. It runs only if the source commits in time.
     if crate::fault::fires(crate::fault::RESTORED_PAUSE) {
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A lazy restore needs its daemon to fill the memory. One already
+    // dead would leave the copy here incomplete for good, while the
+    // source can still resume its own: give up now, not after the commit.
+    if let Some(died) = session.lazy.as_mut().and_then(LazyPages::died_early) {
+        let phase = crate::report::RESTORE;
+        return Err(abandon(channel, session, netlink, phase, died).await);
     }
     channel.send(&Message::Ready).await?;
     let waited_from = Instant::now();
@@ -391,6 +409,11 @@ async fn serve(
             let phase = crate::report::HANDOVER;
             return Err(abandon(channel, session, netlink, phase, why).await);
         }
+    }
+    if session.kill_daemon_at_release
+        && let Some(lazy) = session.lazy.as_mut()
+    {
+        lazy.signal_for_fault(libc::SIGKILL);
     }
     let handed = taken.hand_over(session, held, waited_from, images);
     session.released_at = Some(Instant::now());

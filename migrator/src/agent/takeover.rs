@@ -160,12 +160,20 @@ pub async fn take_over(
                 format!("guarding the lazy restore's userfaultfds: {e}"),
             )
         })?;
-        // The injected fault: the daemon dies at once, long before it
-        // could fill the memory (after the release it raced the fill of
-        // a small process, and sometimes lost).
+        // The injected faults: the daemon dies now, before we are ready,
+        // or is killed at the release, the memory not filled (after the
+        // release it raced the fill of a small process, and sometimes
+        // lost). A daemon filling from local images is stopped now, for
+        // it would fill 64 MiB in 10 ms; with post-copy it gets nothing
+        // from now to the release, when nobody relays its requests (and
+        // a stopped one would hold up the request we may be relaying).
         if crate::fault::fires(crate::fault::LAZY_PAGES_DIES) {
-            // SAFETY: kill has no memory preconditions.
-            unsafe { libc::kill(lazy.pid(), libc::SIGKILL) };
+            lazy.signal_for_fault(libc::SIGKILL);
+        } else if crate::fault::fires(crate::fault::LAZY_PAGES_DIES_AT_RELEASE) {
+            if !request.post_copy {
+                lazy.signal_for_fault(libc::SIGSTOP);
+            }
+            session.kill_daemon_at_release = true;
         }
     }
     // Every connection dumped must be back, established, in the restored

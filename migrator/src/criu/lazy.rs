@@ -182,6 +182,31 @@ impl LazyPages {
         }
     }
 
+    /// Before the release: why the daemon can no longer fill the memory,
+    /// if it died (or failed) already. One that exited having filled
+    /// every page is fine.
+    pub fn died_early(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) if status.success() => None,
+            Ok(Some(status)) => Some(format!(
+                "the lazy-pages daemon exited ({status}) before the release; its log is {}",
+                self.log.display()
+            )),
+            Ok(None) => None,
+            Err(err) => Some(format!("the lazy-pages daemon could not be checked: {err}")),
+        }
+    }
+
+    /// Injected faults only: `signal` to the daemon; with SIGKILL, also
+    /// wait until it is gone, so that what follows sees it dead.
+    pub fn signal_for_fault(&mut self, signal: i32) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.pid(), signal) };
+        if signal == libc::SIGKILL {
+            let _ = self.child.wait();
+        }
+    }
+
     /// The daemon's PID.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32

@@ -175,8 +175,24 @@ pub(super) async fn hand_over(
         .collect();
 
     // Stale packets: peers still sending to the old host after it gave
-    // up the address (keep counting a moment after the release).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // up the address (keep counting a moment after the release). With a
+    // lazy restore, the fill first: with post-copy the process there
+    // waits for our pages from its release on (a plain wait here held
+    // every peer up 200 ms more at 64 MiB).
+    let stale_counted_by = tokio::time::Instant::now() + STALE_PACKETS_WAIT;
+    let filled = if lazy_restore {
+        await_memory_fill(
+            &mut channel,
+            pages.as_mut(),
+            clock,
+            released_at_ms,
+            progress,
+        )
+        .await
+    } else {
+        Ok(())
+    };
+    tokio::time::sleep_until(stale_counted_by).await;
     // Both hosts' packet events, on our timeline, since we began.
     let mut events: Vec<ConnectionEvent> = std::mem::take(&mut reply.events)
         .into_iter()
@@ -223,18 +239,11 @@ pub(super) async fn hand_over(
             });
         }
     }
-    if lazy_restore {
-        await_memory_fill(
-            &mut channel,
-            pages.as_mut(),
-            clock,
-            released_at_ms,
-            progress,
-        )
-        .await?;
-    }
-    Ok(())
+    filled
 }
+
+/// How long after the release we count the packets that still reach us.
+const STALE_PACKETS_WAIT: Duration = Duration::from_millis(200);
 
 /// How long the destination's lazy restore may take to fill the memory
 /// after the release before we stop waiting (the process runs meanwhile;
@@ -245,11 +254,11 @@ const MEMORY_FILL_WAIT: Duration = Duration::from_secs(120);
 /// is complete (its fill, as a phase after the release), or that it could
 /// not be. With post-copy (`pages`), we answer its daemon's page requests
 /// from our images meanwhile, and until then the process needs both
-/// hosts: a copy it could not fill, it killed, and our images are the
-/// whole process (the report fails and keeps them); if we lose touch, it
-/// is in doubt (the copy there is killed once its daemon can get no more
-/// pages, but we cannot know that it was). Without, a copy it could not
-/// fill is lost.
+/// hosts: a copy it could not fill, it killed after it ran, and it is
+/// lost (our images, kept, are the process at the freeze); if we lose
+/// touch, it is in doubt (the copy there is killed once its daemon can
+/// get no more pages, but we cannot know that it was). Without, a copy
+/// it could not fill is lost.
 async fn await_memory_fill(
     channel: &mut crate::channel::TlsChannel,
     pages: Option<&mut PageSource>,

@@ -115,8 +115,9 @@ struct Progress {
     /// Where the agent keeps this session's images (its word at
     /// preflight).
     destination_images: String,
-    /// After the commit, post-copy: the destination killed its copy,
-    /// whose memory it could not fill; our images hold the whole process.
+    /// After the release, post-copy: the destination killed its copy,
+    /// whose memory it could not fill; our images hold the process as it
+    /// was at the freeze, not as it ran since.
     destination_lost_copy: bool,
     /// The tree's connections as CRIU dumped them (for the restore's
     /// check at the destination), once CRIU got that far.
@@ -211,14 +212,15 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             ));
         }
         Err(error) if progress.destination_lost_copy => {
-            // Known dead there, whole here (post-copy): never restored
-            // without someone checking, but nothing is lost.
+            // Dead there, after it ran: our images are the process as it
+            // was at the freeze, which its peers have gone past since.
             report.outcome = Outcome::Failed;
             progress.lock = None;
             report.error = Some(format!(
-                "{error}; the process runs nowhere now, and its complete dump is here: remove the service addresses from {} (`ip addr del`), then restore it here with `migrator recover --images {}` (the images are kept)",
+                "{error}; the process is lost: its copy there ran from the release until it was killed. The images kept here ({}) are the process as it was at the freeze: `migrator recover --images {}` (once the service addresses are off {}, `ip addr del`) would restart it from that moment, but its peers went on with the copy that ran there, so its connections will not carry on; unless that state matters, start the service again",
+                images.display(),
+                images.display(),
                 options.to,
-                images.display()
             ));
         }
         Err(error) if progress.committed => {
@@ -240,8 +242,15 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             } else {
                 ""
             };
+            // Post-copy: a copy released there ran, and one that could not
+            // get its pages is gone, whatever happens here.
+            let unless_released = if options.post_copy {
+                " (unless the agent's log says it released its copy: with --post-copy, a copy that ran there and was killed for want of its memory is lost, and these images would restart the process from the freeze, its peers gone past it)"
+            } else {
+                ""
+            };
             report.error = Some(format!(
-                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it {host} before the lock's deadline ({} s) with `migrator recover --images {dir}`{named}",
+                "{error}; the process now runs on {} or nowhere: check there (the agent's log, `ip addr`); if it does not run there, restore it {host} before the lock's deadline ({} s) with `migrator recover --images {dir}`{named}{unless_released}",
                 options.to,
                 options.deadline.as_secs(),
             ));

@@ -468,15 +468,23 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
     let lazy = lab.dir.0.join(format!("reports/{ballast_mb}-lazy-restore"));
     let post = lab.dir.0.join(format!("reports/{ballast_mb}-post-copy"));
     let mut by_hand = Vec::new();
+    let methods = [
+        ("ours, streamed", &streamed, &[][..]),
+        ("ours, --lazy-restore", &lazy, &["--lazy-restore"][..]),
+        ("ours, --post-copy", &post, &["--post-copy"][..]),
+        (
+            "ours, --dump-then-send",
+            &after_dump,
+            &["--dump-then-send"][..],
+        ),
+    ];
+    // What the peer saw of each of our moves, by method.
+    let mut seen: [Vec<Sample>; 4] = Default::default();
     for round in 0..rounds {
-        for (reports, extra) in [
-            (&streamed, &[][..]),
-            (&lazy, &["--lazy-restore"][..]),
-            (&post, &["--post-copy"][..]),
-            (&after_dump, &["--dump-then-send"][..]),
-        ] {
+        for ((_, reports, extra), seen) in methods.iter().zip(seen.iter_mut()) {
             for (from, to) in [(SRC, DST), (DST, SRC)] {
-                let (_, next) = ours(lab, from, to, pid, extra, reports);
+                let (sample, next) = ours(lab, from, to, pid, extra, reports);
+                seen.push(sample);
                 pid = next;
             }
         }
@@ -498,19 +506,33 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
         println!("  {ballast_mb} MiB, ours --lazy-restore, where the windows went:");
         print!("{}", our_windows(&lazy).1.render());
     }
-    for (name, (low, median, high)) in [
-        ("ours, streamed", our_windows(&streamed).0),
-        ("ours, --lazy-restore", our_windows(&lazy).0),
-        ("ours, --post-copy", our_windows(&post).0),
-        ("ours, --dump-then-send", our_windows(&after_dump).0),
-        ("CRIU by hand", hand),
-    ] {
+    let windows = methods
+        .iter()
+        .map(|(name, reports, _)| (*name, our_windows(reports).0));
+    for (name, (low, median, high)) in windows.chain([("CRIU by hand", hand)]) {
         let hand = hand.1;
         println!(
             "  {ballast_mb:>5} MiB  {name:<24} {median:7.1} ms ({low:.0}..{high:.0})  ratio to by hand {:.3}  {:.2} ms/MiB, {:.0} MiB/s inside the window",
             median / hand,
             median / f64::from(ballast_mb),
             f64::from(ballast_mb) / (median / 1e3),
+        );
+    }
+    // The peer's view: its longest gap against the window of the same
+    // move (a lazy restore's fill happens after the release, while the
+    // peer is served again, and shows here if it slows the process).
+    for ((name, _, _), seen) in methods.iter().zip(&seen) {
+        let (_, stall, _) = stats(&mut seen.iter().map(|s| s.stall).collect::<Vec<_>>());
+        let (_, beyond, most) =
+            stats(&mut seen.iter().map(|s| s.stall - s.window).collect::<Vec<_>>());
+        let (_, retransmits, _) = stats(
+            &mut seen
+                .iter()
+                .map(|s| s.retransmits as f64)
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "  {ballast_mb:>5} MiB  {name:<24} peer stall {stall:7.1} ms, beyond its window {beyond:.1} (at most {most:.1}), {retransmits:.0} peer retransmits (medians)"
         );
     }
     // After the release: how long until the memory was all there.
