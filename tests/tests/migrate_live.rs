@@ -117,14 +117,23 @@ fn move_round_with(
         drops.iter().all(|at| *at >= frozen_at - 1.0),
         "drops before the freeze at {frozen_at}: {drops:?}"
     );
-    // Later ones are stale packets: a peer still sending here after this
-    // host gave up the addresses, counted as such.
+    // Later ones from the peers are stale packets: a peer still sending
+    // here after this host gave up the addresses, counted as such (the
+    // count is of packets in; one of ours the lock still blocks on its
+    // way out is no stale packet).
     let released_at = phase(&report, "source", "ip-release")
         .and_then(|p| p["start_ms"].as_f64())
         .unwrap();
-    let stale: Vec<f64> = drops
+    let stale: Vec<f64> = report["events"]
+        .as_array()
+        .unwrap()
         .iter()
-        .copied()
+        .filter(|e| {
+            (e["kind"] == "drop" || e["kind"] == "hold")
+                && e["host"] == "source"
+                && e["direction"] == "in"
+        })
+        .map(|e| e["at_ms"].as_f64().unwrap())
         .filter(|at| *at > frozen_at + window + 1.0)
         .collect();
     let counted_stale: u64 = report["connections"]
@@ -133,10 +142,18 @@ fn move_round_with(
         .iter()
         .map(|c| c["stale_packets_source"].as_u64().unwrap())
         .sum();
+    let late: Vec<&Value> = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["host"] == "source" && e["at_ms"].as_f64().unwrap() > frozen_at + window + 1.0
+        })
+        .collect();
     assert!(
         stale.iter().all(|at| *at >= released_at - 1.0) && stale.len() as u64 <= counted_stale,
         "drops after the window [{frozen_at}, +{window}] not counted as stale \
-         ({counted_stale} after the ip-release at {released_at}): {drops:?}"
+         ({counted_stale} after the ip-release at {released_at}): {drops:?}; the source's events after the window: {late:?}"
     );
     (report, from, to)
 }
