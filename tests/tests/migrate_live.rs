@@ -124,24 +124,6 @@ fn move_round_with(
     let released_at = phase(&report, "source", "ip-release")
         .and_then(|p| p["start_ms"].as_f64())
         .unwrap();
-    let stale: Vec<f64> = report["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| {
-            (e["kind"] == "drop" || e["kind"] == "hold")
-                && e["host"] == "source"
-                && e["direction"] == "in"
-        })
-        .map(|e| e["at_ms"].as_f64().unwrap())
-        .filter(|at| *at > frozen_at + window + 1.0)
-        .collect();
-    let counted_stale: u64 = report["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["stale_packets_source"].as_u64().unwrap())
-        .sum();
     let late: Vec<&Value> = report["events"]
         .as_array()
         .unwrap()
@@ -150,6 +132,17 @@ fn move_round_with(
             e["host"] == "source" && e["at_ms"].as_f64().unwrap() > frozen_at + window + 1.0
         })
         .collect();
+    let stale: Vec<f64> = late
+        .iter()
+        .filter(|e| (e["kind"] == "drop" || e["kind"] == "hold") && e["direction"] == "in")
+        .map(|e| e["at_ms"].as_f64().unwrap())
+        .collect();
+    let counted_stale: u64 = report["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stale_packets_source"].as_u64().unwrap())
+        .sum();
     assert!(
         stale.iter().all(|at| *at >= released_at - 1.0) && stale.len() as u64 <= counted_stale,
         "drops after the window [{frozen_at}, +{window}] not counted as stale \
@@ -442,8 +435,9 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// A lazy restore whose `criu lazy-pages` dies at the release, the
 /// memory not yet filled (`MIGRATOR_FAULTS=lazy-pages-dies-at-release` on
-/// the agent: stopped after the restore, a real SIGKILL once the commit
-/// came): it can never be completed, so the destination kills the
+/// the agent: a real SIGKILL once the commit came, the daemon stopped
+/// since the restore when it fills from local images): it can never be
+/// completed, so the destination kills the
 /// process (its faults wait on our userfaultfd duplicates meanwhile,
 /// never reading zeros), and the source reports it lost: outcome failed,
 /// exit 5, not in doubt, no copy running on either host. The same with

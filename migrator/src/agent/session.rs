@@ -50,8 +50,8 @@ pub(super) struct Session {
     /// With a lazy restore: the daemon that fills the restored memory.
     /// Dropped only once that copy is gone or filled.
     pub lazy: Option<LazyPages>,
-    /// The injected fault `lazy-pages-dies-at-release` stopped the
-    /// daemon: it is killed right before the release.
+    /// The injected fault `lazy-pages-dies-at-release` fired: the daemon
+    /// is killed right before the release.
     pub kill_daemon_at_release: bool,
 }
 

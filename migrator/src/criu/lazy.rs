@@ -168,17 +168,21 @@ impl LazyPages {
                 self.guards.clear();
                 Ok(started.elapsed())
             }
-            other => Err(LazyError::Died {
-                status: match other {
-                    Ok(status) => status.to_string(),
-                    Err(err) => format!("could not be waited for ({err})"),
-                },
-                log: self.log.clone(),
-                tail: super::swrk::log_errors(&self.log)
-                    .iter()
-                    .map(|line| format!("\n    {line}"))
-                    .collect(),
-            }),
+            Ok(status) => Err(self.died(status.to_string())),
+            Err(err) => Err(self.died(format!("could not be waited for ({err})"))),
+        }
+    }
+
+    /// The daemon gone (`status`) with the memory unfilled, with the
+    /// errors of its log.
+    fn died(&self, status: String) -> LazyError {
+        LazyError::Died {
+            status,
+            log: self.log.clone(),
+            tail: super::swrk::log_errors(&self.log)
+                .iter()
+                .map(|line| format!("\n    {line}"))
+                .collect(),
         }
     }
 
@@ -186,15 +190,15 @@ impl LazyPages {
     /// if it died (or failed) already. One that exited having filled
     /// every page is fine.
     pub fn died_early(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) if status.success() => None,
-            Ok(Some(status)) => Some(format!(
-                "the lazy-pages daemon exited ({status}) before the release; its log is {}",
-                self.log.display()
-            )),
-            Ok(None) => None,
-            Err(err) => Some(format!("the lazy-pages daemon could not be checked: {err}")),
-        }
+        let died = match self.child.try_wait() {
+            Ok(Some(status)) if status.success() => return None,
+            Ok(None) => return None,
+            Ok(Some(status)) => self.died(status.to_string()),
+            Err(err) => self.died(format!("could not be checked ({err})")),
+        };
+        Some(format!(
+            "the lazy-pages daemon exited before the release: {died}"
+        ))
     }
 
     /// Injected faults only: `signal` to the daemon; with SIGKILL, also

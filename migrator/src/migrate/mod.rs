@@ -217,10 +217,9 @@ pub async fn migrate(options: MigrateOptions) -> Report {
             report.outcome = Outcome::Failed;
             progress.lock = None;
             report.error = Some(format!(
-                "{error}; the process is lost: its copy there ran from the release until it was killed. The images kept here ({}) are the process as it was at the freeze: `migrator recover --images {}` (once the service addresses are off {}, `ip addr del`) would restart it from that moment, but its peers went on with the copy that ran there, so its connections will not carry on; unless that state matters, start the service again",
-                images.display(),
-                images.display(),
+                "{error}; the process is lost: its copy there ran from the release until it was killed. The images kept here ({dir}) are the process as it was at the freeze: `migrator recover --images {dir}` (once the service addresses are off {}, `ip addr del`) would restart it from that moment, but its peers went on with the copy that ran there, so its connections will not carry on; unless that state matters, start the service again",
                 options.to,
+                dir = images.display(),
             ));
         }
         Err(error) if progress.committed => {

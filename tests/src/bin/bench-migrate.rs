@@ -399,6 +399,11 @@ fn stats(values: &mut [f64]) -> (f64, f64, f64) {
     )
 }
 
+/// (min, median, max) of figure `f` over `samples`.
+fn field(samples: &[Sample], f: Metric) -> (f64, f64, f64) {
+    stats(&mut samples.iter().map(f).collect::<Vec<_>>())
+}
+
 /// This machine's plain memory-copy bandwidth (MiB/s, best of 5 copies
 /// of 256 MiB): the floor of moving memory without pre-copy.
 fn memory_copy_mib_per_s() -> f64 {
@@ -522,15 +527,9 @@ fn memory_section(lab: &mut MigrationLab, mut pid: i32, ballast_mb: u32, rounds:
     // move (a lazy restore's fill happens after the release, while the
     // peer is served again, and shows here if it slows the process).
     for ((name, _, _), seen) in methods.iter().zip(&seen) {
-        let (_, stall, _) = stats(&mut seen.iter().map(|s| s.stall).collect::<Vec<_>>());
-        let (_, beyond, most) =
-            stats(&mut seen.iter().map(|s| s.stall - s.window).collect::<Vec<_>>());
-        let (_, retransmits, _) = stats(
-            &mut seen
-                .iter()
-                .map(|s| s.retransmits as f64)
-                .collect::<Vec<_>>(),
-        );
+        let (_, stall, _) = field(seen, |s| s.stall);
+        let (_, beyond, most) = field(seen, |s| s.stall - s.window);
+        let (_, retransmits, _) = field(seen, |s| s.retransmits as f64);
         println!(
             "  {ballast_mb:>5} MiB  {name:<24} peer stall {stall:7.1} ms, beyond its window {beyond:.1} (at most {most:.1}), {retransmits:.0} peer retransmits (medians)"
         );
@@ -716,9 +715,6 @@ fn main() {
     }
     // Rounds 0: only the memory section.
     if rounds > 0 {
-        let field = |samples: &[Sample], f: Metric| -> (f64, f64, f64) {
-            stats(&mut samples.iter().map(f).collect::<Vec<_>>())
-        };
         println!(
             "lab migration, {} moves of ours (3 connections, IPv4 + IPv6; the peer pushes every 10 ms)",
             samples[0].len()
