@@ -26,8 +26,8 @@
 //! - `lazy-pages-dies-at-release` (agent): with a lazy restore, the daemon
 //!   is SIGKILLed once the commit came, right before the release, the
 //!   memory not yet filled (one filling from local images is stopped
-//!   right after the restore; with post-copy nobody relays its requests
-//!   from the restore's end to the release).
+//!   right after the restore; with post-copy its requests are no longer
+//!   relayed from then on).
 
 use std::sync::Mutex;
 
@@ -55,6 +55,14 @@ pub fn fires(name: &'static str) -> bool {
     fired.push(name);
     tracing::warn!("injecting the fault {name} ({ENV})");
     true
+}
+
+/// Whether the fault `name` has fired in this process.
+pub fn fired(name: &'static str) -> bool {
+    FIRED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(&name)
 }
 
 pub const DUMP_FAILS: &str = "dump-fails";

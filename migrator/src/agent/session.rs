@@ -534,7 +534,9 @@ async fn fill_memory_from_source(
 /// Post-copy, during the restore: relay the daemon's requests to the
 /// source until `restoring` is done. If relaying fails, the daemon's
 /// socket is shut, so that it ends and the restore waits no more (what it
-/// restored is then not to be used: the error says so).
+/// restored is then not to be used: the error says so). A daemon that
+/// closes its end has every page (or died, which the check before we say
+/// ready catches): nothing more to relay, and no failure.
 async fn relay_while<T>(
     restoring: impl std::future::Future<Output = T>,
     channel: &mut TlsChannel,
@@ -542,24 +544,32 @@ async fn relay_while<T>(
 ) -> (T, Option<ChannelError>) {
     tokio::pin!(restoring);
     let mut failed = None;
+    let mut closed = false;
+    let mut held_for_fault = false;
     loop {
         tokio::select! {
             biased;
             done = &mut restoring => return (done, failed),
-            ready = daemon.readable(), if failed.is_none() => {
+            ready = daemon.readable(), if failed.is_none() && !closed && !held_for_fault => {
+                // The injected fault: from its firing on, no more pages
+                // before the release (the daemon is killed then).
+                if crate::fault::fired(crate::fault::LAZY_PAGES_DIES_AT_RELEASE) {
+                    held_for_fault = true;
+                    continue;
+                }
                 let relayed = match ready {
                     Ok(()) => crate::channel::post_copy::relay_one(channel, daemon).await,
                     Err(err) => Err(err.into()),
                 };
                 match relayed {
                     Ok(Some(_)) => {}
-                    Ok(None) => failed = Some(ChannelError::Closed),
-                    Err(err) => failed = Some(err),
-                }
-                if failed.is_some() {
-                    use std::os::fd::AsRawFd as _;
-                    // SAFETY: shutdown on a socket we own.
-                    unsafe { libc::shutdown(daemon.as_raw_fd(), libc::SHUT_RDWR) };
+                    Ok(None) => closed = true,
+                    Err(err) => {
+                        failed = Some(err);
+                        use std::os::fd::AsRawFd as _;
+                        // SAFETY: shutdown on a socket we own.
+                        unsafe { libc::shutdown(daemon.as_raw_fd(), libc::SHUT_RDWR) };
+                    }
                 }
             }
         }

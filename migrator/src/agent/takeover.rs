@@ -164,9 +164,9 @@ pub async fn take_over(
         // or is killed at the release, the memory not filled (after the
         // release it raced the fill of a small process, and sometimes
         // lost). A daemon filling from local images is stopped now, for
-        // it would fill 64 MiB in 10 ms; with post-copy it gets nothing
-        // from now to the release, when nobody relays its requests (and
-        // a stopped one would hold up the request we may be relaying).
+        // it would fill 64 MiB in 10 ms; with post-copy its requests are
+        // no longer relayed (a stopped one would hold up the request we
+        // may be relaying).
         if crate::fault::fires(crate::fault::LAZY_PAGES_DIES) {
             lazy.signal_for_fault(libc::SIGKILL);
         } else if crate::fault::fires(crate::fault::LAZY_PAGES_DIES_AT_RELEASE) {

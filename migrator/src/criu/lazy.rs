@@ -204,10 +204,13 @@ impl LazyPages {
     /// Injected faults only: `signal` to the daemon; with SIGKILL, also
     /// wait until it is gone, so that what follows sees it dead.
     pub fn signal_for_fault(&mut self, signal: i32) {
-        // SAFETY: kill has no memory preconditions.
-        unsafe { libc::kill(self.pid(), signal) };
         if signal == libc::SIGKILL {
+            // Through the child: one already reaped has no PID to hit.
+            let _ = self.child.kill();
             let _ = self.child.wait();
+        } else {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(self.pid(), signal) };
         }
     }
 
